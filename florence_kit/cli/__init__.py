@@ -1,0 +1,26 @@
+"""The ``florence-kit`` command: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from florence_kit.cli import demo, evaluate, finetune, model, tasks
+
+app = typer.Typer(
+    name="florence-kit",
+    help="Fine-tune and evaluate Florence-2 on new tasks.\n\nExample: florence-kit demo",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+app.add_typer(tasks.app, name="tasks")
+app.command("finetune")(finetune.finetune)
+app.command("eval")(evaluate.eval_)
+app.command("score")(evaluate.score)
+app.command("predict")(evaluate.predict)
+app.command("make-tiny")(model.make_tiny)
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,38 @@
+"""What every command shares: the error boundary and common options."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from florence_kit.errors import UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console()
+err_console = Console(stderr=True)
+
+TasksDirOption = Annotated[
+    list[Path] | None,
+    typer.Option("--tasks-dir", help="Extra folder of task files (repeatable; also FLORENCE_KIT_TASKS_PATH)."),
+]
+
+
+def user_errors(fn: F) -> F:
+    """Turn a UserError into one red line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,112 @@
+"""``florence-kit eval``, ``score`` and ``predict``: score a checkpoint, re-score a file, answer once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from florence_kit.cli.common import TasksDirOption, console, user_errors
+
+
+def _print_metrics(metrics: dict) -> None:
+    name = metrics["metric"]
+    value = metrics.get(name)
+    shown = "n/a (no references)" if value is None else f"{value:.4f}"
+    console.print(f"[bold]{metrics.get('task', '')} {name}[/]: {shown}  ({metrics['n_scored']}/{metrics['n']} scored)")
+
+
+@user_errors
+def eval_(
+    task: Annotated[str, typer.Argument(help="Task name (see `florence-kit tasks list`).")],
+    model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
+    dataset: Annotated[str | None, typer.Option(help="Hub id or local data; default: the task's.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score; default: the task's eval split.")] = None,
+    output_dir: Annotated[Path, typer.Option(help="Where predictions.jsonl and metrics.json go.")] = Path(
+        "runs/eval"
+    ),
+    batch_size: Annotated[int, typer.Option(help="Examples per generate() call.")] = 16,
+    max_samples: Annotated[int | None, typer.Option(help="Score only the first N rows.")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    tasks_dir: TasksDirOption = None,
+) -> None:
+    """Generate answers for a task's eval split and score them with the task's metric.
+
+    Example: florence-kit eval docvqa --model runs/finetune --output-dir runs/eval
+    """
+    from florence_kit.data import load_split
+    from florence_kit.evaluate import evaluate, write_results
+    from florence_kit.model import load_model
+    from florence_kit.registry import get_task
+
+    spec = get_task(task, tasks_dir or [])
+    data = load_split(spec, dataset, split or spec.dataset.eval_split)
+    if max_samples:
+        data = data.select(range(min(max_samples, len(data))))
+    net, processor = load_model(model)
+    result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams, show_progress=not quiet)
+    write_results(result, output_dir)
+    _print_metrics(result.metrics)
+    console.print(f"predictions: {output_dir / 'predictions.jsonl'}")
+
+
+@user_errors
+def score(
+    task: Annotated[str, typer.Argument(help="Task whose metric to use.")],
+    predictions: Annotated[Path, typer.Argument(help="JSONL with 'prediction' and 'references' per line.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print {\"<metric>\": value} as JSON.")] = False,
+    tasks_dir: TasksDirOption = None,
+) -> None:
+    """Re-score a predictions file with the task's metric.
+
+    Example: florence-kit score docvqa runs/eval/predictions.jsonl --json
+    """
+    from florence_kit.evaluate import read_predictions, score_records
+    from florence_kit.registry import get_task
+
+    spec = get_task(task, tasks_dir or [])
+    _, metrics = score_records(spec.metric, read_predictions(predictions))
+    if as_json:
+        typer.echo(json.dumps({spec.metric: metrics[spec.metric]}))
+    else:
+        metrics["task"] = spec.name
+        _print_metrics(metrics)
+
+
+@user_errors
+def predict(
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    task: Annotated[str, typer.Option(help="Task whose prompt and generation settings to use.")] = "docvqa",
+    model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
+    question: Annotated[str | None, typer.Option(help="The question (for tasks whose prompt has one).")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
+    tasks_dir: TasksDirOption = None,
+) -> None:
+    """Answer one image with a model.
+
+    Example: florence-kit predict page.png --task docvqa --model runs/finetune --question "What is the total?"
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from florence_kit.data import to_rgb
+    from florence_kit.errors import UserError
+    from florence_kit.evaluate import generate, generation_config_for
+    from florence_kit.model import load_model
+    from florence_kit.registry import get_task
+    from florence_kit.task import template_fields
+
+    spec = get_task(task, tasks_dir or [])
+    try:
+        picture = to_rgb(Image.open(image))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"cannot read image '{image}': {exc}") from None
+    fields = template_fields(spec.prompt)
+    if fields and question is None:
+        raise UserError(f"task '{spec.name}' needs --question (its prompt is {spec.prompt!r})")
+    prompt = spec.prompt.format(**{name: question for name in fields})
+    net, processor = load_model(model)
+    gen_config = generation_config_for(spec, net, processor, num_beams=num_beams)
+    typer.echo(generate(net, processor, [picture], [prompt], gen_config)[0])

@@ -1,0 +1,79 @@
+"""``florence-kit finetune TASK``: fine-tune Florence-2 on a task and save a checkpoint folder."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.modes import Mode
+
+
+class Schedule(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class TooLong(str, Enum):
+    drop = "drop"
+    truncate = "truncate"
+    error = "error"
+
+
+@user_errors
+def finetune(
+    task: Annotated[str, typer.Argument(help="Task name (see `florence-kit tasks list`).")],
+    model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
+    dataset: Annotated[
+        str | None, typer.Option(help="Hub id, save_to_disk folder, or parquet/JSONL files; default: the task's.")
+    ] = None,
+    mode: Annotated[Mode, typer.Option(help="Which parts train.")] = Mode.full,
+    output_dir: Annotated[Path, typer.Option(help="Run folder: final model, config.yaml, metrics.jsonl.")] = Path(
+        "runs/finetune"
+    ),
+    epochs: Annotated[float, typer.Option(help="Passes over the training split.")] = 1.0,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms/biases).")] = 0.0,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 0,
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay after warmup.")] = Schedule.linear,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping (0 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed (data order, dropout).")] = 0,
+    too_long: Annotated[
+        TooLong, typer.Option(help="Examples longer than the model's positions: drop, truncate or error.")
+    ] = TooLong.drop,
+    max_samples: Annotated[int | None, typer.Option(help="Use only the first N training rows.")] = None,
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty --output-dir.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar (for logs).")] = False,
+    tasks_dir: TasksDirOption = None,
+) -> None:
+    """Fine-tune Florence-2 on TASK and save the model, processor, config and metrics log.
+
+    Examples:
+
+      florence-kit finetune docvqa --mode frozen-encoder --model base
+
+      florence-kit finetune docvqa --model ./tiny --dataset ./my_docvqa --max-steps 100 --output-dir runs/a
+    """
+    from florence_kit.train import TrainConfig
+    from florence_kit.train import finetune as run
+
+    cfg = TrainConfig(
+        task=task, model=model, output_dir=output_dir, dataset=dataset, mode=mode.value, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
+        warmup_steps=warmup_steps, schedule=schedule.value, max_grad_norm=max_grad_norm, seed=seed,
+        too_long=too_long.value, max_samples=max_samples, num_workers=num_workers, overwrite=overwrite,
+        tasks_dirs=list(tasks_dir or []),
+    )
+    result = run(cfg, quiet=quiet, print_fn=console.print)
+    console.print(
+        f"[green]done:[/] {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}; "
+        f"model saved to {result.output_dir}"
+    )

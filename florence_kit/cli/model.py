@@ -1,0 +1,29 @@
+"""``florence-kit make-tiny DIR``: a tiny random Florence-2 that loads like any checkpoint, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from florence_kit.cli.common import console, user_errors
+
+
+@user_errors
+def make_tiny(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the model + processor into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty folder.")] = False,
+) -> None:
+    """Write a tiny random Florence-2 (tokenizer built locally) for offline tests and demos.
+
+    Example: florence-kit make-tiny ./tiny && florence-kit eval docvqa --model ./tiny --dataset ./data
+    """
+    from florence_kit.tiny import save_tiny
+    from florence_kit.train import check_output_dir
+
+    check_output_dir(out_dir, overwrite)
+    save_tiny(out_dir, seed=seed, image_size=image_size)
+    console.print(f"tiny Florence-2 written to {out_dir}")

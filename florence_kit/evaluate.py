@@ -1,0 +1,146 @@
+"""Evaluation: batched generation → post-process → per-sample scores → aggregate → files.
+
+``predictions.jsonl`` (id, prompt, prediction, references, score) is written so a run can be
+inspected and re-scored later with ``florence-kit score``; ``metrics.json`` holds the aggregate.
+Generation settings come from the task file, never from the checkpoint's own generation_config
+(Microsoft's ships ``no_repeat_ngram_size=3`` and beam search, which mangle answers like "1 1 0").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from florence_kit.errors import UserError
+from florence_kit.metrics import get_metric
+from florence_kit.task import TaskSpec
+
+SECONDARY_METRICS = ("exact_match",)
+
+
+def generation_config_for(task: TaskSpec, model: Any, processor: Any, **overrides: Any) -> Any:
+    """A fresh GenerationConfig from the task's settings (greedy unless the task says otherwise)."""
+    from transformers import GenerationConfig
+
+    settings = {"max_new_tokens": 64, "num_beams": 1, **task.generation, **{k: v for k, v in overrides.items() if v}}
+    tok = processor.tokenizer
+    return GenerationConfig(
+        do_sample=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=model.config.text_config.decoder_start_token_id,
+        **settings,
+    )
+
+
+def generate(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str], gen_config: Any) -> list[str]:
+    """Answers for one batch of (image, prompt) pairs, special tokens removed."""
+    import torch
+
+    inputs = processor(images=list(images), text=list(prompts), return_tensors="pt", padding="longest")
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=gen_config)
+    return [text.strip() for text in processor.batch_decode(out, skip_special_tokens=True)]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]
+
+
+def score_records(task_metric: str, records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Fill in per-sample scores and aggregate; rows without references are kept but not scored."""
+    metric = get_metric(task_metric)
+    records = list(records)
+    scored: dict[str, list[float]] = {metric.name: []}
+    scored.update({name: [] for name in SECONDARY_METRICS if name != metric.name})
+    for rec in records:
+        refs = rec.get("references") or []
+        if not refs:
+            rec["score"] = None
+            continue
+        rec["score"] = metric.score(str(rec.get("prediction", "")), refs)
+        scored[metric.name].append(rec["score"])
+        for name in scored:
+            if name != metric.name:
+                scored[name].append(get_metric(name).score(str(rec.get("prediction", "")), refs))
+    summary: dict[str, Any] = {"metric": metric.name, "n": len(records), "n_scored": len(scored[metric.name])}
+    for name, values in scored.items():
+        summary[name] = get_metric(name).aggregate(values) if values else None
+    return records, summary
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    task: TaskSpec,
+    split: Any,
+    *,
+    batch_size: int = 16,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    show_progress: bool = True,
+) -> EvalResult:
+    """Generate for every example of ``split`` in batches and score against the references."""
+    from rich.progress import Progress
+
+    from florence_kit.data import TaskDataset
+
+    dataset = TaskDataset(split, task, with_target=False)
+    gen_config = generation_config_for(task, model, processor, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    model.eval()
+    records: list[dict[str, Any]] = []
+    with Progress(disable=not show_progress, transient=True) as bar:
+        progress_task = bar.add_task(f"evaluating {task.name}", total=len(dataset))
+        for start in range(0, len(dataset), batch_size):
+            examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            answers = generate(model, processor, [e.image for e in examples], [e.prompt for e in examples], gen_config)
+            for ex, answer in zip(examples, answers, strict=True):
+                records.append({"id": ex.id, "prompt": ex.prompt, "prediction": answer, "references": ex.references})
+            bar.advance(progress_task, len(examples))
+    records, summary = score_records(task.metric, records)
+    summary["task"] = task.name
+    return EvalResult(summary, records)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write next to the target and rename, so an interrupted run never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(result: EvalResult, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in result.predictions)
+    _atomic_write(out_dir / "predictions.jsonl", lines)
+    _atomic_write(out_dir / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """Lines with ``prediction`` and ``references``; a malformed line is an error naming it."""
+    if not path.is_file():
+        raise UserError(f"predictions file '{path}' does not exist")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict) or "prediction" not in rec or "references" not in rec:
+            raise UserError(f"{path}:{number}: each line needs 'prediction' and 'references'")
+        if isinstance(rec["references"], str):
+            rec["references"] = [rec["references"]]
+        records.append(rec)
+    return records

@@ -1,0 +1,80 @@
+"""Finds tasks: the built-in task folder, extra folders, and the ``florence_kit.tasks`` entry points.
+
+Built-in tasks go through the same folder scanner as users' task folders. Files whose name starts
+with ``_`` are bases for ``include:`` and are not tasks themselves.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+
+from florence_kit.errors import UserError
+from florence_kit.task import TaskSpec, load_task_file
+
+BUILTIN_DIR = Path(__file__).parent / "tasks"
+ENV_VAR = "FLORENCE_KIT_TASKS_PATH"
+ENTRY_POINT_GROUP = "florence_kit.tasks"
+
+
+def task_files(folder: Path) -> list[Path]:
+    """Every task file under ``folder`` (recursively), in a stable order."""
+    return sorted(p for p in folder.rglob("*.y*ml") if p.suffix in {".yaml", ".yml"} and not p.name.startswith("_"))
+
+
+def scan_folder(folder: Path) -> list[TaskSpec]:
+    """Load every task file in a folder; a broken file is an error naming it."""
+    if not folder.is_dir():
+        raise UserError(f"task folder '{folder}' does not exist")
+    return [load_task_file(path) for path in task_files(folder)]
+
+
+def _entry_point_tasks() -> Iterable[TaskSpec]:
+    """Tasks from installed plugins: an entry point names a package (folder of task files) or a callable."""
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plugin must not hide the others' tasks silently
+            raise UserError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {exc}") from None
+        if callable(obj):
+            yield from obj()
+        else:
+            module = importlib.import_module(obj.__name__) if hasattr(obj, "__name__") else obj
+            yield from scan_folder(Path(module.__file__).parent)
+
+
+def extra_dirs(tasks_dirs: Sequence[Path] = ()) -> list[Path]:
+    """Folders from ``--tasks-dir`` followed by those in ``FLORENCE_KIT_TASKS_PATH``."""
+    env = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    return [*tasks_dirs, *env]
+
+
+def all_tasks(tasks_dirs: Sequence[Path] = ()) -> dict[str, TaskSpec]:
+    """Every task by name. Two tasks with one name is an error naming both origins."""
+    found: dict[str, TaskSpec] = {}
+    sources: list[Iterable[TaskSpec]] = [scan_folder(BUILTIN_DIR)]
+    sources += [scan_folder(d) for d in extra_dirs(tasks_dirs)]
+    sources.append(_entry_point_tasks())
+    for source in sources:
+        for spec in source:
+            if spec.name in found:
+                raise UserError(
+                    f"task '{spec.name}' is defined twice: {found[spec.name].origin} and {spec.origin}; "
+                    "rename one of them"
+                )
+            found[spec.name] = spec
+    return found
+
+
+def get_task(name: str, tasks_dirs: Sequence[Path] = ()) -> TaskSpec:
+    """One task by name; an unknown name answers with the closest names."""
+    tasks = all_tasks(tasks_dirs)
+    if name in tasks:
+        return tasks[name]
+    close = difflib.get_close_matches(name, tasks, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UserError(f"unknown task '{name}'; {hint}see `florence-kit tasks list`")

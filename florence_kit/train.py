@@ -1,0 +1,235 @@
+"""The one training loop, on Accelerate: setup → preflight → train → save.
+
+Read it top to bottom: the run folder is checked, the task's data is loaded and length-checked,
+the mode decides which parameters train, AdamW + a warmup schedule step through the batches
+(Accelerate handles devices and gradient accumulation), and the final model, processor, resolved
+config and metrics log land in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from florence_kit.errors import UserError
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a fine-tuning run; written to ``config.yaml`` in the run folder."""
+
+    task: str
+    model: str
+    output_dir: Path
+    dataset: str | None = None
+    mode: str = "full"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    too_long: str = "drop"
+    max_samples: int | None = None
+    num_workers: int = 0
+    log_every: int = 10
+    overwrite: bool = False
+    tasks_dirs: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    dropped: int
+    trainable: dict[str, tuple[int, int]]
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Never write over an earlier run by accident."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir '{out}' is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--output-dir '{out}' is not empty; pass --overwrite or choose another folder")
+
+
+def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
+    import yaml
+
+    from florence_kit.versions import versions
+
+    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    data["tasks_dirs"] = [str(p) for p in cfg.tasks_dirs]
+    data.update(extra, versions=versions())
+    (out / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
+    """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept."""
+    import torch
+
+    if not frozen_vision:
+        return model(**batch).loss
+    inner = getattr(model, "module", model).model
+    with torch.no_grad():
+        features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
+    image_features = inner.multi_modal_projector(features)
+    embeds = inner.get_input_embeddings()(batch["input_ids"])
+    mask = (batch["input_ids"] == inner.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
+    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases."""
+    import torch
+
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def train_loop(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    cfg: TrainConfig,
+    log_path: Path,
+    on_step: Callable[[int, int, float, float], None] | None = None,
+    collate_truncate: bool = False,
+) -> tuple[int, float]:
+    """Train ``model`` in place on ``dataset`` (examples); returns (optimizer steps, last loss)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from transformers import get_scheduler
+
+    from florence_kit.collate import Collator, max_positions
+    from florence_kit.modes import apply_mode, component, frozen_components
+
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    set_seed(cfg.seed)
+    apply_mode(model, cfg.mode)
+    frozen_vision = "vision" in frozen_components(cfg.mode)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=total,
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+    if frozen_vision:  # no dropout / drop-path in a frozen tower: it must behave as at inference
+        component(accelerator.unwrap_model(model), "vision").eval()
+
+    step, last_loss, micro_losses, start = 0, float("nan"), [], time.perf_counter()
+    with log_path.open("a") as log:
+        while step < total:
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = forward_loss(model, batch, frozen_vision)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(loss.detach().float().item())
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                last_loss = sum(micro_losses) / len(micro_losses)
+                micro_losses = []
+                lr = scheduler.get_last_lr()[0]
+                if step % cfg.log_every == 0 or step == total or step == 1:
+                    record = {"step": step, "loss": round(last_loss, 6), "lr": lr,
+                              "samples": step * cfg.batch_size * cfg.grad_accum,
+                              "elapsed_s": round(time.perf_counter() - start, 3)}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if on_step:
+                    on_step(step, total, last_loss, lr)
+                if step >= total:
+                    break
+    accelerator.wait_for_everyone()
+    return step, last_loss
+
+
+def finetune(
+    cfg: TrainConfig,
+    *,
+    quiet: bool = False,
+    print_fn: Callable[[str], None] = print,
+) -> TrainResult:
+    """The whole ``florence-kit finetune`` job."""
+    from florence_kit.collate import max_positions, preflight
+    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.model import load_model, save_checkpoint
+    from florence_kit.modes import apply_mode, trainable_counts
+    from florence_kit.progress import StepProgress
+    from florence_kit.registry import get_task
+
+    out = Path(cfg.output_dir)
+    check_output_dir(out, cfg.overwrite)
+    task = get_task(cfg.task, cfg.tasks_dirs)
+    split = load_split(task, cfg.dataset, task.dataset.train_split)
+    if cfg.max_samples:
+        split = split.select(range(min(cfg.max_samples, len(split))))
+    dataset = TaskDataset(split, task, with_target=True)
+    model, processor = load_model(cfg.model)
+    report = preflight(dataset.texts(), processor, max_positions(model.config), cfg.too_long)
+    if report.too_long:
+        verb = "truncated" if cfg.too_long == "truncate" else "dropped"
+        print_fn(f"{len(report.too_long)} of {len(dataset)} examples exceed {report.limit} positions: {verb}")
+    if not report.keep:
+        raise UserError("no training examples left after the length preflight")
+
+    from torch.utils.data import Subset
+
+    apply_mode(model, cfg.mode)
+    counts = trainable_counts(model)
+    print_fn("trainable parameters: " + ", ".join(f"{k} {t:,}/{n:,}" for k, (t, n) in counts.items()))
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "metrics.jsonl"
+    log_path.write_text("")
+    write_config(cfg, out, {"task_origin": task.origin, "examples": len(report.keep), "dropped": len(report.too_long)})
+    start = time.perf_counter()
+    with StepProgress(f"fine-tuning {task.name} ({cfg.mode})", cfg.batch_size * cfg.grad_accum, quiet) as bar:
+        steps, loss = train_loop(
+            model, processor, Subset(dataset, report.keep), cfg, log_path,
+            on_step=bar.update, collate_truncate=cfg.too_long == "truncate",
+        )
+    seconds = time.perf_counter() - start
+    save_checkpoint(model, processor, out)
+    return TrainResult(out, steps, loss, seconds, len(report.too_long), counts)
