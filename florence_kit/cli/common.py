@@ -23,12 +23,19 @@ TasksDirOption = Annotated[
 ]
 
 
+def quiet_libraries() -> None:
+    """Our own progress bars and messages are what users read; silence the libraries' chatter."""
+    for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(var, value)
+
+
 def user_errors(fn: F) -> F:
     """Turn a UserError into one red line on stderr and exit code 2 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except UserError as exc:

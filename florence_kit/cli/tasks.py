@@ -12,6 +12,13 @@ from florence_kit.cli.common import TasksDirOption, console, user_errors
 app = typer.Typer(help="List and inspect tasks (built in, task folders, plugins).", no_args_is_help=True)
 
 
+def origin_label(origin: str) -> str:
+    """'built-in' for shipped task files, else the file or plugin the task came from."""
+    from florence_kit.registry import BUILTIN_DIR
+
+    return "built-in" if origin.startswith(str(BUILTIN_DIR)) else origin
+
+
 @app.command("list")
 @user_errors
 def list_tasks(tasks_dir: TasksDirOption = None) -> None:
@@ -25,7 +32,7 @@ def list_tasks(tasks_dir: TasksDirOption = None) -> None:
     for col in ("name", "source", "metric", "prompt", "origin"):
         table.add_column(col, overflow="fold")
     for name, spec in sorted(all_tasks(tasks_dir or []).items()):
-        table.add_row(name, spec.dataset.path, spec.metric, spec.prompt, spec.origin)
+        table.add_row(name, spec.dataset.path, spec.metric, spec.prompt, origin_label(spec.origin))
     console.print(table)
 
 

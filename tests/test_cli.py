@@ -1,0 +1,174 @@
+"""The main job through the CLI: finetune → checkpoint → eval → score, predict, and the error catalogue."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from florence_kit.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir: Path, docvqa_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "ft"
+    result = runner.invoke(app, [
+        "finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir), "--output-dir", str(out),
+        "--mode", "frozen-encoder", "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--seed", "3",
+        "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_finetune_writes_model_config_and_metrics(run_dir: Path) -> None:
+    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["mode"] == "frozen-encoder" and config["max_steps"] == 2 and config["seed"] == 3
+    assert config["versions"]["transformers"]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and all({"loss", "lr"} <= set(r) for r in lines)
+
+
+def test_eval_writes_predictions_and_metrics(run_dir: Path, docvqa_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", "docvqa", "--model", str(run_dir), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(out), "--batch-size", "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["n"] == len(preds) == 8 and metrics["n_scored"] == 8
+    assert {"id", "prompt", "prediction", "references", "score"} <= set(preds[0])
+    assert metrics["anls"] == pytest.approx(sum(p["score"] for p in preds) / len(preds))
+    rescored = runner.invoke(app, ["score", "docvqa", str(out / "predictions.jsonl"), "--json"])
+    assert json.loads(rescored.stdout)["anls"] == pytest.approx(metrics["anls"])
+
+
+def test_eval_on_the_test_split_without_answers(run_dir: Path, docvqa_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["eval", "docvqa", "--model", str(run_dir), "--dataset", str(docvqa_dir),
+                                 "--split", "test", "--output-dir", str(tmp_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n"] == 8 and metrics["n_scored"] == 0 and metrics["anls"] is None
+
+
+OUTPUTS_SCRIPT = """
+import json, sys, torch
+from florence_kit.model import load_model
+from florence_kit.synthetic import demo_splits
+
+def outputs(model, processor):
+    rows = demo_splits(seed=0, n_train_docs=12, n_eval_docs=4, n_fields=2)["validation"]
+    images = [r["image"].convert("RGB") for r in rows][:4]
+    inputs = processor(images=images, text=["<DocVQA>" + q for q in rows["question"][:4]], return_tensors="pt",
+                       padding="longest")
+    model.eval()
+    with torch.no_grad():
+        logits = model(**inputs, decoder_input_ids=torch.tensor([[2, 0, 20, 21]] * 4)).logits
+        ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    return {"logits": logits[:, -1, :50].tolist(), "ids": ids.tolist()}
+
+if __name__ == "__main__":
+    print(json.dumps(outputs(*load_model(sys.argv[1]))))
+"""
+
+
+def test_saved_model_reloads_in_a_fresh_process_with_the_same_outputs(
+    tiny_dir: Path, docvqa_dir: Path, docvqa_task, tmp_path: Path
+) -> None:
+    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.model import load_model, save_checkpoint
+    from florence_kit.train import TrainConfig, train_loop
+
+    model, processor = load_model(str(tiny_dir))
+    data = TaskDataset(load_split(docvqa_task, str(docvqa_dir), "train"), docvqa_task, with_target=True)
+    cfg = TrainConfig(task="docvqa", model="", output_dir=tmp_path, max_steps=1, batch_size=4, lr=1e-3)
+    train_loop(model, processor, data, cfg, tmp_path / "m.jsonl")
+    save_checkpoint(model, processor, tmp_path / "ckpt")
+    script = tmp_path / "outputs.py"
+    script.write_text(OUTPUTS_SCRIPT)
+    namespace: dict = {}
+    exec(compile(OUTPUTS_SCRIPT, str(script), "exec"), namespace)
+    in_memory = json.loads(json.dumps(namespace["outputs"](model, processor)))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reloaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert reloaded["ids"] == in_memory["ids"]
+    flat = [x for row in in_memory["logits"] for x in row]
+    assert [x for row in reloaded["logits"] for x in row] == pytest.approx(flat, abs=1e-5)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["vision_config"]["model_type"]
+    gen = json.loads((tmp_path / "ckpt" / "generation_config.json").read_text())
+    assert (gen["decoder_start_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (2, 2, 1)
+    assert not gen.get("no_repeat_ngram_size")
+
+
+def test_predict_answers_one_image(run_dir: Path, docvqa_splits, tmp_path: Path) -> None:
+    image = tmp_path / "page.png"
+    docvqa_splits["validation"][0]["image"].save(image)
+    result = runner.invoke(app, ["predict", str(image), "--model", str(run_dir), "--question", "What is the total?"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().isprintable()
+
+
+def test_generation_settings_come_from_the_task_not_the_checkpoint(tiny_dir: Path, docvqa_task) -> None:
+    from transformers import GenerationConfig
+
+    from florence_kit.evaluate import generation_config_for
+    from florence_kit.model import load_model
+
+    model, processor = load_model(str(tiny_dir))
+    model.generation_config = GenerationConfig(num_beams=3, no_repeat_ngram_size=3, early_stopping=True,
+                                               max_length=20)  # what Microsoft's checkpoints ship
+    cfg = generation_config_for(docvqa_task, model, processor)
+    assert cfg.num_beams == 1 and not cfg.no_repeat_ngram_size and cfg.do_sample is False
+    assert cfg.max_new_tokens == docvqa_task.generation["max_new_tokens"]
+    assert cfg.decoder_start_token_id == 2 and cfg.eos_token_id == 2 and cfg.pad_token_id == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["finetune", "nosuchtask", "--model", "MODEL"], "unknown task 'nosuchtask'"),
+        (["finetune", "docvqa", "--model", "MODEL", "--batch-sise", "4"], "No such option"),
+        (["finetune", "docvqa", "--model", "MODEL", "--mode", "lora-ish"], "Invalid value"),
+        (["eval", "docvqa", "--model", "base", "--dataset", "DATA"], "offline"),
+        (["eval", "docvqa", "--model", "NOTMODEL", "--dataset", "DATA"], "not a Florence-2 checkpoint"),
+        (["eval", "docvqa", "--model", "MODEL"], "--dataset DIR"),
+        (["predict", "NOTIMAGE", "--model", "MODEL", "--question", "q"], "cannot read image"),
+    ],
+)
+def test_errors_exit_2_with_one_clear_line(args, message, tiny_dir: Path, docvqa_dir: Path, tmp_path: Path) -> None:
+    not_model = tmp_path / "notmodel"
+    not_model.mkdir()
+    (not_model / "config.json").write_text('{"model_type": "bert"}')
+    not_image = tmp_path / "x.png"
+    not_image.write_bytes(b"not an image")
+    mapping = {"MODEL": str(tiny_dir), "DATA": str(docvqa_dir), "NOTMODEL": str(not_model), "NOTIMAGE": str(not_image)}
+    args = [mapping.get(a, a) for a in args] + (["--output-dir", str(tmp_path / "o")] if args[0] != "predict" else [])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_column_and_non_empty_output_dir(tiny_dir: Path, docvqa_splits, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    docvqa_splits.map(lambda r: r, remove_columns=["question"]).save_to_disk(str(data))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(data),
+                                 "--output-dir", str(out), "--max-steps", "1"])
+    assert result.exit_code == 2 and "question" in result.output
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("precious")
+    result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(data),
+                                 "--output-dir", str(out), "--max-steps", "1"])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "keep.txt").read_text() == "precious"

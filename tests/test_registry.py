@@ -1,0 +1,94 @@
+"""Tasks as files: built-ins, extra folders, the environment variable, and clear errors for bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from florence_kit.cli import app
+from florence_kit.errors import UserError
+from florence_kit.registry import BUILTIN_DIR, all_tasks, get_task, task_files
+from florence_kit.task import load_task_file
+
+runner = CliRunner()
+
+GOOD_TASK = """
+task: my_docs
+dataset: {path: ./data}
+prompt: "<DocVQA>{question}"
+target: "{answers[0]}"
+references: answers
+metric: anls
+"""
+
+
+@pytest.mark.parametrize("path", task_files(BUILTIN_DIR), ids=lambda p: p.name)
+def test_every_shipped_task_file_loads(path: Path) -> None:
+    spec = load_task_file(path)
+    assert spec.name and spec.prompt and spec.metric
+
+
+def test_docvqa_spec_matches_the_public_dataset() -> None:
+    spec = get_task("docvqa")
+    assert spec.dataset.path == "HuggingFaceM4/DocumentVQA"
+    assert spec.prompt == "<DocVQA>{question}"
+    assert spec.references == "answers" and spec.metric == "anls"
+    assert (spec.dataset.train_split, spec.dataset.eval_split) == ("train", "validation")
+
+
+def test_tasks_list_shows_docvqa() -> None:
+    result = runner.invoke(app, ["tasks", "list"])
+    assert result.exit_code == 0, result.output
+    assert "docvqa" in result.stdout and "anls" in result.stdout
+
+
+def test_unknown_task_suggests_the_closest(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tasks", "show", "docvq"])
+    assert result.exit_code == 2
+    assert "did you mean docvqa" in result.output
+
+
+def test_tasks_dir_and_env_var_add_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mine.yaml").write_text(GOOD_TASK)
+    assert "my_docs" in all_tasks([tmp_path])
+    result = runner.invoke(app, ["tasks", "list", "--tasks-dir", str(tmp_path)])
+    assert "my_docs" in result.stdout
+    monkeypatch.setenv("FLORENCE_KIT_TASKS_PATH", str(tmp_path))
+    assert get_task("my_docs").origin == str(tmp_path / "mine.yaml")
+
+
+def test_include_merges_base_fields(tmp_path: Path) -> None:
+    (tmp_path / "_base.yaml").write_text("metric: anls\ndataset: {path: a/b, eval_split: val}\nreferences: answers\n")
+    (tmp_path / "t.yaml").write_text(
+        "include: _base.yaml\ntask: t\nprompt: 'x{question}'\ntarget: '{answers[0]}'\ndataset: {path: c/d}\n"
+    )
+    spec = get_task("t", [tmp_path])
+    assert spec.dataset.path == "c/d" and spec.dataset.eval_split == "val"  # nested keys merged
+    assert "_base" not in all_tasks([tmp_path])
+
+
+def test_duplicate_names_name_both_origins(tmp_path: Path) -> None:
+    (tmp_path / "docvqa.yaml").write_text(GOOD_TASK.replace("my_docs", "docvqa"))
+    with pytest.raises(UserError) as err:
+        all_tasks([tmp_path])
+    assert str(tmp_path / "docvqa.yaml") in str(err.value) and "docvqa.yaml" in str(err.value).split(" and ")[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("task: [unclosed\n", "not valid YAML"),
+        (GOOD_TASK.replace("metric: anls", "metric: blue"), "unknown metric 'blue'"),
+        (GOOD_TASK.replace('prompt: "<DocVQA>{question}"', ""), "missing required field 'prompt'"),
+        (GOOD_TASK + "promt: x\n", "unknown key"),
+    ],
+)
+def test_broken_task_file_exits_2_naming_file_and_problem(tmp_path: Path, content: str, problem: str) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text(content)
+    result = runner.invoke(app, ["tasks", "list", "--tasks-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "broken.yaml" in result.output and problem in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,103 @@
+"""Modes freeze for real, padding never trains, and the length preflight catches what will not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from florence_kit.collate import IGNORE_INDEX, Collator, max_positions, preflight
+from florence_kit.data import Example, TaskDataset, load_split
+from florence_kit.errors import UserError
+from florence_kit.model import load_model
+from florence_kit.modes import Mode, apply_mode, component, trainable_counts
+from florence_kit.train import TrainConfig, make_optimizer, train_loop
+
+
+def _train(tiny_dir: Path, docvqa_dir: Path, task, tmp_path: Path, mode: str, hook=None):
+    model, processor = load_model(str(tiny_dir))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if hook:
+        component(model, "vision").register_forward_hook(hook)
+    dataset = TaskDataset(load_split(task, str(docvqa_dir), "train"), task, with_target=True)
+    cfg = TrainConfig(task="docvqa", model=str(tiny_dir), output_dir=tmp_path, mode=mode, max_steps=2,
+                      batch_size=4, lr=1e-3, log_every=1)
+    steps, loss = train_loop(model, processor, dataset, cfg, tmp_path / "metrics.jsonl")
+    assert steps == 2 and loss == loss  # not NaN
+    changed = {n: not torch.equal(before[n], p.detach()) for n, p in model.named_parameters()}
+    return model, changed
+
+
+def _changed(changed: dict[str, bool], prefix: str) -> list[bool]:
+    values = [v for n, v in changed.items() if n.startswith(prefix)]
+    assert values, prefix
+    return values
+
+
+def test_frozen_encoder_leaves_every_vision_weight_bit_identical(tiny_dir, docvqa_dir, docvqa_task, tmp_path):
+    grad_modes = []
+    model, changed = _train(
+        tiny_dir, docvqa_dir, docvqa_task, tmp_path, "frozen-encoder",
+        hook=lambda mod, inp, out: grad_modes.append((torch.is_grad_enabled(), mod.training)),
+    )
+    assert not any(_changed(changed, "model.vision_tower."))
+    assert any(_changed(changed, "model.language_model.encoder."))
+    assert any(_changed(changed, "model.language_model.decoder."))
+    assert any(_changed(changed, "model.multi_modal_projector."))
+    assert grad_modes and all(g == (False, False) for g in grad_modes)  # no_grad and eval mode
+    assert all(not p.requires_grad for p in component(model, "vision").parameters())
+
+
+def test_full_mode_changes_vision_and_language(tiny_dir, docvqa_dir, docvqa_task, tmp_path):
+    _, changed = _train(tiny_dir, docvqa_dir, docvqa_task, tmp_path, "full")
+    assert any(_changed(changed, "model.vision_tower."))
+    assert any(_changed(changed, "model.language_model."))
+    log = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(log) == 2 and '"loss"' in log[0] and '"lr"' in log[0]
+
+
+def test_frozen_parameters_get_no_optimizer_state(tiny_dir):
+    model, _ = load_model(str(tiny_dir))
+    apply_mode(model, Mode.frozen_encoder)
+    optimizer = make_optimizer(model, 1e-3, 0.01)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    vision = list(component(model, "vision").parameters())
+    assert not any(id(p) in in_optimizer for p in vision)
+    counts = trainable_counts(model)
+    assert counts["vision"][0] == 0 and counts["vision"][1] == sum(p.numel() for p in vision)
+    assert counts["language"][0] == counts["language"][1] > 0
+    apply_mode(model, Mode.full)
+    assert trainable_counts(model)["vision"][0] == counts["vision"][1]
+
+
+def test_label_padding_is_minus_100(tiny_dir, docvqa_splits):
+    _, processor = load_model(str(tiny_dir))
+    image = docvqa_splits["train"][0]["image"].convert("RGB")
+    targets = ["7", "12345", "ab"]
+    batch = Collator(processor, max_length=1024)([Example(str(i), image, "<DocVQA>q?", t, [t])
+                                                  for i, t in enumerate(targets)])
+    labels = batch["labels"]
+    for row, target in zip(labels, targets, strict=True):
+        ids = processor.tokenizer(target)["input_ids"]
+        assert row[: len(ids)].tolist() == ids
+        assert (row[len(ids):] == IGNORE_INDEX).all()
+    assert (labels == processor.tokenizer.pad_token_id).sum() == 0
+    assert batch["input_ids"].shape[0] == 3 and batch["pixel_values"].shape[0] == 3
+
+
+def test_length_preflight_drop_truncate_error(tiny_dir, docvqa_splits, docvqa_task):
+    model, processor = load_model(str(tiny_dir))
+    rows = docvqa_splits["train"].to_dict()
+    rows["question"][2] = "why " * 400  # 1600 characters -> far beyond 1024 positions
+    ds = docvqa_splits["train"].from_dict(rows, features=docvqa_splits["train"].features)
+    data = TaskDataset(ds, docvqa_task, with_target=True)
+    limit = max_positions(model.config)
+    report = preflight(data.texts(), processor, limit, "drop")
+    assert report.too_long == [2] and 2 not in report.keep and len(report.keep) == len(ds) - 1
+    assert preflight(data.texts(), processor, limit, "truncate").keep == list(range(len(ds)))
+    with pytest.raises(UserError, match="1 example"):
+        preflight(data.texts(), processor, limit, "error")
+    batch = Collator(processor, max_length=limit, truncate=True)([data[2], data[0]])
+    assert batch["input_ids"].shape[1] == limit
+    assert (batch["input_ids"][0] == model.config.image_token_id).sum() == processor.num_image_tokens
