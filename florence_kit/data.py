@@ -72,8 +72,11 @@ def _hub_error(source: str, exc: Exception) -> UserError:
     )
 
 
-def load_source(source: str, name: str | None = None) -> Any:
-    """A ``DatasetDict`` (or ``Dataset``) from a hub id, a save_to_disk folder or parquet/JSONL files."""
+def load_source(source: str, name: str | None = None, streaming: bool = False) -> Any:
+    """A ``DatasetDict`` (or ``Dataset``) from a hub id, a save_to_disk folder or parquet/JSONL files.
+
+    ``streaming`` applies to hub ids only: rows arrive as they are read, nothing is downloaded whole.
+    """
     import datasets
 
     path = Path(source).expanduser()
@@ -100,7 +103,7 @@ def load_source(source: str, name: str | None = None) -> Any:
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise UserError(f"dataset path '{source}' does not exist")
     try:
-        return datasets.load_dataset(source, name)
+        return datasets.load_dataset(source, name, streaming=streaming)
     except Exception as exc:
         raise _hub_error(source, exc) from None
 
@@ -121,13 +124,13 @@ def _resolve_image_paths(ds: Any, root: Path) -> Any:
     return fix(ds)
 
 
-def load_split(task: TaskSpec, dataset: str | None, split: str) -> Any:
+def load_split(task: TaskSpec, dataset: str | None, split: str, streaming: bool = False) -> Any:
     """One split of the task's data (``dataset`` overrides the task's default source)."""
     import datasets
 
     source = dataset or task.dataset.path
-    ds = load_source(source, task.dataset.name if dataset is None else None)
-    if isinstance(ds, datasets.Dataset):
+    ds = load_source(source, task.dataset.name if dataset is None else None, streaming=streaming)
+    if isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
         return ds
     if split not in ds:
         raise UserError(f"dataset '{source}' has no split '{split}'; available: {', '.join(ds)}")

@@ -28,6 +28,8 @@ class DemoRecipe:
     warmup_steps: int = 50
     schedule: str = "cosine"
     weight_decay: float = 0.0
+    eval_batch_size: int = 50
+    max_new_tokens: int = 12  # answers are a few digits; a random model would otherwise ramble for 64 tokens
     knobs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,7 +84,8 @@ def run_demo(out: Path, seed: int, recipe: DemoRecipe, quiet: bool, print_fn: An
 
     def run_eval(model_dir: Path, name: str) -> dict[str, Any]:
         model, processor = load_model(str(model_dir))
-        result = evaluate(model, processor, task, validation, batch_size=50, show_progress=not quiet)
+        result = evaluate(model, processor, task, validation, batch_size=recipe.eval_batch_size,
+                          max_new_tokens=recipe.max_new_tokens, show_progress=not quiet)
         write_results(result, out / name)
         return result.metrics
 

@@ -203,11 +203,11 @@ def finetune(
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)
     task = get_task(cfg.task, cfg.tasks_dirs)
+    model, processor = load_model(cfg.model)  # before the data: a bad --model fails in seconds, not after a download
     split = load_split(task, cfg.dataset, task.dataset.train_split)
     if cfg.max_samples:
         split = split.select(range(min(cfg.max_samples, len(split))))
     dataset = TaskDataset(split, task, with_target=True)
-    model, processor = load_model(cfg.model)
     report = preflight(dataset.texts(), processor, max_positions(model.config), cfg.too_long)
     if report.too_long:
         verb = "truncated" if cfg.too_long == "truncate" else "dropped"

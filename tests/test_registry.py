@@ -92,3 +92,11 @@ def test_broken_task_file_exits_2_naming_file_and_problem(tmp_path: Path, conten
     assert result.exit_code == 2
     assert "broken.yaml" in result.output and problem in result.output
     assert "Traceback" not in result.output
+
+
+def test_tasks_show_renders_one_example(docvqa_dir: Path, docvqa_splits) -> None:
+    result = runner.invoke(app, ["tasks", "show", "docvqa", "--dataset", str(docvqa_dir)])
+    assert result.exit_code == 0, result.output
+    row = docvqa_splits["train"][0]
+    assert f"<DocVQA>{row['question']}" in result.stdout and repr(row["answers"][0]) in result.stdout
+    assert "HuggingFaceM4/DocumentVQA" in result.stdout

@@ -18,6 +18,8 @@ def demo(
     ),
     seed: Annotated[int, typer.Option(help="Seed of the model, the documents and the data order.")] = 0,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the measured recipe's).")] = None,
+    train_docs: Annotated[int | None, typer.Option(help="Rendered training pages (default: the recipe's).")] = None,
+    eval_docs: Annotated[int | None, typer.Option(help="Rendered held-out pages (default: the recipe's).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Build a tiny random Florence-2, render DocVQA-style pages, fine-tune, and show held-out ANLS.
@@ -27,8 +29,9 @@ def demo(
     from florence_kit.demo import DemoRecipe, run_demo
 
     recipe = DemoRecipe()
-    if steps:
-        recipe.steps = steps
+    recipe.steps = steps or recipe.steps
+    recipe.n_train_docs = train_docs or recipe.n_train_docs
+    recipe.n_eval_docs = eval_docs or recipe.n_eval_docs
     summary = run_demo(output_dir, seed, recipe, quiet, print_fn=console.print)
     n = summary["held_out_questions"]
     table = Table(title=f"held-out documents ({n} questions, values never seen in training)")

@@ -30,6 +30,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Examples per generate() call.")] = 16,
     max_samples: Annotated[int | None, typer.Option(help="Score only the first N rows.")] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Answer length cap; default: the task's.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -47,7 +48,8 @@ def eval_(
     if max_samples:
         data = data.select(range(min(max_samples, len(data))))
     net, processor = load_model(model)
-    result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams, show_progress=not quiet)
+    result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
+                      max_new_tokens=max_new_tokens, show_progress=not quiet)
     write_results(result, output_dir)
     _print_metrics(result.metrics)
     console.print(f"predictions: {output_dir / 'predictions.jsonl'}")

@@ -40,11 +40,15 @@ def list_tasks(tasks_dir: TasksDirOption = None) -> None:
 @user_errors
 def show(
     name: Annotated[str, typer.Argument(help="Task name, e.g. docvqa.")],
+    dataset: Annotated[
+        str | None, typer.Option(help="Render the first training row of this dataset (default: the task's).")
+    ] = None,
+    example: Annotated[bool, typer.Option(help="Load the data and render one example prompt/target.")] = True,
     tasks_dir: TasksDirOption = None,
 ) -> None:
     """Print a task's file, its resolved settings and one rendered example.
 
-    Example: florence-kit tasks show docvqa
+    Example: florence-kit tasks show docvqa --dataset ./my_docvqa
     """
     from pathlib import Path
 
@@ -59,3 +63,15 @@ def show(
     console.print(f"columns: image={spec.image_column} id={spec.id_column} references={spec.references}")
     console.print(f"metric: {spec.metric}   generation: {spec.generation}")
     console.print(f"prompt template: {spec.prompt!r}   target template: {spec.target!r}", markup=False)
+    if example:
+        from florence_kit.data import load_split, render_texts
+        from florence_kit.errors import UserError
+
+        try:  # the hub's copy is streamed: one row, not a whole download
+            rows = load_split(spec, dataset, spec.dataset.train_split, streaming=dataset is None)
+            prompt, target, refs = render_texts(spec, next(iter(rows)), 0)
+        except (UserError, StopIteration) as exc:
+            console.print(f"[yellow]no example rendered:[/] {exc}", highlight=False)
+            return
+        console.print(f"example prompt: {prompt!r}", markup=False)
+        console.print(f"example target: {target!r}   references: {refs}", markup=False)
