@@ -209,9 +209,11 @@ def finetune(
         split = split.select(range(min(cfg.max_samples, len(split))))
     dataset = TaskDataset(split, task, with_target=True)
     report = preflight(dataset.texts(), processor, max_positions(model.config), cfg.too_long)
-    if report.too_long:
-        verb = "truncated" if cfg.too_long == "truncate" else "dropped"
-        print_fn(f"{len(report.too_long)} of {len(dataset)} examples exceed {report.limit} positions: {verb}")
+    verb = {"truncate": "truncated", "drop": "dropped"}.get(cfg.too_long, "")
+    print_fn(
+        f"length preflight: {len(report.too_long)} of {len(dataset)} examples exceed {report.limit} positions"
+        + (f" ({verb})" if report.too_long else f" (longest {report.longest})")
+    )
     if not report.keep:
         raise UserError("no training examples left after the length preflight")
 

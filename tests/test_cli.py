@@ -25,6 +25,8 @@ def run_dir(tiny_dir: Path, docvqa_dir: Path, tmp_path_factory: pytest.TempPathF
         "--quiet",
     ])
     assert result.exit_code == 0, result.output
+    assert "length preflight: 0 of 24 examples exceed 1024 positions" in result.output
+    assert "vision 0/" in result.output  # frozen-encoder: no trainable vision parameter
     return out
 
 
