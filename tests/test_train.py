@@ -101,3 +101,14 @@ def test_length_preflight_drop_truncate_error(tiny_dir, docvqa_splits, docvqa_ta
     batch = Collator(processor, max_length=limit, truncate=True)([data[2], data[0]])
     assert batch["input_ids"].shape[1] == limit
     assert (batch["input_ids"][0] == model.config.image_token_id).sum() == processor.num_image_tokens
+
+
+def test_warmup_schedules() -> None:
+    from florence_kit.train import warmup_schedule
+
+    cos = warmup_schedule("cosine", 4, 14)
+    assert [round(cos(s), 3) for s in (0, 3)] == [0.2, 0.8]  # linear warmup
+    assert cos(4) == pytest.approx(1.0) and cos(9) == pytest.approx(0.5) and cos(14) == pytest.approx(0.0)
+    lin = warmup_schedule("linear", 0, 10)
+    assert lin(0) == 1.0 and lin(5) == pytest.approx(0.5) and lin(10) == 0.0
+    assert warmup_schedule("constant", 2, 10)(7) == 1.0
