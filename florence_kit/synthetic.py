@@ -1,7 +1,7 @@
 """Synthetic documents rendered in the exact public DocVQA schema (HuggingFaceM4/DocumentVQA).
 
 The demo and the tests need a DocVQA-shaped dataset that exists offline, renders identically everywhere
-and can only be solved by *reading* the page.  Every document is a small form ("Total: 42", "Tax: 17", ...)
+and can only be solved by *reading* the page.  Every document is a small form ("Total: 482", "Tax: 107", ...)
 drawn with Pillow's embedded font (``ImageFont.load_default(size=...)``, bundled with Pillow, so no system
 fonts are involved); each field gives one question, as DocVQA has several questions per page.  With
 ``heldout=True`` the values come from a fixed subset of numbers that never appears in non-held-out
@@ -65,7 +65,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
 }
 
 
-def value_split(value_digits: int = 2, heldout_frac: float = 0.2) -> tuple[list[str], list[str]]:
+def value_split(value_digits: int = 3, heldout_frac: float = 0.2) -> tuple[list[str], list[str]]:
     """Return (train_values, heldout_values): a fixed random partition of all ``value_digits``-digit numbers.
 
     A random (not arithmetic) partition keeps every digit at every position in both halves, so reading
@@ -154,6 +154,10 @@ def render_docvqa(
     min_fields = k["min_fields"] or k["n_fields"]
     if not 1 <= min_fields <= k["n_fields"]:
         raise ValueError("min_fields must be in 1..n_fields")
+    line = k["line_height"] or max(k["font_size"], k["label_font_size"] or k["font_size"]) + 5
+    bottom = k["margin_y"] + k["jitter"] + (k["n_fields"] - 1 + int(k["title"])) * line
+    if bottom + (k["char_pitch"] or k["font_size"]) > 128:
+        raise ValueError(f"{k['n_fields']} fields do not fit on the page with these layout knobs")
     train_values, heldout_values = value_split(k["value_digits"], k["heldout_frac"])
     pool = heldout_values if heldout else train_values
     rng = random.Random(f"{seed}-{int(heldout)}-{int(with_answers)}")
