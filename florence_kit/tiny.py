@@ -107,8 +107,10 @@ def image_seq_length(
 def build_processor(image_size: int = DEFAULT_IMAGE_SIZE) -> Florence2Processor:
     """CLIP-style image processor (square resize, no crop) + :func:`build_tokenizer`, like Florence-2.
 
-    The PIL backend is used explicitly so that pixel values are identical whether or not torchvision is
-    installed (and no fallback warning is printed).
+    The PIL backend is used so that pixel values do not depend on torchvision being installed.  (The saved
+    ``image_processor_type`` is still "CLIPImageProcessor"; without torchvision ``AutoProcessor`` falls back
+    to the PIL class with a warning.)  ``image_seq_length`` assumes the default vision strides: after
+    overriding ``vision_patch_stride`` in :func:`tiny_config`, rebuild it with :func:`image_seq_length`.
     """
     from transformers import CLIPImageProcessorPil, Florence2Processor
 
@@ -132,9 +134,9 @@ def build_processor(image_size: int = DEFAULT_IMAGE_SIZE) -> Florence2Processor:
 def tiny_config(
     vocab_size: int = VOCAB_SIZE, image_size: int = DEFAULT_IMAGE_SIZE, **overrides: Any
 ) -> Florence2Config:
-    """A ~1.5 M parameter Florence-2 config: 1-stage DaViT + 2+2-layer BART, widths multiples of 64.
+    """A ~1.8 M parameter Florence-2 config: 1-stage DaViT + 2+2-layer BART, widths multiples of 64.
 
-    ``overrides``: keys prefixed ``vision_`` go to the vision config (e.g. ``vision_depths=(1, 1, 2)``),
+    ``overrides``: keys prefixed ``vision_`` go to the vision config (e.g. ``vision_depths=(2,)``),
     ``image_token_id``/``tie_word_embeddings`` to the top-level config, everything else to the BART text
     config (e.g. ``d_model=256``, ``dropout=0.1``).
     """
