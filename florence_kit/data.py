@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from florence_kit.errors import UserError
+from florence_kit.errors import BadImageError, UserError
 from florence_kit.task import TaskSpec
 
 TABULAR_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -193,18 +193,20 @@ class TaskDataset:
         try:
             row = self.ds[int(index)]
         except Exception as exc:  # decoding happens here: a corrupt or missing image file
-            raise UserError(
+            raise BadImageError(
                 f"row {index}: image cannot be read ({type(exc).__name__}: {exc}); fix or remove that row"
             ) from None
         image = row[self.task.image_column]
         if isinstance(image, list):  # multi-image schemas: the first image is the page
             image = image[0] if image else None
         if not isinstance(image, Image.Image):
-            raise UserError(f"row {index}: column '{self.task.image_column}' holds no image ({type(image).__name__})")
+            raise BadImageError(
+                f"row {index}: column '{self.task.image_column}' holds no image ({type(image).__name__})"
+            )
         try:
             image = to_rgb(image)
         except Exception as exc:
-            raise UserError(f"row {index}: image cannot be decoded ({exc}); fix or remove that row") from None
+            raise BadImageError(f"row {index}: image cannot be decoded ({exc}); fix or remove that row") from None
         prompt, target, refs = render_texts(self.task, row, index)
         if self.with_target and target is None:
             raise UserError(f"row {index}: no answer in column '{self.task.references}' to train on")
