@@ -69,8 +69,6 @@ def read_config_file(path: Path, cls: type) -> dict[str, Any]:
 
 def _convert(key: str, value: Any, hint: Any, param: Any, ctx: Any, origin: Path) -> Any:
     """Validate one file value with the CLI's own parameter type (choices, ints, floats) and the field's type."""
-    import click
-
     allows_none = type(None) in typing.get_args(hint)
     if value is None:
         if allows_none:
@@ -81,12 +79,12 @@ def _convert(key: str, value: Any, hint: Any, param: Any, ctx: Any, origin: Path
         value = [value]
     if not is_list and isinstance(value, (list, dict)):
         raise UserError(f"--config '{origin}': option '{key}' takes one value, got a {type(value).__name__}")
-    try:
-        if param is not None:
-            convert = param.type.convert
-            value = [convert(v, param, ctx) for v in value] if is_list else convert(value, param, ctx)
-    except click.ClickException as exc:
-        raise UserError(f"--config '{origin}': option '{key}': {exc.format_message()}") from None
+    if param is not None:
+        try:  # the CLI's own parsing: choices, numbers ("1e-4" is a string to YAML), paths, lists
+            value = param.process_value(ctx, value)
+        except Exception as exc:
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            raise UserError(f"--config '{origin}': option '{key}' = {value!r}: {' '.join(message.split())}") from None
     value = [v.value if hasattr(v, "value") else v for v in value] if is_list else getattr(value, "value", value)
     inner = [a for a in typing.get_args(hint) if a is not type(None)]
     if Path in (hint, *inner) and not is_list:
@@ -98,16 +96,14 @@ def _convert(key: str, value: Any, hint: Any, param: Any, ctx: Any, origin: Path
 
 def apply_config_file(cfg: Any, path: Path, ctx: Any) -> Any:
     """``cfg`` with every option from the file that was not given on the command line."""
-    from click.core import ParameterSource
-
     data = read_config_file(path, type(cfg))
     fields = option_fields(type(cfg))
     params = {p.name: p for p in ctx.command.params}
     updates = {}
     for key, value in data.items():
         name = PARAM_FOR_FIELD.get(key, key)
-        if name in params and ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
-                                                                   ParameterSource.ENVIRONMENT):
+        source = ctx.get_parameter_source(name) if name in params else None
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
             continue  # the command line wins over the file
         updates[key] = _convert(key, value, fields[key], params.get(name), ctx, path)
     return dataclasses.replace(cfg, **updates)
