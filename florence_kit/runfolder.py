@@ -84,7 +84,7 @@ class ImageGuard:
             except BadImageError as exc:
                 if not self.skip:
                     where = image_file(self.dataset, index)
-                    raise UserError(f"{exc}{f' [file {where}]' if where else ''}; "
+                    raise UserError(f"{exc}{f' (file {where})' if where else ''}, "
                                     "or pass --skip-bad-images to skip such rows") from None
                 self.bad[pos] = 1
         raise UserError(f"none of the {n} training rows has a readable image; check the dataset's image column")

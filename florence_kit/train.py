@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,6 +227,20 @@ def accelerator_trackers_closed(accelerator: Any) -> Iterator[None]:
         accelerator.end_training()
 
 
+def answered(rows: Iterable[tuple[int, str, str | None]], column: str) -> Iterator[tuple[int, str, str | None]]:
+    """Training rows, checked before training starts: a row without an answer is an error naming it."""
+    missing = []
+    for index, prompt, target in rows:
+        if target is None:
+            missing.append(index)
+        yield index, prompt, target
+    if missing:
+        raise UserError(
+            f"{len(missing)} training row(s) have no answer in column '{column}' (null or an empty list; "
+            f"first: row {missing[0]}); fix or remove them"
+        )
+
+
 def finetune(
     cfg: TrainConfig,
     *,
@@ -259,7 +273,8 @@ def finetune(
     if cfg.max_samples:
         split = split.select(range(min(cfg.max_samples, len(split))))
     dataset = TaskDataset(split, task, with_target=True)
-    report = preflight(dataset.texts(), processor, max_positions(model.config), cfg.too_long)
+    report = preflight(answered(dataset.texts(), task.references), processor, max_positions(model.config),
+                       cfg.too_long)
     verb = {"truncate": "truncated", "drop": "dropped"}.get(cfg.too_long, "")
     print_fn(
         f"length preflight: {len(report.too_long)} of {len(dataset)} examples exceed {report.limit} positions"

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from florence_kit.errors import UserError
 
@@ -51,12 +52,12 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            err_console.print(f"[bold red]error:[/] {one_line(exc)}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            err_console.print(f"[bold red]error:[/] disk full ({exc}); free some space and run again",
+            err_console.print(f"[bold red]error:[/] disk full ({escape(str(exc))}); free some space and run again",
                               highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
