@@ -60,4 +60,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     )
     missing = [c.kind for c in CASES if c.kind not in tally]
     if missing:
-        terminalreporter.write_line(f"not handled (or not run): {', '.join(missing)}")
+        names = ", ".join(missing) if len(missing) <= 10 else f"{', '.join(missing[:10])}, ..."
+        terminalreporter.write_line(f"{len(missing)} kind(s) failed or were not run: {names}")
