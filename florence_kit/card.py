@@ -45,7 +45,8 @@ def model_card(options: dict[str, Any], run: dict[str, Any], metrics: dict[str, 
     lines = [
         *front, "",
         f"# Florence-2 fine-tuned on `{options['task']}`", "",
-        "Trained with [florence-kit](https://github.com/) `finetune`; every option is in `config.yaml`.", "",
+        "Trained with `florence-kit finetune`; every option is in `config.yaml` "
+        "(`florence-kit finetune --config config.yaml` repeats the run).", "",
         "| | |", "| --- | --- |",
         f"| task | `{options['task']}` ({run.get('task_origin', '')}) |",
         f"| data | `{options.get('dataset') or 'the task default'}` ({run.get('examples', '?')} training examples, "

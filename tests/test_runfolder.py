@@ -200,6 +200,24 @@ def test_progress_plain_lines_every_n_steps() -> None:
     assert "eta 0:00:00" in lines[-1] and "lr 1.00e-04" in lines[0] and "samples/s" in lines[0]
 
 
+def test_progress_bar_in_a_terminal_shows_every_field() -> None:
+    import io
+
+    from rich.console import Console
+
+    from florence_kit.progress import StepProgress
+
+    screen, lines = io.StringIO(), []
+    console = Console(file=screen, force_terminal=True, width=200, color_system=None)
+    with StepProgress("t", samples_per_step=4, console=console, print_fn=lines.append) as bar:
+        for step in range(1, 4):
+            bar.update(step, 3, 0.5, 1e-4)
+    assert not lines  # a terminal gets the bar, not plain lines
+    last = screen.getvalue().split("\r")[-1]
+    for field in ("3/3", "loss 0.5000", "lr 1.00e-04", "samples/s", "mem ", "MiB", "0:00:00"):
+        assert field in last, last
+
+
 def test_missing_tracker_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
@@ -209,3 +227,16 @@ def test_missing_tracker_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(UserError, match=r"pip install 'florence-kit\[wandb\]'"):
         check_report_to("wandb")
     check_report_to("none")
+
+
+def test_card_lists_eval_metrics_from_the_log(tmp_path: Path) -> None:
+    from florence_kit.card import write_card
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "loss": 1.0, "lr": 0.1, "eval_anls": 0.75}\n'
+        '{"step": 3, "loss": 0.5, "lr": 0.1}\n'
+    )
+    options = {"task": "docvqa", "model": "base", "mode": "full", "batch_size": 2, "grad_accum": 1}
+    card = write_card(tmp_path, options, {"steps": 3, "final_loss": 0.5}).read_text()
+    assert "| eval_anls | 0.75 |" in card and "| step | 2 |" in card
+    assert "base_model: florence-community/Florence-2-base" in card
