@@ -202,6 +202,27 @@ def _(env: Env) -> list[str]:
     return env.ft("--skip-bad-images", data=env.image_data(bad, n_good=2), batch=3)
 
 
+@case("truncated JPEG read by a DataLoader worker process", "row 1: image cannot be read")
+def _(env: Env) -> list[str]:
+    def bad(folder: Path) -> str:
+        noise_jpeg(folder / "cut.jpg")
+        (folder / "cut.jpg").write_bytes((folder / "cut.jpg").read_bytes()[:300])
+        return "cut.jpg"
+
+    return env.ft("--num-workers", "1", data=env.image_data(bad))
+
+
+@case("truncated JPEG with --skip-bad-images in a worker process", "skipped 1 row(s) with unreadable images", code=0)
+def _(env: Env) -> list[str]:
+    def bad(folder: Path) -> str:
+        noise_jpeg(folder / "cut.jpg")
+        (folder / "cut.jpg").write_bytes((folder / "cut.jpg").read_bytes()[:300])
+        return "cut.jpg"
+
+    env.check = saved
+    return env.ft("--skip-bad-images", "--num-workers", "1", data=env.image_data(bad, n_good=2), batch=3)
+
+
 @case("every image bad with --skip-bad-images", "none of the 2 training rows has a readable image")
 def _(env: Env) -> list[str]:
     def bad(folder: Path) -> str:
