@@ -220,11 +220,16 @@ def train_loop(
 
 @contextmanager
 def accelerator_trackers_closed(accelerator: Any) -> Iterator[None]:
-    """Trackers flush and close even when the loop stops early (Ctrl-C, an error)."""
+    """Trackers flush and close even when the loop stops early (Ctrl-C, an error).
+
+    Not ``accelerator.end_training()``: that also destroys the distributed process group, which the
+    code after the loop (``wait_for_everyone``, saving) still needs.
+    """
     try:
         yield
     finally:
-        accelerator.end_training()
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
 
 def answered(rows: Iterable[tuple[int, str, str | None]], column: str) -> Iterator[tuple[int, str, str | None]]:
