@@ -2,7 +2,7 @@
 
 - **aliases** (``columns: {captions: [captions, caption, sentences]}``): a template field is read from
   the first candidate column the dataset has, so one caption task fits COCO-style ``captions`` lists
-  and single ``caption`` strings alike.
+  and single ``caption`` strings alike; ``caption_*`` gathers ``caption_0``, ``caption_1``, ... into a list.
 - **row_map** (``module:function``): a user function ``row -> row`` from a ``module.py`` beside the task
   file. Only code the user named in their own task file runs, and only when data is loaded.
 - **explode** (The Cauldron's ``texts``): each item of a list column becomes one example on the row's
@@ -30,20 +30,33 @@ from florence_kit.errors import UserError
 from florence_kit.task import TaskSpec
 
 
-def resolve_aliases(task: TaskSpec, column_names: list[str]) -> dict[str, str]:
-    """Template field -> the dataset column that provides it (first candidate present)."""
-    chosen = {}
+def _matches(candidate: str, column_names: list[str]) -> str | list[str] | None:
+    if candidate.endswith("*"):  # "caption_*": every such column, gathered into one list (Flickr8k)
+        found = sorted(c for c in column_names if c.startswith(candidate[:-1]))
+        return found or None
+    return candidate if candidate in column_names else None
+
+
+def resolve_aliases(task: TaskSpec, column_names: list[str]) -> dict[str, str | list[str]]:
+    """Template field -> the dataset column (or, for ``prefix*``, columns) that provide it: first match wins."""
+    chosen: dict[str, str | list[str]] = {}
     for field_name, candidates in task.aliases.items():
-        present = [c for c in candidates if c in column_names]
-        if present:
-            chosen[field_name] = present[0]
+        for candidate in candidates:
+            match = _matches(candidate, column_names)
+            if match:
+                chosen[field_name] = match
+                break
     return chosen
 
 
-def apply_aliases(row: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
-    if not aliases:
-        return row
-    return {**row, **{field_name: row[column] for field_name, column in aliases.items() if column in row}}
+def apply_aliases(row: dict[str, Any], aliases: dict[str, str | list[str]]) -> dict[str, Any]:
+    out = dict(row)
+    for field_name, source in aliases.items():
+        if isinstance(source, list):
+            out[field_name] = [row[c] for c in source if row.get(c) is not None]
+        elif source in row:
+            out[field_name] = row[source]
+    return out
 
 
 _ROW_MAPS: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {}

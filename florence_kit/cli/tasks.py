@@ -30,11 +30,14 @@ def list_tasks(tasks_dir: TasksDirOption = None) -> None:
 
     tasks = all_tasks(tasks_dir or [])
     table = Table(title="florence-kit tasks")
-    for col in ("name", "source", "metric", "prompt", "origin"):
+    table.add_column("name", no_wrap=True)  # whole names, so they can be copied and grepped
+    table.add_column("source", overflow="fold")
+    table.add_column("metric", no_wrap=True)  # the task's metric; `tasks show` lists the others
+    for col in ("prompt", "origin"):
         table.add_column(col, overflow="fold")
     for name, spec in sorted(tasks.items()):
         source = spec.dataset.path + (f" ({spec.dataset.name})" if spec.dataset.name else "")
-        table.add_row(name, source, ", ".join(spec.metrics), spec.prompt, origin_label(spec.origin))
+        table.add_row(name, source, spec.metric, spec.prompt, origin_label(spec.origin))
     console.print(table)
     for group, names in groups(tasks).items():
         console.print(f"group [bold]{group}[/]: {len(names)} tasks (train on all of them with `finetune {group}`)")
