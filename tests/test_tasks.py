@@ -63,7 +63,7 @@ def _finetune(task: str, model: Path, data: Path, out: Path, *extra: str):
 
 def _eval(task: str, model: Path, data: Path, out: Path, *extra: str) -> tuple[dict, list[dict]]:
     result = runner.invoke(app, ["eval", task, "--model", str(model), "--dataset", str(data),
-                                 "--output-dir", str(out), "--quiet", *extra])
+                                 "--output-dir", str(out), "--quiet", "--max-new-tokens", "8", *extra])
     assert result.exit_code == 0, result.output
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     return json.loads((out / "metrics.json").read_text()), preds
