@@ -8,6 +8,7 @@ the references the metric scores against.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,13 +140,46 @@ def load_split(task: TaskSpec, dataset: str | None, split: str, streaming: bool 
     if dataset and task.dataset.name and (Path(dataset).expanduser() / task.dataset.name).is_dir():
         source = str(Path(dataset).expanduser() / task.dataset.name)  # a local copy of a multi-config repo
     ds = load_source(source, task.dataset.name if dataset is None else None, streaming=streaming)
+    split, rows = parse_split(split)
     if not isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
         if split not in ds:
             raise UserError(f"dataset '{source}' has no split '{split}'; available: {', '.join(ds)}")
         ds = ds[split]
     if streaming and isinstance(ds, datasets.Dataset):
         ds = ds.to_iterable_dataset()
-    return ds
+    return slice_rows(ds, *rows) if rows else ds
+
+
+_SPLIT_SLICE = re.compile(r"^(?P<name>[\w.-]+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
+def parse_split(split: str) -> tuple[str, tuple[int, int | None] | None]:
+    """``train`` -> ("train", None); ``train[5000:]`` / ``train[:100]`` -> the split and its row range.
+
+    Row ranges keep evaluation off the rows a run trained on when a dataset has one split only (The
+    Cauldron): train on ``--max-samples 5000``, evaluate on ``--split "train[5000:]"``. Only
+    non-negative row numbers: a streamed split has no known end.
+    """
+    if "[" not in split:
+        return split, None
+    match = _SPLIT_SLICE.match(split.strip())
+    if not match:
+        raise UserError(f"split '{split}' is not NAME or NAME[start:stop] with row numbers, e.g. train[5000:]")
+    start = int(match["start"] or 0)
+    stop = int(match["stop"]) if match["stop"] else None
+    if stop is not None and stop <= start:
+        raise UserError(f"split '{split}' selects no rows")
+    return match["name"], (start, stop)
+
+
+def slice_rows(ds: Any, start: int, stop: int | None) -> Any:
+    """Rows ``start:stop`` of a split, streamed (skip/take) or in memory (select)."""
+    import datasets
+
+    if isinstance(ds, datasets.IterableDataset):
+        ds = ds.skip(start)
+        return ds.take(stop - start) if stop is not None else ds
+    return ds.select(range(min(start, len(ds)), min(stop if stop is not None else len(ds), len(ds))))
 
 
 def cap_rows(ds: Any, max_samples: int | None) -> Any:

@@ -243,6 +243,18 @@ def test_streaming_reads_only_max_samples_rows(tiny_dir: Path, cauldron_dir: Pat
     assert refused.exit_code == 2 and "--streaming needs --max-samples" in refused.output
 
 
+def test_split_row_ranges_hold_out_rows_of_a_single_split(cauldron_dir: Path) -> None:
+    task = get_task("cauldron/ai2d")
+    for streaming in (False, True):
+        head = cap_rows(load_split(task, str(cauldron_dir), "train[:5]", streaming=streaming), 100)
+        tail = cap_rows(load_split(task, str(cauldron_dir), "train[5:]", streaming=streaming), 100)
+        assert (len(head), len(tail)) == (5, 3)
+        assert tail[0]["texts"] == cauldron_rows(8, seed=0)[5]["texts"]
+    for bad in ("train[-5:]", "train[3:1]", "train[a:b]"):
+        with pytest.raises(UserError, match="split"):
+            load_split(task, str(cauldron_dir), bad)
+
+
 def test_streaming_from_an_unreachable_hub_is_one_clear_line(tiny_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["eval", "cauldron/ai2d", "--model", str(tiny_dir), "--streaming",
                                  "--max-samples", "5", "--output-dir", str(tmp_path)])
