@@ -296,15 +296,19 @@ row_map: shapes_utils:to_answer
 """
 
 
-def test_task_folder_task_with_a_row_function(tmp_path: Path) -> None:
-    (tmp_path / "shapes.yaml").write_text(FOLDER_TASK)
-    (tmp_path / "shapes_utils.py").write_text(
-        "def to_answer(row):\n    return {**row, 'answer': row['colour'].upper()}\n")
-    result = runner.invoke(app, ["tasks", "list", "--tasks-dir", str(tmp_path)])
-    assert result.exit_code == 0 and "shapes_upper" in result.stdout
-    rows = datasets.Dataset.from_dict({"image": [shape_image("red", "circle")], "colour": ["red"]})
-    ex = TaskDataset(rows, get_task("shapes_upper", [tmp_path]), with_target=True)[0]
-    assert ex.target == "RED" and ex.references == ["RED"]
+def test_task_folder_task_with_a_row_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = ROOT / "examples" / "task-folder"  # the shipped example: colour_sentence.yaml + colour_utils.py
+    result = runner.invoke(app, ["tasks", "list", "--tasks-dir", str(folder)])
+    assert result.exit_code == 0 and "colour_sentence" in result.stdout
+    rows = datasets.Dataset.from_dict({"image": [shape_image("red", "circle")], "colour": ["Red"]})
+    ex = TaskDataset(rows, get_task("colour_sentence", [folder]), with_target=True)[0]
+    assert (ex.prompt, ex.target, ex.references) == ("<CAPTION>", "The shape is red.", ["The shape is red."])
+    monkeypatch.setenv("FLORENCE_KIT_TASKS_PATH", str(folder))  # the environment variable finds it too
+    assert get_task("colour_sentence").origin == str(folder / "colour_sentence.yaml")
+    (tmp_path / "shapes.yaml").write_text(FOLDER_TASK)  # a function that fails names the row and the function
+    (tmp_path / "shapes_utils.py").write_text("def to_answer(row):\n    return row['missing']\n")
+    with pytest.raises(UserError, match="row 0: row_map 'shapes_utils:to_answer' failed"):
+        TaskDataset(rows, get_task("shapes_upper", [tmp_path]), with_target=True)[0]
 
 
 @pytest.mark.parametrize(
