@@ -357,8 +357,8 @@ def write_report(source: Path, output: Path | None = None, max_examples: int = D
         raise UserError(f"--max-examples must be at least 1, got {max_examples}")
     inputs = find_inputs(source)
     page = render_html(inputs, max_examples)
-    out = output or source / "report.html"
-    if out.is_dir():
+    out = output or source
+    if out.suffix.lower() not in {".html", ".htm"}:  # a folder (existing or not) gets report.html inside
         out = out / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -13,7 +13,7 @@ from florence_kit.cli.common import console, user_errors
 @user_errors
 def report(
     source: Annotated[Path, typer.Argument(help="A run folder, an eval folder, or the demo's folder.")],
-    output: Annotated[Path | None, typer.Option(help="Where to write the page; default: SOURCE/report.html.")] = None,
+    output: Annotated[Path | None, typer.Option(help="A .html file, or a folder (default: SOURCE).")] = None,
     max_examples: Annotated[int, typer.Option(help="List at most this many examples (the lowest-scoring).")] = 500,
 ) -> None:
     """Write report.html: metrics (before/after when both exist), loss / learning-rate / eval curves, and a
