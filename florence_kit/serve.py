@@ -106,8 +106,9 @@ class Answer:
 class Predictor:
     """One loaded model answering the page's requests; tasks are ours by name or Florence-2's by token."""
 
-    def __init__(self, model: Any, processor: Any, tasks: dict[str, TaskSpec]) -> None:
+    def __init__(self, model: Any, processor: Any, tasks: dict[str, TaskSpec], region_max_tokens: int = 256) -> None:
         self.model, self.processor, self.tasks = model, processor, tasks
+        self.region_max_tokens = region_max_tokens  # Florence-2's own tasks: room for dozens of <loc_*> boxes
         self.region_types = {
             token: kind for token, kind in getattr(processor, "tasks_answer_post_processing_type", {}).items()
             if kind != "pure_text"
@@ -136,7 +137,8 @@ class Predictor:
         if choice in FLORENCE_TASKS:
             if choice in FLORENCE_TASKS_WITH_TEXT and not question:
                 raise UserError(f"{choice} needs a text input: type it in the question box")
-            return choice + (question if choice in FLORENCE_TASKS_WITH_TEXT else ""), {"max_new_tokens": 256}
+            prompt = choice + (question if choice in FLORENCE_TASKS_WITH_TEXT else "")
+            return prompt, {"max_new_tokens": self.region_max_tokens}
         raise UserError(f"unknown task '{choice}'; choose one of: {', '.join(self.choices())}")
 
     def __call__(self, image: Any, choice: str, question: str) -> Answer:
@@ -212,11 +214,11 @@ def offline_theme(gr: Any) -> Any:
 def serve(model_path: str, task: str, host: str, port: int, tasks_dirs: list | None = None,
           print_fn: Any = print) -> None:
     """Load the model, build the page and serve it until interrupted."""
-    gr = require_gradio()
     from florence_kit.model import load_model
     from florence_kit.registry import all_tasks, get_task
 
     default = get_task(task, tasks_dirs or []).name  # an unknown --task fails before the model loads
+    gr = require_gradio()
     tasks = dict(all_tasks(tasks_dirs or []))
     model, processor = load_model(model_path)
     app = build_app(Predictor(model, processor, tasks), default, str(model_path))
