@@ -202,7 +202,7 @@ def build_app(predictor: Predictor, default: str, title: str) -> Any:
                 text = gr.Textbox(label="answer", interactive=False)
                 regions = gr.Image(type="pil", label="regions (tasks that return boxes)", interactive=False)
         run.click(answer, [image, task, question], [text, regions], api_name="predict")
-        question.submit(answer, [image, task, question], [text, regions], api_name=False)
+        question.submit(answer, [image, task, question], [text, regions], api_visibility="private")
     return app
 
 

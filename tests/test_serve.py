@@ -132,6 +132,9 @@ def test_serve_page_answers_through_gradio_client_and_in_chromium(tiny_dir: Path
         text, regions = client.predict(gradio_client.handle_file(str(page_png)), "docvqa", "What is the total?",
                                        api_name="/predict")
         assert isinstance(text, str) and regions is None
+        assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/predict"]
+        with pytest.raises(Exception, match="needs a question"):  # a UserError reaches the page as gr.Error
+            client.predict(gradio_client.handle_file(str(page_png)), "docvqa", "", api_name="/predict")
 
         with open_page(url) as (page, log):
             page.get_by_text("Answer", exact=True).wait_for(timeout=60_000)
