@@ -19,7 +19,7 @@ def serve(
     tasks_dir: TasksDirOption = None,
 ) -> None:
     """Start a local web page: upload a document image, pick a task, type a question, read the answer
-    (boxes are drawn for tasks that return regions). Needs: pip install 'florence-kit[ui]'.
+    (boxes are drawn for tasks that return regions). Needs: pip install 'florence-kit\\[ui]'.
 
     Example: florence-kit serve runs/demo/finetuned --task docvqa --port 7860
     """
