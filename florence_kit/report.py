@@ -230,7 +230,7 @@ def _thumbnail(run: EvalRun, rec: dict[str, Any]) -> str:
     if path is None or not path.is_file() or run.path.resolve() not in path.resolve().parents:
         return '<span class="meta">no thumbnail</span>'
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/jpeg;base64,{data}" alt="page {_e(rec.get("id", ""))}" loading="lazy">'
+    return f'<img src="data:image/jpeg;base64,{data}" alt="page {_e(rec.get("id", ""))}">'
 
 
 def _summary_table(inputs: ReportInputs) -> str:
