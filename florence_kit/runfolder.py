@@ -50,7 +50,8 @@ def image_file(dataset: Any, index: int) -> str | None:
         import datasets
 
         ds, column = dataset.ds, dataset.task.image_column
-        raw = ds.cast_column(column, datasets.Image(decode=False))[int(index)][column]
+        row = dataset._locate(int(index))[0] if hasattr(dataset, "_locate") else int(index)  # exploded rows
+        raw = ds.cast_column(column, datasets.Image(decode=False))[row][column]
         return (raw or {}).get("path") if isinstance(raw, dict) else None
     except Exception:
         return None

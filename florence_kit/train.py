@@ -47,6 +47,9 @@ class TrainConfig:
     log_every: int = 10
     overwrite: bool = False
     tasks_dirs: list[Path] = field(default_factory=list)
+    # --- tasks ---
+    streaming: bool = False
+    mix_weights: str | None = None
     # --- run folder ---
     report_to: str = "none"
     push_to_hub: str | None = None
@@ -255,13 +258,13 @@ def finetune(
     """The whole ``florence-kit finetune`` job."""
     from florence_kit.card import write_card
     from florence_kit.collate import max_positions, preflight
-    from florence_kit.data import TaskDataset, load_split
     from florence_kit.errors import RunInterrupted
     from florence_kit.hub import check_can_push, push_run
+    from florence_kit.mixing import training_data
     from florence_kit.model import load_model
     from florence_kit.modes import apply_mode, trainable_counts
     from florence_kit.progress import StepProgress
-    from florence_kit.registry import get_task
+    from florence_kit.registry import resolve_tasks
     from florence_kit.runconfig import check_options, options_dict
     from florence_kit.runfolder import ImageGuard, StepInterrupt, save_atomically, stop_at_step_end
     from florence_kit.trackers import check_report_to
@@ -272,14 +275,13 @@ def finetune(
     check_report_to(cfg.report_to)
     if cfg.push_to_hub:
         check_can_push(cfg.push_to_hub)  # before hours of training, not after
-    task = get_task(cfg.task, cfg.tasks_dirs)
+    tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
     model, processor = load_model(cfg.model)  # before the data: a bad --model fails in seconds, not after a download
-    split = load_split(task, cfg.dataset, task.dataset.train_split)
-    if cfg.max_samples:
-        split = split.select(range(min(cfg.max_samples, len(split))))
-    dataset = TaskDataset(split, task, with_target=True)
-    report = preflight(answered(dataset.texts(), task.references), processor, max_positions(model.config),
-                       cfg.too_long)
+    task = training_data(tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
+                         mix_weights=cfg.mix_weights, seed=cfg.seed)
+    dataset = task.dataset
+    answers = ", ".join(sorted({t.references for t in tasks}))
+    report = preflight(answered(dataset.texts(), answers), processor, max_positions(model.config), cfg.too_long)
     verb = {"truncate": "truncated", "drop": "dropped"}.get(cfg.too_long, "")
     print_fn(
         f"length preflight: {len(report.too_long)} of {len(dataset)} examples exceed {report.limit} positions"
@@ -295,7 +297,7 @@ def finetune(
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
     run_info: dict[str, Any] = {"task_origin": task.origin, "examples": len(report.keep),
-                                "dropped": len(report.too_long)}
+                                "dropped": len(report.too_long), **({"mix": task.mix} if task.mix else {})}
     write_config(cfg, out, run_info)
     rows = ImageGuard(dataset, report.keep, skip=cfg.skip_bad_images)
     start = time.perf_counter()

@@ -52,6 +52,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
+            # escaped: a message such as "pip install 'florence-kit[ui]'" is not Rich markup
             err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:

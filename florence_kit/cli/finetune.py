@@ -34,7 +34,9 @@ class TooLong(str, Enum):
 def finetune(
     ctx: typer.Context,
     task: Annotated[
-        str | None, typer.Argument(help="Task name (see `florence-kit tasks list`); optional with --config.")
+        str | None,
+        typer.Argument(help="Task name, a comma list of tasks or a group (e.g. cauldron): several are mixed; "
+                       "optional with --config."),
     ] = None,
     model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
     dataset: Annotated[
@@ -60,6 +62,14 @@ def finetune(
     max_samples: Annotated[int | None, typer.Option(help="Use only the first N training rows.")] = None,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty --output-dir.")] = False,
+    # --- tasks ---
+    streaming: Annotated[
+        bool, typer.Option(help="Stream a hub dataset instead of downloading it whole (needs --max-samples).")
+    ] = False,
+    mix_weights: Annotated[
+        str | None,
+        typer.Option(help="Sampling weights of a mix ('2,1' or 'cauldron/ai2d=2'); default: task sizes."),
+    ] = None,
     # --- run folder ---
     config: Annotated[
         Path | None,
@@ -85,6 +95,8 @@ def finetune(
 
       florence-kit finetune docvqa --model ./tiny --dataset ./my_docvqa --max-steps 100 --output-dir runs/a
 
+      florence-kit finetune cauldron/ai2d,cauldron/chartqa --mix-weights 2,1 --streaming --max-samples 5000
+
       florence-kit finetune --config runs/a/config.yaml --output-dir runs/b
     """
     from florence_kit.train import TrainConfig
@@ -95,7 +107,7 @@ def finetune(
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, schedule=schedule.value, max_grad_norm=max_grad_norm, seed=seed,
         too_long=too_long.value, max_samples=max_samples, num_workers=num_workers, overwrite=overwrite,
-        tasks_dirs=list(tasks_dir or []),
+        tasks_dirs=list(tasks_dir or []), streaming=streaming, mix_weights=mix_weights,
         report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
     )
     if config is not None:
