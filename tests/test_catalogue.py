@@ -346,7 +346,7 @@ def _(env: Env) -> list[str]:
 TASK = "task: mine\nprompt: '<DocVQA>{question}'\ntarget: '{answers[0]}'\nmetric: anls\ndataset: {path: x}\n"
 
 
-@case("unknown task", "unknown task 'docvqaa'; did you mean docvqa?")
+@case("unknown task", "unknown task 'docvqaa'; did you mean docvqa")
 def _(env: Env) -> list[str]:
     return env.ft(task="docvqaa")
 
