@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "distinct": len(set(predictions))})
         print(f"{label:32s} {rate:8.2f} samples/s  {rate / baseline['rate']:5.2f}x  "
               f"(per CPU-second {cpu_rate / baseline['cpu_rate']:5.2f}x)  "
-              f"{differ} of {len(predictions)} predictions differ", flush=True)
+              f"{differ} of {len(predictions)} predictions differ ({len(set(predictions))} distinct)", flush=True)
     return rows
 
 
