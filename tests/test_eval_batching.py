@@ -60,7 +60,7 @@ def _one_at_a_time(model, processor, task, split, **overrides):
     from florence_kit.data import TaskDataset
     from florence_kit.evaluate import generate, generation_config_for
 
-    config = generation_config_for(task, model, processor, max_new_tokens=8, **overrides)
+    config = generation_config_for(task, model, processor, **{"max_new_tokens": 8, **overrides})
     dataset = TaskDataset(split, task, with_target=False)
     examples = [dataset[i] for i in range(len(dataset))]
     return [generate(model, processor, [ex.image], [ex.prompt], config)[0] for ex in examples], examples
@@ -139,3 +139,28 @@ def test_bad_batch_size_is_a_user_error(model_and_processor, docvqa_task, varied
         evaluate(model, processor, docvqa_task, varied_split, batch_size=0, show_progress=False)
     with pytest.raises(UserError, match="--num-workers"):
         evaluate(model, processor, docvqa_task, varied_split, num_workers=-1, show_progress=False)
+
+
+def test_cli_eval_with_beams_and_workers_keeps_dataset_order(tiny_dir, docvqa_dir, docvqa_task, tmp_path, one_thread):
+    import json
+
+    import datasets
+    from typer.testing import CliRunner
+
+    from florence_kit.cli import app
+    from florence_kit.model import load_model
+
+    out = tmp_path / "eval"
+    args = ["eval", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir), "--output-dir", str(out),
+            "--batch-size", "3", "--num-beams", "2", "--max-new-tokens", "6", "--num-workers", "1", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    split = datasets.load_from_disk(str(docvqa_dir))["validation"]
+    assert [p["id"] for p in preds] == [str(i) for i in split["questionId"]]
+    model, processor = load_model(str(tiny_dir))
+    single, _ = _one_at_a_time(model, processor, docvqa_task, split, num_beams=2, max_new_tokens=6)
+    assert [p["prediction"] for p in preds] == single
+
+    bad = CliRunner().invoke(app, [*args[:-9], "--batch-size", "0", "--quiet"])
+    assert bad.exit_code == 2 and "--batch-size must be at least 1" in bad.output
