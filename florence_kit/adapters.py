@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,9 @@ def wrap_lora(model: Any, r: int, alpha: int, dropout: float, lora_vision: bool)
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
         target_modules=target_modules(lora_vision), modules_to_save=[PROJECTOR],
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question (is_gradient_checkpointing)
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def wrapped_modules(model: Any) -> list[str]:
@@ -149,7 +152,9 @@ def load_adapter_model(run_dir: Path, merge: bool = True) -> tuple[Any, Any]:
     if not base:
         raise UserError(f"'{run_dir / ADAPTER_CONFIG}' does not name its base model (base_model_name_or_path)")
     model, processor = load_model(base)
-    model = PeftModel.from_pretrained(model, str(run_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(model, str(run_dir))
     if (run_dir / "preprocessor_config.json").is_file() or (run_dir / "processor_config.json").is_file():
         processor = AutoProcessor.from_pretrained(str(run_dir))
     if (run_dir / "generation_config.json").is_file():
