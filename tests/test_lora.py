@@ -214,6 +214,11 @@ def test_qlora_trains_on_cpu_with_a_4bit_base(tiny_dir, docvqa_dir, tmp_path):
     assert f"vision 0/{expected['vision'][1]:,}" in result.output
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0
+    # export merges the adapter into the base loaded in full precision: a plain, unquantised checkpoint
+    merged = runner.invoke(app, ["export", str(out), "--merge", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
 
 
 def test_qlora_without_bitsandbytes_exits_2_naming_the_fix(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
