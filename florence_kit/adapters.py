@@ -69,7 +69,9 @@ def load_quantized(name: str) -> tuple[Any, Any]:
 
     require_bitsandbytes("--mode qlora", "--mode lora")
     try:
-        return load_model(name, quantization_config=quantization_config())
+        model, processor = load_model(name, quantization_config=quantization_config())
+        _try_4bit_forward(model)
+        return model, processor
     except UserError:
         raise
     except (RuntimeError, ImportError, NotImplementedError, ValueError, AssertionError) as exc:
@@ -78,6 +80,17 @@ def load_quantized(name: str) -> tuple[Any, Any]:
             f"this machine cannot load the model in 4-bit NF4 for --mode qlora ({type(exc).__name__}: {first}); "
             "use --mode lora instead (add --optim adamw8bit to save optimizer memory)"
         ) from None
+
+
+def _try_4bit_forward(model: Any) -> None:
+    """Run one 4-bit layer once: some CPUs/kernels load NF4 weights but fail at the first matmul."""
+    import torch
+
+    layer = next((m for m in model.modules() if type(m).__name__ == "Linear4bit"), None)
+    if layer is None:
+        raise RuntimeError("no layer was quantised to 4 bits")
+    with torch.no_grad():
+        layer(torch.zeros(1, layer.in_features, device=layer.weight.device, dtype=layer.compute_dtype))
 
 
 def wrap_lora(model: Any, r: int, alpha: int, dropout: float, lora_vision: bool) -> Any:

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +237,7 @@ def finetune(
     check_output_dir(out, cfg.overwrite)
     task = get_task(cfg.task, cfg.tasks_dirs)
     optim = check_adapter_options(cfg)
+    chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
     # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds
     model, processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
     split = load_split(task, cfg.dataset, task.dataset.train_split)
@@ -260,7 +261,7 @@ def finetune(
     apply_mode(model, cfg.mode, cfg.lora_vision)
     counts = trainable_counts(model)
     print_fn(summary(counts))
-    if not cfg.optim and optim != "adamw":
+    if not chosen_optim and optim != "adamw":
         print_fn(f"optimizer: {optim} (the {cfg.mode} default on this machine; paged needs CUDA)")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from florence_kit import adapters
@@ -207,6 +208,7 @@ def test_qlora_trains_on_cpu_with_a_4bit_base(tiny_dir, docvqa_dir, tmp_path):
         pytest.skip(f"4-bit not available here: {result.output.strip()}")
     assert result.exit_code == 0, result.output
     assert "optimizer: adamw8bit" in result.output or "optimizer: paged-adamw8bit" in result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"] in ("adamw8bit", "paged-adamw8bit")
     # same trainable parameters as lora (adapters + projector), totals counted at their logical (unpacked) size
     model, _ = load_model(str(tiny_dir))
     expected = _expected(model, "lora")
@@ -232,13 +234,17 @@ def test_qlora_without_bitsandbytes_exits_2_naming_the_fix(tiny_dir, docvqa_dir,
     assert "--mode lora" in result.output or "--optim adamw" in result.output
 
 
-def test_qlora_on_hardware_without_4bit_exits_2_naming_lora(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["load", "first matmul"])
+def test_qlora_on_hardware_without_4bit_exits_2_naming_lora(tiny_dir, docvqa_dir, tmp_path, monkeypatch, where):
     import florence_kit.model as model_module
 
     def fail(*args, **kwargs):
         raise RuntimeError("4-bit kernels are not available on this CPU")
 
-    monkeypatch.setattr(model_module, "load_model", fail)
+    if where == "load":
+        monkeypatch.setattr(model_module, "load_model", fail)
+    else:
+        monkeypatch.setattr(adapters, "_try_4bit_forward", fail)
     result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
                                  "--output-dir", str(tmp_path / "q"), "--mode", "qlora", "--max-steps", "1"])
     assert result.exit_code == 2 and "use --mode lora" in result.output and "4-bit" in result.output
