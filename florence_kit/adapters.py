@@ -97,12 +97,9 @@ def wrap_lora(model: Any, r: int, alpha: int, dropout: float, lora_vision: bool)
     """PEFT LoRA around the native model; the projector trains fully as a saved copy (``modules_to_save``)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if r < 1:
-        raise UserError(f"--lora-r must be at least 1, got {r}")
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"--lora-dropout must be in [0, 1), got {dropout}")
     if getattr(model, "is_loaded_in_4bit", False):
-        # fp32 norms/unquantised layers, input grads enabled; checkpointing is the memory options' business
+        # unquantised fp16/bf16 weights to fp32, every base weight frozen; checkpointing is left to the memory
+        # options (with checkpointing, enable_input_require_grads is needed: the embeddings are frozen)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
@@ -201,6 +198,10 @@ def check_adapter_options(cfg: Any) -> str:
 
     if cfg.lora_vision and Mode(cfg.mode) not in ADAPTER_MODES:
         raise UserError("--lora-vision needs --mode lora or qlora")
+    if cfg.lora_r < 1:
+        raise UserError(f"--lora-r must be at least 1, got {cfg.lora_r}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     optim = cfg.optim or default_optim(cfg.mode)
     if optim not in OPTIMIZERS:
         raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got '{optim}'")

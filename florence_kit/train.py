@@ -156,6 +156,7 @@ def train_loop(
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
+    from florence_kit.adapters import default_optim
     from florence_kit.collate import Collator, max_positions
     from florence_kit.modes import apply_mode, component, frozen_components
 
@@ -163,8 +164,6 @@ def train_loop(
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
-    from florence_kit.adapters import default_optim
-
     apply_mode(model, cfg.mode, cfg.lora_vision)
     frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))

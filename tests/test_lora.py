@@ -250,7 +250,12 @@ def test_qlora_on_hardware_without_4bit_exits_2_naming_lora(tiny_dir, docvqa_dir
     assert result.exit_code == 2 and "use --mode lora" in result.output and "4-bit" in result.output
 
 
-def test_lora_vision_needs_a_lora_mode(tiny_dir, docvqa_dir, tmp_path):
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lora-vision"], "--lora-vision needs --mode lora"),
+    (["--mode", "lora", "--lora-r", "0"], "--lora-r must be at least 1"),
+    (["--mode", "lora", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+])
+def test_bad_lora_options_exit_2_before_writing(tiny_dir, docvqa_dir, tmp_path, args, message):
     result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
-                                 "--output-dir", str(tmp_path / "x"), "--lora-vision", "--max-steps", "1"])
-    assert result.exit_code == 2 and "--lora-vision needs --mode lora" in result.output
+                                 "--output-dir", str(tmp_path / "x"), "--max-steps", "1", *args])
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "x").exists()
