@@ -143,7 +143,7 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
-def load_adapter_model(run_dir: Path, merge: bool = True) -> tuple[Any, Any]:
+def load_adapter_model(run_dir: Path, merge: bool = True, dtype: Any = None) -> tuple[Any, Any]:
     """(model, processor) from a LoRA/QLoRA run folder: the base in full precision + the adapter.
 
     A QLoRA adapter was trained on a 4-bit base; merging it into a 4-bit matrix would round the update
@@ -161,7 +161,7 @@ def load_adapter_model(run_dir: Path, merge: bool = True) -> tuple[Any, Any]:
         raise UserError(f"'{run_dir / ADAPTER_CONFIG}' is not valid JSON ({exc})") from None
     if not base:
         raise UserError(f"'{run_dir / ADAPTER_CONFIG}' does not name its base model (base_model_name_or_path)")
-    model, processor = load_model(base)
+    model, processor = load_model(base, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model = PeftModel.from_pretrained(model, str(run_dir))

@@ -86,7 +86,7 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
         from florence_kit.adapters import is_adapter_dir, load_adapter_model
 
         if is_adapter_dir(path):
-            return load_adapter_model(path)
+            return load_adapter_model(path, dtype=dtype)
         check_local_checkpoint(path)
         model_id = str(path)
     elif model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
