@@ -66,6 +66,30 @@ def test_lora_vision_also_wraps_the_davit_attention_and_mlp(tiny_dir):
     assert not any(".convs." in n or "conv1" in n or "conv2" in n for n in vision)
 
 
+def test_base_shaped_model_wraps_96_language_modules_and_none_of_the_48_vision_mlps():
+    """Florence-2-base's layout (DaViT depths 1-1-9-1, 6+6 BART layers) at toy widths."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Florence2ForConditionalGeneration
+
+    from florence_kit.tiny import tiny_config
+
+    config = tiny_config(
+        vision_depths=(1, 1, 9, 1), vision_patch_size=(7, 3, 3, 3), vision_patch_stride=(4, 2, 2, 2),
+        vision_patch_padding=(3, 1, 1, 1), vision_patch_prenorm=(False, True, True, True),
+        vision_embed_dim=(32,) * 4, vision_num_heads=(1,) * 4, vision_num_groups=(1,) * 4,
+        encoder_layers=6, decoder_layers=6, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=1, decoder_attention_heads=1, vocab_size=64, max_position_embeddings=64,
+    )
+    ours = wrapped_modules(wrap_lora(Florence2ForConditionalGeneration(config), 2, 4, 0.0, lora_vision=False))
+    assert len(ours) == 6 * 6 + 10 * 6 == 96 and not any("vision_tower" in n for n in ours)
+    with_vision = wrapped_modules(wrap_lora(Florence2ForConditionalGeneration(config), 2, 4, 0.0, lora_vision=True))
+    assert len(with_vision) == 96 + 12 * 2 * 4  # 12 DaViT blocks x (spatial, channel) x (qkv, proj, fc1, fc2)
+    # the pitfall the anchored regex avoids: PEFT matches a plain name list by suffix
+    names = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    naive = wrapped_modules(get_peft_model(Florence2ForConditionalGeneration(config), LoraConfig(target_modules=names)))
+    assert sum("vision_tower" in n for n in naive) == 48
+
+
 def _expected(model, mode: str) -> dict[str, tuple[int, int]]:
     """(trainable, total) per part computed from the native model's Linear shapes, independently of PEFT."""
     native = {name: sum(p.numel() for p in component(model, name).parameters())
