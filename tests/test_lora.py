@@ -66,6 +66,7 @@ def test_lora_vision_also_wraps_the_davit_attention_and_mlp(tiny_dir):
     assert not any(".convs." in n or "conv1" in n or "conv2" in n for n in vision)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_base_shaped_model_wraps_96_language_modules_and_none_of_the_48_vision_mlps():
     """Florence-2-base's layout (DaViT depths 1-1-9-1, 6+6 BART layers) at toy widths."""
     from peft import LoraConfig, get_peft_model
