@@ -161,7 +161,10 @@ def load_adapter_model(run_dir: Path, merge: bool = True, dtype: Any = None) -> 
         raise UserError(f"'{run_dir / ADAPTER_CONFIG}' is not valid JSON ({exc})") from None
     if not base:
         raise UserError(f"'{run_dir / ADAPTER_CONFIG}' does not name its base model (base_model_name_or_path)")
-    model, processor = load_model(base, dtype=dtype)
+    try:
+        model, processor = load_model(base, dtype=dtype)
+    except UserError as exc:
+        raise UserError(f"cannot load the base model that '{run_dir / ADAPTER_CONFIG}' names: {exc}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model = PeftModel.from_pretrained(model, str(run_dir))

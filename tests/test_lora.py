@@ -198,6 +198,19 @@ def test_export_merge_matches_the_adapter_model(lora_run: Path, tiny_dir: Path, 
     assert again.exit_code == 2 and "not empty" in again.output
 
 
+def test_a_lora_run_whose_base_is_gone_exits_2_naming_it(lora_run: Path, docvqa_dir: Path, tmp_path: Path):
+    import shutil
+
+    moved = tmp_path / "run"
+    shutil.copytree(lora_run, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "deleted-base")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["eval", "docvqa", "--model", str(moved), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(tmp_path / "e"), "--quiet"])
+    assert result.exit_code == 2 and "deleted-base" in result.output and "base model" in result.output
+
+
 def test_export_refuses_a_plain_checkpoint(tiny_dir: Path, tmp_path: Path):
     result = runner.invoke(app, ["export", str(tiny_dir), "--merge", str(tmp_path / "m")])
     assert result.exit_code == 2 and "nothing to merge" in result.output
