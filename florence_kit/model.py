@@ -86,6 +86,9 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
         from florence_kit.adapters import is_adapter_dir, load_adapter_model
 
         if is_adapter_dir(path):
+            if quantization_config is not None:
+                raise UserError(f"'{path}' is a LoRA run folder; to quantise it, merge it first "
+                                f"(florence-kit export {path} --merge OUT) and pass --model OUT")
             return load_adapter_model(path, dtype=dtype)
         check_local_checkpoint(path)
         model_id = str(path)

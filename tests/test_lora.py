@@ -211,6 +211,12 @@ def test_a_lora_run_whose_base_is_gone_exits_2_naming_it(lora_run: Path, docvqa_
     assert result.exit_code == 2 and "deleted-base" in result.output and "base model" in result.output
 
 
+def test_qlora_on_top_of_a_lora_run_asks_for_an_export_first(lora_run: Path, docvqa_dir: Path, tmp_path: Path):
+    result = runner.invoke(app, ["finetune", "docvqa", "--model", str(lora_run), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(tmp_path / "q"), "--mode", "qlora", "--max-steps", "1"])
+    assert result.exit_code == 2 and "--merge OUT" in result.output and not (tmp_path / "q").exists()
+
+
 def test_export_refuses_a_plain_checkpoint(tiny_dir: Path, tmp_path: Path):
     result = runner.invoke(app, ["export", str(tiny_dir), "--merge", str(tmp_path / "m")])
     assert result.exit_code == 2 and "nothing to merge" in result.output
