@@ -40,7 +40,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            # escaped: messages quote things like `florence-kit[quant]` that rich would read as markup
+            # escaped: a message such as "pip install 'florence-kit[ui]'" is not Rich markup
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
