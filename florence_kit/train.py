@@ -46,6 +46,9 @@ class TrainConfig:
     log_every: int = 10
     overwrite: bool = False
     tasks_dirs: list[Path] = field(default_factory=list)
+    # --- tasks ---
+    streaming: bool = False
+    mix_weights: str | None = None
     # --- lora ---
     lora_r: int = 16
     lora_alpha: int = 32
@@ -226,23 +229,22 @@ def finetune(
     """The whole ``florence-kit finetune`` job."""
     from florence_kit.adapters import base_reference, check_adapter_options, load_quantized, save_adapter, wrap_lora
     from florence_kit.collate import max_positions, preflight
-    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.mixing import training_data
     from florence_kit.model import load_model, save_checkpoint
     from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, summary, trainable_counts
     from florence_kit.progress import StepProgress
-    from florence_kit.registry import get_task
+    from florence_kit.registry import resolve_tasks
 
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)
-    task = get_task(cfg.task, cfg.tasks_dirs)
+    tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
     optim = check_adapter_options(cfg)
     chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
     # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds
     model, processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
-    split = load_split(task, cfg.dataset, task.dataset.train_split)
-    if cfg.max_samples:
-        split = split.select(range(min(cfg.max_samples, len(split))))
-    dataset = TaskDataset(split, task, with_target=True)
+    task = training_data(tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
+                         mix_weights=cfg.mix_weights, seed=cfg.seed)
+    dataset = task.dataset
     report = preflight(dataset.texts(), processor, max_positions(model.config), cfg.too_long)
     verb = {"truncate": "truncated", "drop": "dropped"}.get(cfg.too_long, "")
     print_fn(
@@ -265,7 +267,8 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
-    write_config(cfg, out, {"task_origin": task.origin, "examples": len(report.keep), "dropped": len(report.too_long)})
+    write_config(cfg, out, {"task_origin": task.origin, "examples": len(report.keep), "dropped": len(report.too_long),
+                            **({"mix": task.mix} if task.mix else {})})
     start = time.perf_counter()
     with StepProgress(f"fine-tuning {task.name} ({cfg.mode})", cfg.batch_size * cfg.grad_accum, quiet) as bar:
         steps, loss = train_loop(
