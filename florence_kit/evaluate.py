@@ -140,25 +140,34 @@ def thumbnail_jpeg(image: Any, size: int = THUMBNAIL_SIZE) -> bytes:
     return buf.getvalue()
 
 
-def score_records(task_metric: str, records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Fill in per-sample scores and aggregate; rows without references are kept but not scored."""
+def score_records(
+    task_metric: str, records: Iterable[dict[str, Any]], extra_metrics: Sequence[str] = ()
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Fill in per-sample scores and aggregate; rows without references are kept but not scored.
+
+    The task's metric gives each record's ``score``; ``extra_metrics`` (the task's further metrics)
+    and exact match are aggregated beside it. Set-level metrics (CIDEr, BLEU-4, CER) see the whole
+    scored set at once, which is why scores are computed per metric, not per record.
+    """
     metric = get_metric(task_metric)
     records = list(records)
-    scored: dict[str, list[float]] = {metric.name: []}
-    scored.update({name: [] for name in SECONDARY_METRICS if name != metric.name})
+    scored = [rec for rec in records if rec.get("references")]
     for rec in records:
-        refs = rec.get("references") or []
-        if not refs:
-            rec["score"] = None
+        rec["score"] = None
+    names = list(dict.fromkeys([metric.name, *extra_metrics, *SECONDARY_METRICS]))
+    summary: dict[str, Any] = {"metric": metric.name, "n": len(records), "n_scored": len(scored)}
+    predictions = [str(rec.get("prediction", "")) for rec in scored]
+    references = [list(rec["references"]) for rec in scored]
+    for name in names:
+        if not scored:
+            summary[name] = None
             continue
-        rec["score"] = metric.score(str(rec.get("prediction", "")), refs)
-        scored[metric.name].append(rec["score"])
-        for name in scored:
-            if name != metric.name:
-                scored[name].append(get_metric(name).score(str(rec.get("prediction", "")), refs))
-    summary: dict[str, Any] = {"metric": metric.name, "n": len(records), "n_scored": len(scored[metric.name])}
-    for name, values in scored.items():
-        summary[name] = get_metric(name).aggregate(values) if values else None
+        per_sample, total = get_metric(name).compute(predictions, references)
+        summary[name] = total
+        if name == metric.name:
+            for rec, value in zip(scored, per_sample, strict=True):
+                rec["score"] = value
+    summary["higher_is_better"] = metric.higher_is_better
     return records, summary
 
 
@@ -222,7 +231,7 @@ def evaluate(
                 if batch.thumbnails:
                     thumbnails[index] = batch.thumbnails[pos]
             bar.advance(progress_task, len(batch.indices))
-    scored, summary = score_records(task.metric, records)
+    scored, summary = score_records(task.metric, records, task.extra_metrics)
     summary["task"] = task.name
     return EvalResult(summary, scored, [t for t in thumbnails if t is not None] if thumbnail_size else [])
 
