@@ -202,10 +202,10 @@ def evaluate(
     if num_workers < 0:
         raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
     dataset = TaskDataset(split, task, with_target=False)
+    order = list(range(len(dataset)))
     if sort_by_length:
-        order = length_order(processor, [prompt for _, prompt, _ in dataset.texts()])
-    else:
-        order = list(range(len(dataset)))
+        prompts = [prompt for _, prompt, _ in dataset.texts()]
+        order = length_order(processor, prompts) if len(prompts) == len(order) else order
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     loader = DataLoader(
         batches,  # each item is already a list of dataset indices: the collator loads and encodes them
