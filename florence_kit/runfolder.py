@@ -17,7 +17,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,12 @@ from typing import Any
 from florence_kit.errors import BadImageError, UserError
 
 
-def save_atomically(model: Any, processor: Any, out: Path) -> None:
-    """``save_checkpoint`` into ``out`` without ever leaving a partial file there."""
-    from florence_kit.model import save_checkpoint
-
+def save_atomically(out: Path, save: Callable[[Path], Any]) -> None:
+    """Run ``save(folder)`` (a checkpoint or adapter save) into ``out`` without ever leaving a partial file there."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
     try:
-        save_checkpoint(model, processor, tmp)
+        save(tmp)
         for path in sorted(tmp.iterdir()):
             os.replace(path, out / path.name)
     except OSError as exc:

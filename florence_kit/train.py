@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,12 @@ class TrainConfig:
     # --- tasks ---
     streaming: bool = False
     mix_weights: str | None = None
+    # --- lora ---
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_vision: bool = False
+    optim: str | None = None  # adamw | adamw8bit | paged-adamw8bit; None: adamw (qlora: 8-bit, paged on CUDA)
     # --- run folder ---
     report_to: str = "none"
     push_to_hub: str | None = None
@@ -98,9 +104,11 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
     """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept."""
     import torch
 
+    from florence_kit.modes import unwrap
+
     if not frozen_vision:
         return model(**batch).loss
-    inner = getattr(model, "module", model).model
+    inner = unwrap(getattr(model, "module", model)).model
     with torch.no_grad():
         features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
     image_features = inner.multi_modal_projector(features)
@@ -110,8 +118,11 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
     return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
-    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases."""
+def make_optimizer(model: Any, lr: float, weight_decay: float, optim: str = "adamw") -> Any:
+    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases.
+
+    ``adamw8bit``/``paged-adamw8bit``: bitsandbytes' 8-bit AdamW (see florence_kit/adapters.py).
+    """
     import torch
 
     decay, no_decay = [], []
@@ -119,6 +130,12 @@ def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim != "adamw":
+        from florence_kit.adapters import OPTIMIZERS, bnb_optimizer
+
+        if optim not in OPTIMIZERS:
+            raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got '{optim}'")
+        return bnb_optimizer([g for g in groups if g["params"]], lr, optim)
     # foreach: one fused update over all tensors; torch only picks it by default on CUDA
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=True)
 
@@ -156,6 +173,7 @@ def train_loop(
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
+    from florence_kit.adapters import default_optim
     from florence_kit.collate import Collator, max_positions
     from florence_kit.modes import apply_mode, component, frozen_components
 
@@ -167,9 +185,9 @@ def train_loop(
                               **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
     trackers.start(accelerator, cfg.report_to, asdict(cfg), cfg.output_dir)
     set_seed(cfg.seed)
-    apply_mode(model, cfg.mode)
-    frozen_vision = "vision" in frozen_components(cfg.mode)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    apply_mode(model, cfg.mode, cfg.lora_vision)
+    frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
     collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
     loader = DataLoader(
         dataset,
@@ -256,13 +274,14 @@ def finetune(
     print_fn: Callable[[str], None] = print,
 ) -> TrainResult:
     """The whole ``florence-kit finetune`` job."""
+    from florence_kit.adapters import base_reference, check_adapter_options, load_quantized, save_adapter, wrap_lora
     from florence_kit.card import write_card
     from florence_kit.collate import max_positions, preflight
     from florence_kit.errors import RunInterrupted
     from florence_kit.hub import check_can_push, push_run
     from florence_kit.mixing import training_data
-    from florence_kit.model import load_model
-    from florence_kit.modes import apply_mode, trainable_counts
+    from florence_kit.model import load_model, save_checkpoint
+    from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, summary, trainable_counts
     from florence_kit.progress import StepProgress
     from florence_kit.registry import resolve_tasks
     from florence_kit.runconfig import check_options, options_dict
@@ -276,7 +295,10 @@ def finetune(
     if cfg.push_to_hub:
         check_can_push(cfg.push_to_hub)  # before hours of training, not after
     tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
-    model, processor = load_model(cfg.model)  # before the data: a bad --model fails in seconds, not after a download
+    optim = check_adapter_options(cfg)
+    chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
+    # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds
+    model, processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
     task = training_data(tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
                          mix_weights=cfg.mix_weights, seed=cfg.seed)
     dataset = task.dataset
@@ -290,9 +312,14 @@ def finetune(
     if not report.keep:
         raise UserError("no training examples left after the length preflight")
 
-    apply_mode(model, cfg.mode)
+    adapter = Mode(cfg.mode) in ADAPTER_MODES
+    if adapter:
+        model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision)
+    apply_mode(model, cfg.mode, cfg.lora_vision)
     counts = trainable_counts(model)
-    print_fn("trainable parameters: " + ", ".join(f"{k} {t:,}/{n:,}" for k, (t, n) in counts.items()))
+    print_fn(summary(counts))
+    if not chosen_optim and optim != "adamw":
+        print_fn(f"optimizer: {optim} (the {cfg.mode} default on this machine; paged needs CUDA)")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
@@ -325,7 +352,10 @@ def finetune(
     run_info.update(steps=steps, final_loss=loss, skipped_bad_images=len(rows.skipped))
     if interrupted:
         run_info.update(interrupted_at_step=interrupted.step, total_steps=interrupted.total)
-    save_atomically(model, processor, out)
+    if adapter:
+        save_atomically(out, lambda folder: save_adapter(model, processor, folder, base_reference(cfg.model)))
+    else:
+        save_atomically(out, lambda folder: save_checkpoint(model, processor, folder))
     write_config(cfg, out, run_info)
     write_card(out, options_dict(cfg), run_info)
     if interrupted:
