@@ -70,6 +70,9 @@ def model_card(options: dict[str, Any], run: dict[str, Any], metrics: dict[str, 
         'processor = AutoProcessor.from_pretrained("RUN_DIR")',
         "```", "",
         "or score it: `florence-kit eval " + str(options["task"]) + " --model RUN_DIR`.", "",
+        *(["This folder holds a LoRA adapter (`adapter_model.safetensors`) on top of its base model; "
+           "`florence-kit export RUN_DIR --merge OUT` writes a plain merged checkpoint.", ""]
+          if options.get("mode") in ("lora", "qlora") else []),
         "`RUN_DIR` is this folder (or its hub repo id once pushed).", "",
     ]
     return "\n".join(lines)
