@@ -129,6 +129,7 @@ def stop_at_step_end() -> Iterator[StopFlag]:
 def describe_output_dir(out: Path) -> str:
     """Why an existing non-empty folder is refused: an earlier run or something else."""
     if (out / "config.yaml").is_file():
-        return f"--output-dir '{out}' holds an earlier run; pass --overwrite to replace it or choose another folder"
-    return (f"--output-dir '{out}' exists and is not a florence-kit run folder; pass --overwrite to write into it "
-            "anyway or choose another folder")
+        return (f"--output-dir '{out}' is not empty: it holds an earlier run; pass --overwrite to replace it or "
+                "choose another folder")
+    return (f"--output-dir '{out}' is not empty and is not a florence-kit run folder; pass --overwrite to write "
+            "into it anyway or choose another folder")

@@ -451,14 +451,14 @@ def _(env: Env) -> list[str]:
 # --- output folder ------------------------------------------------------------------------------
 
 
-@case("output dir exists and is not a run", "exists and is not a florence-kit run folder; pass --overwrite")
+@case("output dir exists and is not a run", "is not empty and is not a florence-kit run folder; pass --overwrite")
 def _(env: Env) -> list[str]:
     env.out.mkdir()
     (env.out / "thesis.tex").write_text("precious")
     return env.ft()
 
 
-@case("output dir holds an earlier run", "holds an earlier run; pass --overwrite")
+@case("output dir holds an earlier run", "is not empty: it holds an earlier run; pass --overwrite")
 def _(env: Env) -> list[str]:
     env.earlier_run()
     return env.ft()
