@@ -169,6 +169,19 @@ class EpochShuffle:
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
+def multi_process_cpu() -> bool:
+    """Started by torchrun / accelerate launch on a machine without CUDA.
+
+    Accelerate joins a gloo process group on CPU only when told ``cpu=True``; without it each process
+    would silently train its own copy of the model.
+    """
+    import os
+
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def make_accelerator(precision: str) -> Any:
     """Accelerate does devices, autocast, loss scaling and DDP; we step the scheduler ourselves.
 
@@ -180,7 +193,9 @@ def make_accelerator(precision: str) -> Any:
     from florence_kit.precision import ACCELERATE_NAME, device_facts, resolve_precision
 
     chosen = resolve_precision(precision, device_facts())
-    return Accelerator(mixed_precision=ACCELERATE_NAME[chosen], step_scheduler_with_optimizer=False)
+    return Accelerator(
+        mixed_precision=ACCELERATE_NAME[chosen], step_scheduler_with_optimizer=False, cpu=multi_process_cpu()
+    )
 
 
 def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
@@ -432,8 +447,11 @@ def finetune(
     from florence_kit.progress import StepProgress
     from florence_kit.registry import get_task
 
+    from florence_kit.precision import device_facts, resolve_precision
+
+    resolve_precision(cfg.precision, device_facts())  # a precision this machine cannot run fails before any write
     out = Path(cfg.output_dir)
-    procs = PartialState()  # joins the process group when started by accelerate launch / torchrun
+    procs = PartialState(cpu=multi_process_cpu())  # joins the process group when started by accelerate launch / torchrun
     main = procs.is_main_process
     say = print_fn if main else (lambda _message: None)
     resume_from = prepare_run_dir(cfg, out)
