@@ -444,14 +444,13 @@ def finetune(
     from florence_kit.data import TaskDataset, load_split
     from florence_kit.model import load_model, save_checkpoint
     from florence_kit.modes import apply_mode, trainable_counts
+    from florence_kit.precision import device_facts, resolve_precision
     from florence_kit.progress import StepProgress
     from florence_kit.registry import get_task
 
-    from florence_kit.precision import device_facts, resolve_precision
-
     resolve_precision(cfg.precision, device_facts())  # a precision this machine cannot run fails before any write
     out = Path(cfg.output_dir)
-    procs = PartialState(cpu=multi_process_cpu())  # joins the process group when started by accelerate launch / torchrun
+    procs = PartialState(cpu=multi_process_cpu())  # joins the process group under accelerate launch / torchrun
     main = procs.is_main_process
     say = print_fn if main else (lambda _message: None)
     resume_from = prepare_run_dir(cfg, out)
