@@ -239,6 +239,11 @@ def train_loop(
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
     accelerator = make_accelerator(cfg.precision)
+    if accelerator.distributed_type == "FSDP" and (evaluator or cfg.mode != "full"):
+        raise UserError(  # generation runs on the main process only; the frozen tower is called outside FSDP's root
+            "under FSDP use --mode full without --eval-every (evaluate the saved model with `florence-kit eval`), "
+            "or launch DDP instead"
+        )
     set_seed(cfg.seed)
     apply_mode(model, cfg.mode)
     frozen_vision = "vision" in frozen_components(cfg.mode)
