@@ -2,8 +2,10 @@
 
 Read it top to bottom: the run folder is checked, the task's data is loaded and length-checked,
 the mode decides which parameters train, AdamW + a warmup schedule step through the batches
-(Accelerate handles devices and gradient accumulation), and the final model, processor, resolved
-config and metrics log land in the output folder.
+(Accelerate handles devices, mixed precision and DDP), and the final model, processor, resolved
+config and metrics log land in the output folder. Along the way: a step whose loss is NaN/inf is
+skipped, checkpoints are written every ``--save-every`` steps (checkpoints.py) and a run resumes from
+one exactly, and ``--eval-every`` keeps the best model and stops early.
 """
 
 from __future__ import annotations
@@ -302,66 +304,73 @@ def train_loop(
             log.write(json.dumps(record) + "\n")
             log.flush()
 
+    def record(loss: float, lr: float) -> None:
+        """Log the step; count a non-finite loss, and stop after NONFINITE_LIMIT in a row."""
+        if math.isfinite(loss):
+            state.nonfinite_in_a_row = 0
+            if state.step % cfg.log_every == 0 or state.step == total or state.step == 1:
+                write({"step": state.step, "loss": round(loss, 6), "lr": lr,
+                       "samples": state.step * cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+                       "elapsed_s": round(time.perf_counter() - start, 3)})
+            return
+        state.nonfinite_steps += 1
+        state.nonfinite_in_a_row += 1
+        write({"step": state.step, "loss": None, "skipped": "non-finite loss",
+               "nonfinite_steps": state.nonfinite_steps})
+        if state.nonfinite_in_a_row >= NONFINITE_LIMIT:
+            raise UserError(
+                f"training stopped at step {state.step}: the loss was NaN/inf in {NONFINITE_LIMIT} consecutive "
+                "steps (their updates were skipped); lower --lr, use --precision fp32 or bf16 instead of fp16, "
+                "or check the data"
+            )
+
+    def run_eval() -> None:
+        """Score on the main process, share the score, keep the best model, and decide on early stopping."""
+        assert evaluator is not None
+        result = [evaluator(accelerator.unwrap_model(model)) if accelerator.is_main_process else None]
+        name, value = broadcast_object_list(result)[0] if accelerator.num_processes > 1 else result[0]
+        set_train_mode()
+        improved = state.best_metric is None or value > state.best_metric
+        if improved:
+            state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
+            if on_best is not None and accelerator.is_main_process:
+                on_best(accelerator.unwrap_model(model), state.step, value)
+        else:
+            state.evals_since_best += 1
+        write({"step": state.step, f"eval/{name}": value, "best": state.best_metric, "best_step": state.best_step})
+        if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
+            state.stopped_early = True
+            write({"step": state.step, "event": "early stopping", "evals_without_improvement": state.evals_since_best})
+        accelerator.wait_for_everyone()
+
     set_train_mode()
     last_loss, start = float("nan"), time.perf_counter()
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(log_path.open("a")) if accelerator.is_main_process else None
-        while state.step < total and not state.stopped_early:
+        while state.step < total and not state.stopped_early:  # one pass per epoch
             sampler.set_epoch(state.epoch)
             epoch_loader = accelerator.skip_first_batches(loader, state.batch) if state.batch else loader
             epoch_loader.set_epoch(state.epoch)
             batches = iter(epoch_loader)
-            while state.step < total:
-                group = list(itertools.islice(batches, cfg.grad_accum))
+            while state.step < total and not state.stopped_early:
+                group = list(itertools.islice(batches, cfg.grad_accum))  # the step's micro-batches
                 if not group:  # an empty loader
                     state.epoch, state.batch = state.epoch + 1, 0
                     break
                 state.batch += len(group)
                 loss = train_step(group)
                 state.step += 1
-                lr = scheduler.get_last_lr()[0]
-                if math.isfinite(loss):
-                    last_loss, state.nonfinite_in_a_row = loss, 0
-                    if state.step % cfg.log_every == 0 or state.step == total or state.step == 1:
-                        write({"step": state.step, "loss": round(loss, 6), "lr": lr,
-                               "samples": state.step * cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
-                               "elapsed_s": round(time.perf_counter() - start, 3)})
-                else:
-                    state.nonfinite_steps += 1
-                    state.nonfinite_in_a_row += 1
-                    write({"step": state.step, "loss": None, "skipped": "non-finite loss",
-                           "nonfinite_steps": state.nonfinite_steps})
-                    if state.nonfinite_in_a_row >= NONFINITE_LIMIT:
-                        raise UserError(
-                            f"training stopped at step {state.step}: the loss was NaN/inf in {NONFINITE_LIMIT} "
-                            "consecutive steps (their updates were skipped); lower --lr, use --precision fp32 or "
-                            "bf16 instead of fp16, or check the data"
-                        )
+                last_loss, lr = (loss if math.isfinite(loss) else last_loss), scheduler.get_last_lr()[0]
+                record(loss, lr)
                 if on_step:
                     on_step(state.step, total, last_loss, lr)
                 if evaluator and cfg.eval_every and state.step % cfg.eval_every == 0:
-                    result = [evaluator(accelerator.unwrap_model(model)) if accelerator.is_main_process else None]
-                    name, value = broadcast_object_list(result)[0] if accelerator.num_processes > 1 else result[0]
-                    set_train_mode()
-                    improved = state.best_metric is None or value > state.best_metric
-                    if improved:
-                        state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
-                    else:
-                        state.evals_since_best += 1
-                    write({"step": state.step, f"eval/{name}": value, "best": state.best_metric,
-                           "best_step": state.best_step})
-                    if improved and on_best is not None and accelerator.is_main_process:
-                        on_best(accelerator.unwrap_model(model), state.step, value)
-                    accelerator.wait_for_everyone()
-                    if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
-                        state.stopped_early = True
-                        write({"step": state.step, "event": "early stopping",
-                               "evals_without_improvement": state.evals_since_best})
-                if state.batch >= len(loader):  # epoch done: the position is the start of the next one
+                    run_eval()
+                if state.batch >= len(loader):  # epoch done: the position is the next one's start
                     state.epoch, state.batch = state.epoch + 1, 0
                 if cfg.save_every and state.step % cfg.save_every == 0:
                     checkpoints.save(accelerator, cfg.output_dir, state, fingerprint, cfg.keep_checkpoints)
-                if state.stopped_early or state.batch == 0:
+                if state.batch == 0:
                     break
     accelerator.wait_for_everyone()
     return state.step, last_loss
