@@ -48,7 +48,7 @@ class Interrupt(Exception):
 
 
 def test_resume_in_process_equals_uninterrupted(dropout_tiny, docvqa_dir, docvqa_task, tmp_path, monkeypatch):
-    """12 rows, 2 x 2 per step: 3 steps an epoch; interrupted at step 5, resumed from step-4 (epoch 1, mid-way)."""
+    """12 rows, 2 x 2 per step: 3 steps an epoch; interrupted at step 3, resumed from step-2 (mid-epoch 0)."""
     from florence_kit.data import TaskDataset, load_split
     from florence_kit.model import load_model
     from florence_kit.train import train_loop
@@ -65,24 +65,24 @@ def test_resume_in_process_equals_uninterrupted(dropout_tiny, docvqa_dir, docvqa
                 raise Interrupt
 
         with contextlib.suppress(Interrupt):
-            train_loop(model, processor, dataset, _cfg(dropout_tiny, docvqa_dir, out), out / "metrics.jsonl",
-                       on_step=on_step, resume_from=resume)
+            train_loop(model, processor, dataset, _cfg(dropout_tiny, docvqa_dir, out, max_steps=4, save_every=1),
+                       out / "metrics.jsonl", on_step=on_step, resume_from=resume)
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     straight = run(tmp_path / "a")
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "a")] == ["step-4", "step-6"]  # keep 2
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "a")] == ["step-3", "step-4"]  # keep 2
     assert not list((tmp_path / "a" / "checkpoints").glob(".tmp-*"))
-    run(tmp_path / "b", stop_at=5)
+    run(tmp_path / "b", stop_at=3)
     latest = checkpoints.resolve_resume("latest", tmp_path / "b")
-    assert latest.name == "step-4"
+    assert latest.name == "step-2"
     state, _ = checkpoints.TrainState.from_file(latest / checkpoints.STATE_FILE)
-    assert (state.step, state.epoch, state.batch) == (4, 1, 2)
+    assert (state.step, state.epoch, state.batch) == (2, 0, 4)
+    # the checkpoint holds the trainable weights only, by their plain (unwrapped) names
+    assert set(load_file(str(latest / checkpoints.WEIGHTS_FILE))) == set(straight)
     resumed = run(tmp_path / "b", resume=latest)
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[n], straight[n]) for n in straight)  # bit-identical on CPU
-    # the checkpoint holds the trainable weights only, by their plain (unwrapped) names
-    saved = load_file(str(latest / checkpoints.WEIGHTS_FILE))
-    assert set(saved) == set(straight)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "b")] == ["step-3", "step-4"]
 
 
 def _model_weights(out: Path) -> dict[str, torch.Tensor]:
