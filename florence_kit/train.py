@@ -17,7 +17,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,15 @@ class TrainConfig:
     log_every: int = 10
     overwrite: bool = False
     tasks_dirs: list[Path] = field(default_factory=list)
+    # --- tasks ---
+    streaming: bool = False
+    mix_weights: str | None = None
+    # --- lora ---
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_vision: bool = False
+    optim: str | None = None  # adamw | adamw8bit | paged-adamw8bit; None: adamw (qlora: 8-bit, paged on CUDA)
     # --- runtime ---
     precision: str = "auto"
     save_every: int = 0
@@ -100,10 +109,12 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool, num_ite
     """
     import torch
 
+    from florence_kit.modes import unwrap
+
     extra = {"num_items_in_batch": num_items} if num_items is not None else {}
     if not frozen_vision:
         return model(**batch, **extra).loss
-    inner = getattr(model, "module", model).model
+    inner = unwrap(getattr(model, "module", model)).model
     with torch.no_grad():
         features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
     image_features = inner.multi_modal_projector(features)
@@ -113,8 +124,11 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool, num_ite
     return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], **extra).loss
 
 
-def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
-    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases."""
+def make_optimizer(model: Any, lr: float, weight_decay: float, optim: str = "adamw") -> Any:
+    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases.
+
+    ``adamw8bit``/``paged-adamw8bit``: bitsandbytes' 8-bit AdamW (see florence_kit/adapters.py).
+    """
     import torch
 
     decay, no_decay = [], []
@@ -122,6 +136,12 @@ def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim != "adamw":
+        from florence_kit.adapters import OPTIMIZERS, bnb_optimizer
+
+        if optim not in OPTIMIZERS:
+            raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got '{optim}'")
+        return bnb_optimizer([g for g in groups if g["params"]], lr, optim)
     # foreach: one fused update over all tensors; torch only picks it by default on CUDA
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=True)
 
@@ -213,7 +233,8 @@ def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
     return {
         "task": cfg.task, "model": cfg.model, "dataset": cfg.dataset, "mode": cfg.mode, "seed": cfg.seed,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_samples": cfg.max_samples,
-        "too_long": cfg.too_long, "processes": accelerator.num_processes,
+        "too_long": cfg.too_long, "lora_r": cfg.lora_r, "lora_vision": cfg.lora_vision, "optim": cfg.optim,
+        "mix_weights": cfg.mix_weights, "processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
     }
 
@@ -243,6 +264,7 @@ def train_loop(
     from torch.utils.data import DataLoader
 
     from florence_kit import checkpoints
+    from florence_kit.adapters import default_optim
     from florence_kit.collate import IGNORE_INDEX, Collator, max_positions
     from florence_kit.modes import apply_mode, component, frozen_components
 
@@ -255,9 +277,9 @@ def train_loop(
             "or launch DDP instead"
         )
     set_seed(cfg.seed)
-    apply_mode(model, cfg.mode)
-    frozen_vision = "vision" in frozen_components(cfg.mode)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    apply_mode(model, cfg.mode, cfg.lora_vision)
+    frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
     collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
     sampler = EpochShuffle(len(dataset), cfg.seed)
     loader = DataLoader(
@@ -416,13 +438,12 @@ def restart_log(log_path: Path, step: int, checkpoint: Path) -> None:
     tmp.replace(log_path)
 
 
-def save_best(model: Any, processor: Any, out: Path, step: int, metric: str, value: float) -> None:
+def save_best(model: Any, out: Path, step: int, metric: str, value: float,
+              save_model: Callable[[Any, Path], None]) -> None:
     """``<run>/best``: the best model so far by the task's metric, swapped in whole (never half-written)."""
-    from florence_kit.model import save_checkpoint
-
     tmp, best, old = out / ".tmp-best", out / "best", out / ".old-best"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, processor, tmp)
+    save_model(model, tmp)
     (tmp / "eval.json").write_text(json.dumps({"step": step, "metric": metric, metric: value}) + "\n")
     shutil.rmtree(old, ignore_errors=True)
     if best.exists():
@@ -462,13 +483,14 @@ def finetune(
     """
     from accelerate import PartialState
 
+    from florence_kit.adapters import base_reference, check_adapter_options, load_quantized, save_adapter, wrap_lora
     from florence_kit.collate import max_positions, preflight
-    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.mixing import training_data
     from florence_kit.model import load_model, save_checkpoint
-    from florence_kit.modes import apply_mode, trainable_counts
+    from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, summary, trainable_counts
     from florence_kit.precision import device_facts, resolve_precision
     from florence_kit.progress import StepProgress
-    from florence_kit.registry import get_task
+    from florence_kit.registry import resolve_tasks
 
     resolve_precision(cfg.precision, device_facts())  # a precision this machine cannot run fails before any write
     out = Path(cfg.output_dir)
@@ -477,12 +499,16 @@ def finetune(
     say = print_fn if main else (lambda _message: None)
     resume_from = prepare_run_dir(cfg, out)
     procs.wait_for_everyone()  # every process has checked the folder before the main one writes to it
-    task = get_task(cfg.task, cfg.tasks_dirs)
-    model, processor = load_model(cfg.model)  # before the data: a bad --model fails in seconds, not after a download
-    split = load_split(task, cfg.dataset, task.dataset.train_split)
-    if cfg.max_samples:
-        split = split.select(range(min(cfg.max_samples, len(split))))
-    dataset = TaskDataset(split, task, with_target=True)
+    tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
+    if cfg.eval_every and len(tasks) > 1:
+        raise UserError("--eval-every scores one task; with several tasks, evaluate each with `florence-kit eval`")
+    optim = check_adapter_options(cfg)
+    chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
+    # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds
+    model, processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
+    task = training_data(tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
+                         mix_weights=cfg.mix_weights, seed=cfg.seed)
+    dataset = task.dataset
     report = preflight(dataset.texts(), processor, max_positions(model.config), cfg.too_long)
     verb = {"truncate": "truncated", "drop": "dropped"}.get(cfg.too_long, "")
     say(
@@ -491,13 +517,18 @@ def finetune(
     )
     if not report.keep:
         raise UserError("no training examples left after the length preflight")
-    evaluator = make_evaluator(task, cfg, processor) if cfg.eval_every else None
+    evaluator = make_evaluator(tasks[0], cfg, processor) if cfg.eval_every else None
 
     from torch.utils.data import Subset
 
-    apply_mode(model, cfg.mode)
+    adapter = Mode(cfg.mode) in ADAPTER_MODES
+    if adapter:
+        model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision)
+    apply_mode(model, cfg.mode, cfg.lora_vision)
     counts = trainable_counts(model)
-    say("trainable parameters: " + ", ".join(f"{k} {t:,}/{n:,}" for k, (t, n) in counts.items()))
+    say(summary(counts))
+    if not chosen_optim and optim != "adamw":
+        say(f"optimizer: {optim} (the {cfg.mode} default on this machine; paged needs CUDA)")
     log_path = out / "metrics.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -510,11 +541,17 @@ def finetune(
             for stale in ("checkpoints", "best"):  # an earlier run's, in a folder reused with --overwrite
                 shutil.rmtree(out / stale, ignore_errors=True)
         write_config(cfg, out, {"task_origin": task.origin, "examples": len(report.keep),
-                                "dropped": len(report.too_long)})
+                                "dropped": len(report.too_long), **({"mix": task.mix} if task.mix else {})})
     procs.wait_for_everyone()
 
+    def save_model(trained: Any, folder: Path) -> None:
+        if adapter:
+            save_adapter(trained, processor, folder, base_reference(cfg.model))
+        else:
+            save_checkpoint(trained, processor, folder)
+
     def on_best(best_model: Any, step: int, value: float) -> None:
-        save_best(best_model, processor, out, step, task.metric, value)
+        save_best(best_model, out, step, tasks[0].metric, value, save_model)
 
     state = TrainState()
     start = time.perf_counter()
@@ -527,6 +564,6 @@ def finetune(
         )
     seconds = time.perf_counter() - start
     if main:
-        save_checkpoint(model, processor, out)
+        save_model(model, out)
     procs.wait_for_everyone()
     return TrainResult(out, steps, loss, seconds, len(report.too_long), counts, state)
