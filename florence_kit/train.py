@@ -462,7 +462,8 @@ def make_evaluator(task: Any, cfg: TrainConfig, processor: Any) -> Callable[[Any
         split = split.select(range(min(cfg.eval_max_samples, len(split))))
 
     def run(model: Any) -> tuple[str, float]:
-        metrics = evaluate(model, processor, task, split, batch_size=cfg.batch_size, show_progress=False).metrics
+        metrics = evaluate(model, processor, task, split, batch_size=cfg.batch_size, show_progress=False,
+                           thumbnail_size=None).metrics
         value = metrics[metrics["metric"]]
         if value is None:
             raise UserError(f"--eval-every: the '{task.dataset.eval_split}' split has no references to score")
