@@ -124,7 +124,7 @@ def check_options(cfg: Any) -> None:
             raise UserError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
     if not cfg.epochs > 0:
         raise UserError(f"--epochs must be positive, got {cfg.epochs}")
-    if not cfg.lr > 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if not cfg.lr >= 0:  # 0 is allowed: a run that only evaluates (--eval-every) or checks the pipeline
+        raise UserError(f"--lr cannot be negative, got {cfg.lr}")
     if not cfg.task:
         raise UserError("no task: pass TASK (see `florence-kit tasks list`) or a --config file with 'task:'")

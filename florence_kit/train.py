@@ -2,14 +2,19 @@
 
 Read it top to bottom: the run folder is checked, the task's data is loaded and length-checked,
 the mode decides which parameters train, AdamW + a warmup schedule step through the batches
-(Accelerate handles devices and gradient accumulation), and the final model, processor, resolved
-config and metrics log land in the output folder.
+(Accelerate handles devices, mixed precision and DDP), and the final model, processor, resolved
+config and metrics log land in the output folder. Along the way: a step whose loss is NaN/inf is
+skipped, checkpoints are written every ``--save-every`` steps (checkpoints.py) and a run resumes from
+one exactly, and ``--eval-every`` keeps the best model and stops early.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -17,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from florence_kit.checkpoints import TrainState
 from florence_kit.errors import UserError
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -60,6 +66,14 @@ class TrainConfig:
     report_to: str = "none"
     push_to_hub: str | None = None
     skip_bad_images: bool = False
+    # --- runtime ---
+    precision: str = "auto"
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    eval_every: int = 0
+    eval_max_samples: int | None = 200
+    early_stopping_patience: int = 0
 
 
 @dataclass
@@ -70,6 +84,7 @@ class TrainResult:
     seconds: float
     dropped: int
     trainable: dict[str, tuple[int, int]]
+    state: TrainState = field(default_factory=TrainState)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -100,14 +115,19 @@ def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
     tmp.replace(out / "config.yaml")
 
 
-def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
-    """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept."""
+def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool, num_items: Any = None) -> Any:
+    """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept.
+
+    ``num_items``: the loss is summed over target tokens and divided by this count (transformers'
+    ``num_items_in_batch``) instead of averaged over this batch's own tokens.
+    """
     import torch
 
     from florence_kit.modes import unwrap
 
+    extra = {"num_items_in_batch": num_items} if num_items is not None else {}
     if not frozen_vision:
-        return model(**batch).loss
+        return model(**batch, **extra).loss
     inner = unwrap(getattr(model, "module", model)).model
     with torch.no_grad():
         features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
@@ -115,7 +135,7 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     mask = (batch["input_ids"] == inner.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], **extra).loss
 
 
 def make_optimizer(model: Any, lr: float, weight_decay: float, optim: str = "adamw") -> Any:
@@ -158,6 +178,82 @@ def warmup_schedule(name: str, warmup_steps: int, total_steps: int) -> Callable[
     return factor
 
 
+NONFINITE_LIMIT = 5  # consecutive non-finite losses before the run stops
+
+
+class EpochShuffle:
+    """A sampler whose order is a function of (seed, epoch) alone.
+
+    A resumed run rebuilds any epoch's order without having iterated the earlier ones, and under DDP
+    every process draws the same permutation, which Accelerate then deals out batch by batch: the global
+    batch of N processes x B equals a single process's batch of N*B. The order is the one
+    ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))`` gives in its e-th epoch
+    (each epoch draws a worker base seed and a permutation from that generator, and torch's
+    RandomSampler draws one more permutation as it finishes), which the loop used before it could
+    resume: the demo's measured results were made with it.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base-seed draw
+            order = torch.randperm(self.size, generator=generator)
+            torch.randperm(self.size, generator=generator)  # RandomSampler's empty remainder permutation
+        return iter(order.tolist())
+
+
+def multi_process_cpu() -> bool:
+    """Started by torchrun / accelerate launch on a machine without CUDA.
+
+    Accelerate joins a gloo process group on CPU only when told ``cpu=True``; without it each process
+    would silently train its own copy of the model.
+    """
+    import os
+
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def make_accelerator(precision: str, **kwargs: Any) -> Any:
+    """Accelerate does devices, autocast, loss scaling and DDP; we step the scheduler ourselves.
+
+    ``step_scheduler_with_optimizer=False``: Accelerate would otherwise step the schedule once per
+    process per step, and a 2-process run would decay its learning rate twice as fast as a 1-process run.
+    """
+    from accelerate import Accelerator
+
+    from florence_kit.precision import ACCELERATE_NAME, device_facts, resolve_precision
+
+    chosen = resolve_precision(precision, device_facts())
+    return Accelerator(
+        mixed_precision=ACCELERATE_NAME[chosen], step_scheduler_with_optimizer=False, cpu=multi_process_cpu(),
+        **kwargs,
+    )
+
+
+def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
+    """Settings a resume must share with the run that wrote the checkpoint (data order, shapes, precision)."""
+    return {
+        "task": cfg.task, "model": cfg.model, "dataset": cfg.dataset, "mode": cfg.mode, "seed": cfg.seed,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_samples": cfg.max_samples,
+        "too_long": cfg.too_long, "lora_r": cfg.lora_r, "lora_vision": cfg.lora_vision, "optim": cfg.optim,
+        "mix_weights": cfg.mix_weights, "processes": accelerator.num_processes,
+        "mixed_precision": str(accelerator.mixed_precision),
+    }
+
+
 def train_loop(
     model: Any,
     processor: Any,
@@ -166,77 +262,236 @@ def train_loop(
     log_path: Path,
     on_step: Callable[[int, int, float, float], None] | None = None,
     collate_truncate: bool = False,
+    *,
+    evaluator: Callable[[Any], tuple[str, float]] | None = None,
+    on_best: Callable[[Any, int, float], None] | None = None,
+    resume_from: Path | None = None,
+    state: TrainState | None = None,
 ) -> tuple[int, float]:
-    """Train ``model`` in place on ``dataset`` (examples); returns (optimizer steps, last loss)."""
+    """Train ``model`` in place on ``dataset`` (examples); returns (optimizer steps, last loss).
+
+    ``evaluator(unwrapped_model) -> (metric name, value)`` runs on the main process every ``cfg.eval_every``
+    steps (higher is better), and ``on_best(unwrapped_model, step, value)`` when the value improved;
+    ``resume_from`` is a checkpoint folder; pass ``state`` to read the run's counters afterwards.
+    """
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
     from torch.utils.data import DataLoader
 
+    from florence_kit import checkpoints
     from florence_kit.adapters import default_optim
-    from florence_kit.collate import Collator, max_positions
+    from florence_kit.collate import IGNORE_INDEX, Collator, max_positions
     from florence_kit.modes import apply_mode, component, frozen_components
 
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
     from florence_kit import trackers  # --- run folder: trackers ---
 
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                              **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
+    accelerator = make_accelerator(cfg.precision, **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
     trackers.start(accelerator, cfg.report_to, asdict(cfg), cfg.output_dir)
+    if accelerator.distributed_type == "FSDP" and (evaluator or cfg.mode != "full"):
+        raise UserError(  # generation runs on the main process only; the frozen tower is called outside FSDP's root
+            "under FSDP use --mode full without --eval-every (evaluate the saved model with `florence-kit eval`), "
+            "or launch DDP instead"
+        )
     set_seed(cfg.seed)
     apply_mode(model, cfg.mode, cfg.lora_vision)
     frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
     collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
+    sampler = EpochShuffle(len(dataset), cfg.seed)
     loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        collate_fn=collator,
-        num_workers=cfg.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds from here, not from the global RNG
     )
+    loader = accelerator.prepare(loader)  # first: its per-process length sets the schedule
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(cfg.schedule, cfg.warmup_steps, total))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    model.train()
-    if frozen_vision:  # no dropout / drop-path in a frozen tower: it must behave as at inference
-        component(accelerator.unwrap_model(model), "vision").eval()
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    checkpoints.install_hooks(accelerator)
+    fingerprint = run_fingerprint(cfg, accelerator)
+    state = state if state is not None else TrainState()
+    if resume_from is not None:
+        vars(state).update(vars(checkpoints.load(accelerator, resume_from, fingerprint)))
 
-    step, last_loss, micro_losses, start = 0, float("nan"), [], time.perf_counter()
-    with log_path.open("a") as log, accelerator_trackers_closed(accelerator):
-        while step < total:
-            for batch in loader:
-                with accelerator.accumulate(model):
-                    loss = forward_loss(model, batch, frozen_vision)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(loss.detach().float().item())
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                last_loss = sum(micro_losses) / len(micro_losses)
-                micro_losses = []
-                lr = scheduler.get_last_lr()[0]
-                if step % cfg.log_every == 0 or step == total or step == 1:
-                    record = {"step": step, "loss": round(last_loss, 6), "lr": lr,
-                              "samples": step * cfg.batch_size * cfg.grad_accum,
-                              "elapsed_s": round(time.perf_counter() - start, 3)}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    accelerator.log(record, step=step)
+    def set_train_mode() -> None:
+        model.train()
+        if frozen_vision:  # no dropout / drop-path in a frozen tower: it must behave as at inference
+            component(accelerator.unwrap_model(model), "vision").eval()
+
+    def train_step(group: list[dict[str, Any]]) -> float:
+        """One optimizer step over ``group`` (its micro-batches); returns the step's mean token loss.
+
+        The loss is summed over target tokens and divided by the count of the whole global batch (all
+        micro-batches, all processes), so accumulation and DDP average exactly as one big batch would.
+        """
+        local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)
+        tokens = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum")
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(group):
+            sync = accelerator.no_sync(model) if i < len(group) - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                loss = forward_loss(model, batch, frozen_vision, num_items=tokens) * accelerator.num_processes
+                accelerator.backward(loss)
+            loss_sum += loss.detach().float()
+        mean_loss = float(accelerator.reduce(loss_sum, "sum")) / accelerator.num_processes
+        if not math.isfinite(mean_loss):  # the same verdict on every process: the reduced loss is shared
+            optimizer.zero_grad(set_to_none=True)
+            return mean_loss
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps whose gradients overflowed
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return mean_loss
+
+    def write(record: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if numbers:  # --- run folder: trackers --- (a no-op without --report-to)
+            accelerator.log(numbers, step=record["step"])
+
+    def record(loss: float, lr: float) -> None:
+        """Log the step; count a non-finite loss, and stop after NONFINITE_LIMIT in a row."""
+        if math.isfinite(loss):
+            state.nonfinite_in_a_row = 0
+            if state.step % cfg.log_every == 0 or state.step == total or state.step == 1:
+                write({"step": state.step, "loss": round(loss, 6), "lr": lr,
+                       "samples": state.step * cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+                       "elapsed_s": round(time.perf_counter() - start, 3)})
+            return
+        state.nonfinite_steps += 1
+        state.nonfinite_in_a_row += 1
+        write({"step": state.step, "loss": None, "skipped": "non-finite loss",
+               "nonfinite_steps": state.nonfinite_steps})
+        if state.nonfinite_in_a_row >= NONFINITE_LIMIT:
+            raise UserError(
+                f"training stopped at step {state.step}: the loss was NaN/inf in {NONFINITE_LIMIT} consecutive "
+                "steps (their updates were skipped); lower --lr, use --precision fp32 or bf16 instead of fp16, "
+                "or check the data"
+            )
+
+    def run_eval() -> None:
+        """Score on the main process, share the score, keep the best model, and decide on early stopping."""
+        assert evaluator is not None
+        result = [evaluator(accelerator.unwrap_model(model)) if accelerator.is_main_process else None]
+        name, value = broadcast_object_list(result)[0] if accelerator.num_processes > 1 else result[0]
+        set_train_mode()
+        improved = state.best_metric is None or value > state.best_metric
+        if improved:
+            state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
+            if on_best is not None and accelerator.is_main_process:
+                on_best(accelerator.unwrap_model(model), state.step, value)
+        else:
+            state.evals_since_best += 1
+        write({"step": state.step, f"eval/{name}": value, "best": state.best_metric, "best_step": state.best_step})
+        if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
+            state.stopped_early = True
+            write({"step": state.step, "event": "early stopping", "evals_without_improvement": state.evals_since_best})
+        accelerator.wait_for_everyone()
+
+    set_train_mode()
+    last_loss, start = float("nan"), time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(log_path.open("a")) if accelerator.is_main_process else None
+        stack.enter_context(accelerator_trackers_closed(accelerator))
+        while state.step < total and not state.stopped_early:  # one pass per epoch
+            sampler.set_epoch(state.epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, state.batch) if state.batch else loader
+            epoch_loader.set_epoch(state.epoch)
+            batches = iter(epoch_loader)
+            while state.step < total and not state.stopped_early:
+                group = list(itertools.islice(batches, cfg.grad_accum))  # the step's micro-batches
+                if not group:  # an empty loader
+                    state.epoch, state.batch = state.epoch + 1, 0
+                    break
+                state.batch += len(group)
+                loss = train_step(group)
+                state.step += 1
+                last_loss, lr = (loss if math.isfinite(loss) else last_loss), scheduler.get_last_lr()[0]
+                record(loss, lr)
                 if on_step:
-                    on_step(step, total, last_loss, lr)
-                if step >= total:
+                    on_step(state.step, total, last_loss, lr)
+                if evaluator and cfg.eval_every and state.step % cfg.eval_every == 0:
+                    run_eval()
+                if state.batch >= len(loader):  # epoch done: the position is the next one's start
+                    state.epoch, state.batch = state.epoch + 1, 0
+                if cfg.save_every and state.step % cfg.save_every == 0:
+                    checkpoints.save(accelerator, cfg.output_dir, state, fingerprint, cfg.keep_checkpoints)
+                if state.batch == 0:
                     break
     accelerator.wait_for_everyone()
-    return step, last_loss
+    return state.step, last_loss
+
+
+def prepare_run_dir(cfg: TrainConfig, out: Path) -> Path | None:
+    """Check the output folder; returns the checkpoint to resume from, if any.
+
+    Resuming into the run folder the checkpoint belongs to needs no ``--overwrite``.
+    """
+    from florence_kit.checkpoints import resolve_resume
+
+    if not cfg.resume:
+        check_output_dir(out, cfg.overwrite)
+        return None
+    checkpoint = resolve_resume(cfg.resume, out)
+    if checkpoint.resolve().parent.parent != out.resolve():
+        check_output_dir(out, cfg.overwrite)
+    return checkpoint
+
+
+def restart_log(log_path: Path, step: int, checkpoint: Path) -> None:
+    """On resume, drop log records past the checkpoint's step (the resumed run writes them again) and mark it."""
+    kept = []
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the kill
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    kept.append(json.dumps({"step": step, "event": "resume", "checkpoint": str(checkpoint)}))
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("\n".join(kept) + "\n")
+    tmp.replace(log_path)
+
+
+def save_best(model: Any, out: Path, step: int, metric: str, value: float,
+              save_model: Callable[[Any, Path], None]) -> None:
+    """``<run>/best``: the best model so far by the task's metric, swapped in whole (never half-written)."""
+    tmp, best, old = out / ".tmp-best", out / "best", out / ".old-best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    (tmp / "eval.json").write_text(json.dumps({"step": step, "metric": metric, metric: value}) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if best.exists():
+        best.rename(old)
+    tmp.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def make_evaluator(task: Any, cfg: TrainConfig, processor: Any) -> Callable[[Any], tuple[str, float]]:
+    """Score the model on the task's eval split (first ``--eval-max-samples`` rows) with the task's metric."""
+    from florence_kit.data import load_split
+    from florence_kit.evaluate import evaluate
+
+    split = load_split(task, cfg.dataset, task.dataset.eval_split)
+    if cfg.eval_max_samples:
+        split = split.select(range(min(cfg.eval_max_samples, len(split))))
+
+    def run(model: Any) -> tuple[str, float]:
+        metrics = evaluate(model, processor, task, split, batch_size=cfg.batch_size, show_progress=False,
+                           thumbnail_size=None).metrics
+        value = metrics[metrics["metric"]]
+        if value is None:
+            raise UserError(f"--eval-every: the '{task.dataset.eval_split}' split has no references to score")
+        return metrics["metric"], float(value)
+
+    return run
 
 
 @contextmanager
@@ -273,7 +528,12 @@ def finetune(
     quiet: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> TrainResult:
-    """The whole ``florence-kit finetune`` job."""
+    """The whole ``florence-kit finetune`` job (in every process under ``accelerate launch``/``torchrun``).
+
+    Only the main process prints and writes files; the others train their share of each batch.
+    """
+    from accelerate import PartialState
+
     from florence_kit.adapters import base_reference, check_adapter_options, load_quantized, save_adapter, wrap_lora
     from florence_kit.card import write_card
     from florence_kit.collate import max_positions, preflight
@@ -282,19 +542,27 @@ def finetune(
     from florence_kit.mixing import training_data
     from florence_kit.model import load_model, save_checkpoint
     from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, summary, trainable_counts
+    from florence_kit.precision import device_facts, resolve_precision
     from florence_kit.progress import StepProgress
     from florence_kit.registry import resolve_tasks
     from florence_kit.runconfig import check_options, options_dict
     from florence_kit.runfolder import ImageGuard, StepInterrupt, save_atomically, stop_at_step_end
     from florence_kit.trackers import check_report_to
 
+    resolve_precision(cfg.precision, device_facts())  # a precision this machine cannot run fails before any write
     out = Path(cfg.output_dir)
     check_options(cfg)
-    check_output_dir(out, cfg.overwrite)
     check_report_to(cfg.report_to)
     if cfg.push_to_hub:
         check_can_push(cfg.push_to_hub)  # before hours of training, not after
+    procs = PartialState(cpu=multi_process_cpu())  # joins the process group under accelerate launch / torchrun
+    main = procs.is_main_process
+    say = print_fn if main else (lambda _message: None)
+    resume_from = prepare_run_dir(cfg, out)
+    procs.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
+    if cfg.eval_every and len(tasks) > 1:
+        raise UserError("--eval-every scores one task; with several tasks, evaluate each with `florence-kit eval`")
     optim = check_adapter_options(cfg)
     chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
     # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds
@@ -305,32 +573,54 @@ def finetune(
     answers = ", ".join(sorted({t.references for t in tasks}))
     report = preflight(answered(dataset.texts(), answers), processor, max_positions(model.config), cfg.too_long)
     verb = {"truncate": "truncated", "drop": "dropped"}.get(cfg.too_long, "")
-    print_fn(
+    say(
         f"length preflight: {len(report.too_long)} of {len(dataset)} examples exceed {report.limit} positions"
         + (f" ({verb})" if report.too_long else f" (longest {report.longest})")
     )
     if not report.keep:
         raise UserError("no training examples left after the length preflight")
+    evaluator = make_evaluator(tasks[0], cfg, processor) if cfg.eval_every else None
 
     adapter = Mode(cfg.mode) in ADAPTER_MODES
     if adapter:
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision)
     apply_mode(model, cfg.mode, cfg.lora_vision)
     counts = trainable_counts(model)
-    print_fn(summary(counts))
+    say(summary(counts))
     if not chosen_optim and optim != "adamw":
-        print_fn(f"optimizer: {optim} (the {cfg.mode} default on this machine; paged needs CUDA)")
-    out.mkdir(parents=True, exist_ok=True)
+        say(f"optimizer: {optim} (the {cfg.mode} default on this machine; paged needs CUDA)")
     log_path = out / "metrics.jsonl"
-    log_path.write_text("")
     run_info: dict[str, Any] = {"task_origin": task.origin, "examples": len(report.keep),
                                 "dropped": len(report.too_long), **({"mix": task.mix} if task.mix else {})}
-    write_config(cfg, out, run_info)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            resumed, _ = TrainState.from_file(resume_from / "trainer_state.json")
+            restart_log(log_path, resumed.step, resume_from)
+            say(f"resuming from {resume_from} (step {resumed.step})")
+        else:
+            log_path.write_text("")
+            for stale in ("checkpoints", "best"):  # an earlier run's, in a folder reused with --overwrite
+                shutil.rmtree(out / stale, ignore_errors=True)
+        write_config(cfg, out, run_info)
+    procs.wait_for_everyone()
+
+    def save_model(trained: Any, folder: Path) -> None:
+        if adapter:
+            save_adapter(trained, processor, folder, base_reference(cfg.model))
+        else:
+            save_checkpoint(trained, processor, folder)
+
+    def on_best(best_model: Any, step: int, value: float) -> None:
+        save_best(best_model, out, step, tasks[0].metric, value, save_model)
+
     rows = ImageGuard(dataset, report.keep, skip=cfg.skip_bad_images)
+    state = TrainState()
     start = time.perf_counter()
     interrupted: StepInterrupt | None = None
-    with StepProgress(f"fine-tuning {task.name} ({cfg.mode})", cfg.batch_size * cfg.grad_accum, quiet,
-                      log_every=cfg.log_every, print_fn=print_fn) as bar, stop_at_step_end() as stop:
+    samples_per_step = cfg.batch_size * cfg.grad_accum * procs.num_processes
+    with StepProgress(f"fine-tuning {task.name} ({cfg.mode})", samples_per_step, quiet or not main,
+                      log_every=cfg.log_every, print_fn=say) as bar, stop_at_step_end() as stop:
 
         def on_step(step: int, total: int, loss: float, lr: float) -> None:
             bar.update(step, total, loss, lr)
@@ -341,28 +631,28 @@ def finetune(
             steps, loss = train_loop(
                 model, processor, rows, cfg, log_path,
                 on_step=on_step, collate_truncate=cfg.too_long == "truncate",
+                evaluator=evaluator, on_best=on_best, resume_from=resume_from, state=state,
             )
         except StepInterrupt as exc:
             interrupted = exc
             steps, loss = exc.step, bar.last.get("loss", float("nan"))
     seconds = time.perf_counter() - start
     if rows.skipped:
-        print_fn(f"warning: skipped {len(rows.skipped)} row(s) with unreadable images "
-                 f"(rows {', '.join(map(str, rows.skipped[:10]))}{', ...' if len(rows.skipped) > 10 else ''})")
+        say(f"warning: skipped {len(rows.skipped)} row(s) with unreadable images "
+            f"(rows {', '.join(map(str, rows.skipped[:10]))}{', ...' if len(rows.skipped) > 10 else ''})")
     run_info.update(steps=steps, final_loss=loss, skipped_bad_images=len(rows.skipped))
     if interrupted:
         run_info.update(interrupted_at_step=interrupted.step, total_steps=interrupted.total)
-    if adapter:
-        save_atomically(out, lambda folder: save_adapter(model, processor, folder, base_reference(cfg.model)))
-    else:
-        save_atomically(out, lambda folder: save_checkpoint(model, processor, folder))
-    write_config(cfg, out, run_info)
-    write_card(out, options_dict(cfg), run_info)
+    if main:
+        save_atomically(out, lambda folder: save_model(model, folder))
+        write_config(cfg, out, run_info)
+        write_card(out, options_dict(cfg), run_info)
+    procs.wait_for_everyone()
     if interrupted:
         raise RunInterrupted(
             f"interrupted (Ctrl-C) at step {interrupted.step} of {interrupted.total}; the model at that step, "
             f"config.yaml, README.md and metrics.jsonl are saved in '{out}'"
         )
-    if cfg.push_to_hub:
-        print_fn(f"pushed to {push_run(out, cfg.push_to_hub)}")
-    return TrainResult(out, steps, loss, seconds, len(report.too_long), counts)
+    if cfg.push_to_hub and main:
+        say(f"pushed to {push_run(out, cfg.push_to_hub)}")
+    return TrainResult(out, steps, loss, seconds, len(report.too_long), counts, state)

@@ -540,7 +540,7 @@ def _(env: Env) -> list[str]:
     return env.ft("--max-steps", "0")
 
 
-@case("negative --lr", "--lr must be positive")
+@case("negative --lr", "--lr cannot be negative")
 def _(env: Env) -> list[str]:
     return env.ft("--lr=-0.001")
 

@@ -10,6 +10,7 @@ import typer
 
 from florence_kit.cli.common import TasksDirOption, console, user_errors
 from florence_kit.modes import Mode
+from florence_kit.precision import Precision
 
 
 class Schedule(str, Enum):
@@ -86,6 +87,24 @@ def finetune(
         typer.Option(help="Optimizer; 8-bit ones need bitsandbytes. Default: adamw (qlora: paged-adamw8bit on "
                      "CUDA, adamw8bit elsewhere)."),
     ] = None,
+    # --- runtime ---
+    precision: Annotated[
+        Precision, typer.Option(help="auto: bf16 on GPUs that have it, fp16 + loss scaling on older GPUs, fp32 on CPU.")
+    ] = Precision.auto,
+    save_every: Annotated[
+        int, typer.Option(help="Resumable checkpoint every N steps, in OUTPUT_DIR/checkpoints (0 = off).")
+    ] = 0,
+    keep_checkpoints: Annotated[int, typer.Option(help="Keep the last K checkpoints.")] = 2,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue exactly: 'latest' (of --output-dir) or a checkpoints/step-N folder.")
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option(help="Score the task's eval split every N steps; the best model goes to OUTPUT_DIR/best.")
+    ] = 0,
+    eval_max_samples: Annotated[int | None, typer.Option(help="Eval rows scored by --eval-every (first N).")] = 200,
+    early_stopping_patience: Annotated[
+        int, typer.Option(help="Stop after N evaluations without improvement (0 = never).")
+    ] = 0,
     # --- run folder ---
     config: Annotated[
         Path | None,
@@ -116,6 +135,10 @@ def finetune(
       florence-kit finetune cauldron/ai2d,cauldron/chartqa --mix-weights 2,1 --streaming --max-samples 5000
 
       florence-kit finetune --config runs/a/config.yaml --output-dir runs/b
+
+      florence-kit finetune docvqa --save-every 500 --output-dir runs/a  (then, after a crash: --resume latest)
+
+      accelerate launch --num_processes 2 -m florence_kit.cli finetune docvqa --batch-size 4  (DDP, 2 GPUs)
     """
     from florence_kit.train import TrainConfig
     from florence_kit.train import finetune as run
@@ -129,12 +152,25 @@ def finetune(
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
         optim=optim.value if optim else None,
         report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
+        precision=precision.value, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
+        eval_every=eval_every, eval_max_samples=eval_max_samples, early_stopping_patience=early_stopping_patience,
     )
     if config is not None:
         from florence_kit.runconfig import apply_config_file
 
         cfg = apply_config_file(cfg, config, ctx)
     result = run(cfg, quiet=quiet, print_fn=console.print)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    state = result.state
+    if state.nonfinite_steps:
+        console.print(f"[yellow]warning:[/] {state.nonfinite_steps} step(s) skipped: the loss was NaN/inf")
+    if state.best_step is not None:
+        console.print(f"best eval score {state.best_metric:.4f} at step {state.best_step} (model in best/)")
+    if state.stopped_early:
+        console.print(f"stopped early: no improvement in {early_stopping_patience} evaluations")
     console.print(
         f"[green]done:[/] {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}; "
         f"model saved to {result.output_dir}"

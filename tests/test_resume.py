@@ -1,0 +1,185 @@
+"""Checkpoints are atomic and rotated; a resumed run ends with the weights of an uninterrupted one.
+
+Dropout is switched on in these tests' tiny model (0.1), so equality also proves the RNG state resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from florence_kit import checkpoints
+from florence_kit.errors import UserError
+from florence_kit.train import TrainConfig, finetune
+
+
+@pytest.fixture(scope="module")
+def dropout_tiny(tiny_dir, tmp_path_factory) -> Path:
+    """The session's tiny model with dropout 0.1 in the language model."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny_dropout") / "model"
+    shutil.copytree(tiny_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["dropout"] = 0.1
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _cfg(model: Path, data: Path, out: Path, **overrides) -> TrainConfig:
+    settings = {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "max_samples": 12, "lr": 1e-3, "log_every": 1,
+                "save_every": 2, **overrides}
+    return TrainConfig(task="docvqa", model=str(model), dataset=str(data), output_dir=out, **settings)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_in_process_equals_uninterrupted(dropout_tiny, docvqa_dir, docvqa_task, tmp_path, monkeypatch):
+    """12 rows, 2 x 2 per step: 3 steps an epoch; interrupted at step 3, resumed from step-2 (mid-epoch 0)."""
+    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.model import load_model
+    from florence_kit.train import train_loop
+
+    split = load_split(docvqa_task, str(docvqa_dir), "train").select(range(12))
+    dataset = TaskDataset(split, docvqa_task, with_target=True)
+
+    def run(out: Path, stop_at: int | None = None, resume: Path | None = None) -> dict[str, torch.Tensor]:
+        model, processor = load_model(str(dropout_tiny))
+        out.mkdir(exist_ok=True)
+
+        def on_step(step, total, loss, lr):
+            if step == stop_at:
+                raise Interrupt
+
+        with contextlib.suppress(Interrupt):
+            train_loop(model, processor, dataset, _cfg(dropout_tiny, docvqa_dir, out, max_steps=4, save_every=1),
+                       out / "metrics.jsonl", on_step=on_step, resume_from=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    straight = run(tmp_path / "a")
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "a")] == ["step-3", "step-4"]  # keep 2
+    assert not list((tmp_path / "a" / "checkpoints").glob(".tmp-*"))
+    run(tmp_path / "b", stop_at=3)
+    latest = checkpoints.resolve_resume("latest", tmp_path / "b")
+    assert latest.name == "step-2"
+    state, _ = checkpoints.TrainState.from_file(latest / checkpoints.STATE_FILE)
+    assert (state.step, state.epoch, state.batch) == (2, 0, 4)
+    # the checkpoint holds the trainable weights only, by their plain (unwrapped) names
+    assert set(load_file(str(latest / checkpoints.WEIGHTS_FILE))) == set(straight)
+    resumed = run(tmp_path / "b", resume=latest)
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[n], straight[n]) for n in straight)  # bit-identical on CPU
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "b")] == ["step-3", "step-4"]
+
+
+def _model_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.fixture()
+def one_thread():
+    """The killed run is a subprocess with OMP_NUM_THREADS=1; the same here, so float sums run in the same order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(dropout_tiny, docvqa_dir, tmp_path, one_thread):
+    """A real `florence-kit finetune` is killed with SIGKILL after a random checkpoint, then `--resume latest`."""
+    target = random.choice([2, 4, 6])
+    print(f"killing after checkpoint step-{target}")
+    run_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "florence_kit.cli", "finetune", "docvqa", "--model", str(dropout_tiny),
+            "--dataset", str(docvqa_dir), "--output-dir", str(run_dir), "--max-steps", "10", "--batch-size", "2",
+            "--grad-accum", "2", "--max-samples", "12", "--lr", "1e-3", "--save-every", "2",
+            "--keep-checkpoints", "3", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / f"step-{target}").is_dir():
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    assert not (run_dir / "model.safetensors").exists()
+    on_disk = checkpoints.list_checkpoints(run_dir)
+    assert on_disk and on_disk[-1].name.startswith("step-")
+    for folder in on_disk:  # none is unreadable, whatever moment the kill hit
+        checkpoints.verify(folder)
+
+    cfg = _cfg(dropout_tiny, docvqa_dir, run_dir, max_steps=10, keep_checkpoints=3, log_every=10)  # as the CLI
+    cfg.resume = "latest"  # the run folder is not empty: resuming it needs no --overwrite
+    result = finetune(cfg, quiet=True, print_fn=lambda _: None)
+    assert result.steps == 10
+    straight = finetune(_cfg(dropout_tiny, docvqa_dir, tmp_path / "straight", max_steps=10), quiet=True,
+                        print_fn=lambda _: None)
+    a, b = _model_weights(run_dir), _model_weights(straight.output_dir)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max |resumed - uninterrupted| = {worst:.3g}")
+    assert worst == 0.0
+    log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 10]  # each logged step once, in order
+    assert [r["step"] for r in log if r.get("event") == "resume"] == [int(on_disk[-1].name.removeprefix("step-"))]
+    for folder in checkpoints.list_checkpoints(run_dir):
+        checkpoints.verify(folder)
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_dir, docvqa_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="no checkpoint in"):
+        finetune(_cfg(tiny_dir, docvqa_dir, out, resume="latest"), quiet=True, print_fn=lambda _: None)
+    finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=2, grad_accum=1), quiet=True, print_fn=lambda _: None)
+    with pytest.raises(UserError, match="batch_size: 2 → 4"):
+        finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=4, grad_accum=1, batch_size=4, resume="latest"),
+                 quiet=True, print_fn=lambda _: None)
+    with pytest.raises(UserError, match="not a checkpoint folder"):
+        finetune(_cfg(tiny_dir, docvqa_dir, out, resume=str(tmp_path)), quiet=True, print_fn=lambda _: None)
+
+
+def test_eval_every_keeps_best_and_stops_early(tiny_dir, docvqa_dir, tmp_path):
+    """With lr 0 the score can never improve: best stays at the first eval, patience 1 stops at the second."""
+    from florence_kit.model import load_model
+
+    cfg = _cfg(tiny_dir, docvqa_dir, tmp_path / "run", max_steps=20, lr=0.0, save_every=0, eval_every=1,
+               eval_max_samples=2, early_stopping_patience=1)
+    result = finetune(cfg, quiet=True, print_fn=lambda _: None)
+    assert result.steps == 2 and result.state.stopped_early
+    assert result.state.best_step == 1 and result.state.evals_since_best == 1
+    log = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval/anls" in r]
+    assert [r["step"] for r in evals] == [1, 2] and len({r["eval/anls"] for r in evals}) == 1
+    assert log[-1]["event"] == "early stopping"
+    best = json.loads((cfg.output_dir / "best" / "eval.json").read_text())
+    assert best["step"] == 1 and best["anls"] == evals[0]["eval/anls"]
+    load_model(str(cfg.output_dir / "best"))  # a loadable model folder
+
+
+def test_epoch_order_is_the_shuffled_dataloaders_rebuilt_from_the_seed():
+    """Epoch e's order equals a shuffled DataLoader's e-th epoch (what the demo's numbers were measured with)."""
+    from torch.utils.data import DataLoader
+
+    from florence_kit.train import EpochShuffle
+
+    loader = DataLoader(list(range(37)), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(4))
+    expected = [[i for batch in loader for i in batch.tolist()] for _ in range(4)]
+    sampler = EpochShuffle(37, seed=4)
+    for epoch in (3, 0, 2, 1):  # any epoch, in any order: nothing is replayed from the previous one
+        sampler.set_epoch(epoch)
+        assert list(sampler) == expected[epoch]
+    assert expected[0] != expected[1]
