@@ -46,6 +46,9 @@ class TrainConfig:
     log_every: int = 10
     overwrite: bool = False
     tasks_dirs: list[Path] = field(default_factory=list)
+    # --- memory ---
+    gradient_checkpointing: bool = False  # BART layers (transformers) + DaViT blocks (florence_kit.checkpointing)
+    fit: str = "off"  # off | auto: micro-batch, accumulation and checkpointing from florence_kit.memory
 
 
 @dataclass
@@ -147,6 +150,10 @@ def train_loop(
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
     apply_mode(model, cfg.mode)
+    if cfg.gradient_checkpointing:
+        from florence_kit.checkpointing import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     frozen_vision = "vision" in frozen_components(cfg.mode)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
@@ -232,6 +239,13 @@ def finetune(
 
     from torch.utils.data import Subset
 
+    if cfg.fit == "auto":
+        from florence_kit.memory import fit_auto
+
+        kept = set(report.keep)
+        cfg = fit_auto(cfg, model, processor, (row for row in dataset.texts() if row[0] in kept), print_fn)
+    elif cfg.fit != "off":
+        raise UserError(f"--fit must be off or auto, got '{cfg.fit}'")
     apply_mode(model, cfg.mode)
     counts = trainable_counts(model)
     print_fn("trainable parameters: " + ", ".join(f"{k} {t:,}/{n:,}" for k, (t, n) in counts.items()))

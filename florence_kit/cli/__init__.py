@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from florence_kit.cli import demo, evaluate, finetune, model, tasks
+from florence_kit.cli import demo, evaluate, finetune, model, plan, tasks
 
 app = typer.Typer(
     name="florence-kit",
@@ -20,6 +20,7 @@ app.command("score")(evaluate.score)
 app.command("predict")(evaluate.predict)
 app.command("make-tiny")(model.make_tiny)
 app.command("demo")(demo.demo)
+app.command("plan")(plan.plan)
 
 
 def main() -> None:

@@ -18,6 +18,11 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Fit(str, Enum):
+    off = "off"
+    auto = "auto"
+
+
 class TooLong(str, Enum):
     drop = "drop"
     truncate = "truncate"
@@ -51,6 +56,14 @@ def finetune(
     max_samples: Annotated[int | None, typer.Option(help="Use only the first N training rows.")] = None,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty --output-dir.")] = False,
+    # --- memory ---
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations in the backward pass (BART layers and DaViT blocks).")
+    ] = False,
+    fit: Annotated[
+        Fit, typer.Option(help="auto: pick micro-batch × accumulation = --batch-size, and checkpointing, to fit "
+                          "this machine's memory (see `florence-kit plan`).")
+    ] = Fit.off,
     quiet: Annotated[bool, typer.Option(help="No progress bar (for logs).")] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -71,6 +84,7 @@ def finetune(
         warmup_steps=warmup_steps, schedule=schedule.value, max_grad_norm=max_grad_norm, seed=seed,
         too_long=too_long.value, max_samples=max_samples, num_workers=num_workers, overwrite=overwrite,
         tasks_dirs=list(tasks_dir or []),
+        gradient_checkpointing=gradient_checkpointing, fit=fit.value,
     )
     result = run(cfg, quiet=quiet, print_fn=console.print)
     console.print(
