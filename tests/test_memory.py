@@ -149,11 +149,11 @@ def test_finetune_fit_auto_splits_the_batch_to_fit(tiny_dir, docvqa_dir, tmp_pat
     import florence_kit.memory as memory
 
     s = memory.sizes(load_config(str(tiny_dir)))
-    shape = Shape(128, 16, 8)
+    shape = Shape(128, 600, 100)
     two = estimate(s, Setting("full", 2), shape).peak
     three = estimate(s, Setting("full", 3), shape).peak
     monkeypatch.setattr(memory, "local_budget", lambda precision=None: Budget("test", (two + three) / 2, "cpu", "fp32"))
-    monkeypatch.setattr(memory, "text_lengths", lambda processor, rows: (16, 8))
+    monkeypatch.setattr(memory, "text_lengths", lambda processor, rows: (600, 100))
     out = tmp_path / "run"
     result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
                                  "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--fit", "auto",
