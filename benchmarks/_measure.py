@@ -101,6 +101,8 @@ def main(spec: dict) -> dict:
     cuda = spec.get("device") == "cuda"
     base = _status("VmRSS")
     model, frozen_vision = build(spec["model"], spec["mode"], spec.get("lora_r", 16))
+    # PEFT injects the adapters into the native model's modules: train through the native model
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cuda:
         model.cuda()
     if spec.get("checkpointing"):
@@ -117,8 +119,7 @@ def main(spec: dict) -> dict:
         optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     else:
         optimizer = make_optimizer(model, 1e-5, 0.0)
-    data = batch_for(model.config if not hasattr(model, "get_base_model") else model.get_base_model().config,
-                     spec["batch"], spec["image_size"], spec["prompt"], spec["target"])
+    data = batch_for(model.config, spec["batch"], spec["image_size"], spec["prompt"], spec["target"])
     if cuda:
         data = {k: v.cuda() for k, v in data.items()}
     for _ in range(spec.get("steps", 2)):  # two steps: the second runs with the optimizer state allocated

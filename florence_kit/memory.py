@@ -223,6 +223,8 @@ def activations(s: Sizes, mode: str, shape: Shape, checkpointing: bool) -> tuple
 GIB = 1024**3
 LOW_PRECISION_ACT = 2.4  # bytes per activation element under bf16/fp16 autocast: matmul outputs are 2 bytes,
 # layer norms, softmax and the loss stay fp32 (autocast's fp32 list) — an estimate, not measured on a GPU.
+CPU_RUNTIME = 165e6  # measured: a tiny model's peak RSS minus its prediction (oneDNN/OpenMP buffers, autograd
+# engine, lazily imported modules: what the first training step adds to a process whatever the model size)
 CUDA_CONTEXT = 0.75 * GIB  # CUDA context + kernels, outside torch's allocator (not measured here)
 CUDA_ALLOCATOR = 1.10  # caching-allocator fragmentation on top of live tensors (not measured here)
 QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + double-quantised absmax per 64-block
@@ -297,20 +299,22 @@ def estimate(s: Sizes, setting: Setting, shape: Shape, device: str = "cpu") -> E
     # gradients that already exist while the activations are still held: everything but the vision tower's
     # (the backward reaches the vision tower last)
     early_grads = 4.0 * (n_train - (s.vision if mode == "full" else 0))
+    if mode in ("full", "frozen-encoder"):  # tied LM head: its gradient is a second vocab × d matrix, summed
+        early_grads += 4.0 * s.vocab * s.d_model  # into the embedding's during the backward
     kept, transient = activations(s, mode, shape, setting.checkpointing)
     act_bytes = LOW_PRECISION_ACT if low else 4.0
     per_sample = (kept + transient) * act_bytes
     fixed_fb = weights + state + early_grads
     fixed_step = weights + grads + state + step_temp
     live = max(fixed_fb + setting.batch * per_sample, fixed_step)
-    overhead = 0.0
+    overhead = CPU_RUNTIME
     if device == "cuda":
         overhead = CUDA_CONTEXT + (CUDA_ALLOCATOR - 1) * live
         live *= CUDA_ALLOCATOR
     return Estimate(
         weights=weights, grads=grads, optimizer=state, activations=setting.batch * per_sample,
         per_sample=per_sample * (CUDA_ALLOCATOR if device == "cuda" else 1), fixed=max(fixed_fb, fixed_step),
-        overhead=overhead, peak=live + (CUDA_CONTEXT if device == "cuda" else 0.0),
+        overhead=overhead, peak=live + (CUDA_CONTEXT if device == "cuda" else CPU_RUNTIME),
     )
 
 
