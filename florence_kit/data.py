@@ -8,6 +8,7 @@ the references the metric scores against.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from florence_kit.errors import UserError
+from florence_kit.rows import apply_aliases, explode_index, exploded, map_row, resolve_aliases, tile_images
 from florence_kit.task import TaskSpec
 
 TABULAR_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -125,16 +127,79 @@ def _resolve_image_paths(ds: Any, root: Path) -> Any:
 
 
 def load_split(task: TaskSpec, dataset: str | None, split: str, streaming: bool = False) -> Any:
-    """One split of the task's data (``dataset`` overrides the task's default source)."""
+    """One split of the task's data (``dataset`` overrides the task's default source).
+
+    With ``streaming`` a local source is read as an ``IterableDataset`` too, so the streamed path
+    (what a hub dataset too large to download takes) behaves the same on local data. For a task with
+    a config name (``cauldron/ai2d`` reads config ``ai2d``), ``dataset`` may be a local copy of the whole
+    hub repository: its ``ai2d/`` folder is used, as the repository lays configs out.
+    """
     import datasets
 
     source = dataset or task.dataset.path
+    if dataset and task.dataset.name and (Path(dataset).expanduser() / task.dataset.name).is_dir():
+        source = str(Path(dataset).expanduser() / task.dataset.name)  # a local copy of a multi-config repo
     ds = load_source(source, task.dataset.name if dataset is None else None, streaming=streaming)
-    if isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
-        return ds
-    if split not in ds:
-        raise UserError(f"dataset '{source}' has no split '{split}'; available: {', '.join(ds)}")
-    return ds[split]
+    split, rows = parse_split(split)
+    if not isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
+        if split not in ds:
+            raise UserError(f"dataset '{source}' has no split '{split}'; available: {', '.join(ds)}")
+        ds = ds[split]
+    if streaming and isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset()
+    return slice_rows(ds, *rows) if rows else ds
+
+
+_SPLIT_SLICE = re.compile(r"^(?P<name>[\w.-]+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
+def parse_split(split: str) -> tuple[str, tuple[int, int | None] | None]:
+    """``train`` -> ("train", None); ``train[5000:]`` / ``train[:100]`` -> the split and its row range.
+
+    Row ranges keep evaluation off the rows a run trained on when a dataset has one split only (The
+    Cauldron): train on ``--max-samples 5000``, evaluate on ``--split "train[5000:]"``. Only
+    non-negative row numbers: a streamed split has no known end.
+    """
+    if "[" not in split:
+        return split, None
+    match = _SPLIT_SLICE.match(split.strip())
+    if not match:
+        raise UserError(f"split '{split}' is not NAME or NAME[start:stop] with row numbers, e.g. train[5000:]")
+    start = int(match["start"] or 0)
+    stop = int(match["stop"]) if match["stop"] else None
+    if stop is not None and stop <= start:
+        raise UserError(f"split '{split}' selects no rows")
+    return match["name"], (start, stop)
+
+
+def slice_rows(ds: Any, start: int, stop: int | None) -> Any:
+    """Rows ``start:stop`` of a split, streamed (skip/take) or in memory (select)."""
+    import datasets
+
+    if isinstance(ds, datasets.IterableDataset):
+        ds = ds.skip(start)
+        return ds.take(stop - start) if stop is not None else ds
+    return ds.select(range(min(start, len(ds)), min(stop if stop is not None else len(ds), len(ds))))
+
+
+def cap_rows(ds: Any, max_samples: int | None) -> Any:
+    """The first ``max_samples`` rows as a map-style ``Dataset``.
+
+    A streamed split is read only that far (nothing else is downloaded) and kept in memory, because
+    training shuffles and evaluation indexes rows; streaming without a cap is refused for that reason.
+    """
+    import datasets
+
+    if isinstance(ds, datasets.IterableDataset):
+        if not max_samples:
+            raise UserError("--streaming needs --max-samples N (the first N rows are streamed and kept in memory)")
+        rows = list(ds.take(max_samples))
+        if not rows:
+            raise UserError("the streamed split is empty")
+        return datasets.Dataset.from_list(rows, features=ds.features or None)
+    if max_samples:
+        return ds.select(range(min(max_samples, len(ds))))
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +207,9 @@ def load_split(task: TaskSpec, dataset: str | None, split: str, streaming: bool 
 
 
 def check_columns(ds: Any, task: TaskSpec, *, with_target: bool, source: str = "dataset") -> None:
-    """A missing column is an error naming it, the columns present, and the fix."""
-    missing = [c for c in task.required_columns(with_target=with_target) if c not in ds.column_names]
+    """A missing column is an error naming it, the columns present, and the fix (aliases count as present)."""
+    present = set(ds.column_names) | set(resolve_aliases(task, ds.column_names))
+    missing = [c for c in task.required_columns(with_target=with_target) if c not in present]
     if missing:
         raise UserError(
             f"{source} lacks column(s) {missing} that task '{task.name}' needs "
@@ -159,15 +225,34 @@ def _references(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
+def lookup(row: dict[str, Any], path: str) -> Any:
+    """``answers`` or a dotted path into nested data: ``answers.answer`` reads VQAv2's answer dicts,
+    stored as a list of dicts or (``datasets.Sequence`` of a dict) as a dict of lists."""
+    head, _, rest = path.partition(".")
+    value = row.get(head)
+    for key in rest.split(".") if rest else []:
+        if isinstance(value, dict):
+            value = value.get(key)
+        elif isinstance(value, list):
+            value = [v.get(key) if isinstance(v, dict) else None for v in value]
+        else:
+            return None
+    return value
+
+
 def render_texts(task: TaskSpec, row: dict[str, Any], index: int) -> tuple[str, str | None, list[str]]:
     """(prompt, target, references) for one row; target is None when the row has no answer."""
     try:
         prompt = task.prompt.format(**row)
     except (KeyError, IndexError, AttributeError) as exc:
         raise UserError(f"row {index}: prompt template '{task.prompt}' cannot be filled ({exc!r})") from None
-    references = _references(row.get(task.references))
+    head = task.references.split(".", 1)[0]
+    references = _references(lookup(row, task.references))
+    fields = row
+    if isinstance(row.get(head), str) and "{" + head + "[" in task.target:
+        fields = {**row, head: references}  # "{captions[0]}" reads a single caption string as a 1-item list
     try:
-        target = task.target.format(**row) if references or task.references not in row else None
+        target = task.target.format(**fields) if references or head not in row else None
     except (KeyError, IndexError, TypeError):
         target = None
     return prompt, target, references
@@ -178,41 +263,69 @@ def _row_id(task: TaskSpec, row: dict[str, Any], index: int) -> str:
 
 
 class TaskDataset:
-    """Map-style dataset of :class:`Example` over one split; images are decoded on access."""
+    """Map-style dataset of :class:`Example` over one split; images are decoded on access.
+
+    With the task's ``explode`` (The Cauldron's ``texts``) every list item is one example, so
+    ``len()`` counts turns, not rows; see :mod:`florence_kit.rows` for the other row options.
+    """
 
     def __init__(self, ds: Any, task: TaskSpec, *, with_target: bool) -> None:
         check_columns(ds, task, with_target=with_target)
         self.ds = ds
         self.task = task
         self.with_target = with_target
+        self.aliases = resolve_aliases(task, ds.column_names)
+        self.index = explode_index(task, ds) if task.explode else None
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.index) if self.index is not None else len(self.ds)
+
+    def _locate(self, index: int) -> tuple[int, int | None]:
+        """(dataset row, list item or None) of example ``index``."""
+        return self.index[index] if self.index is not None else (index, None)
+
+    def _fields(self, row: dict[str, Any], row_number: int, item: int | None) -> dict[str, Any]:
+        row = map_row(self.task, apply_aliases(row, self.aliases), row_number)
+        return row if item is None else exploded(self.task, row, item, row_number)
 
     def __getitem__(self, index: int) -> Example:
+        row_number, item = self._locate(int(index))
         try:
-            row = self.ds[int(index)]
+            row = self.ds[row_number]
         except Exception as exc:  # decoding happens here: a corrupt or missing image file
             raise UserError(
-                f"row {index}: image cannot be read ({type(exc).__name__}: {exc}); fix or remove that row"
+                f"row {row_number}: image cannot be read ({type(exc).__name__}: {exc}); fix or remove that row"
             ) from None
-        image = row[self.task.image_column]
-        if isinstance(image, list):  # multi-image schemas: the first image is the page
-            image = image[0] if image else None
-        if not isinstance(image, Image.Image):
-            raise UserError(f"row {index}: column '{self.task.image_column}' holds no image ({type(image).__name__})")
-        try:
-            image = to_rgb(image)
-        except Exception as exc:
-            raise UserError(f"row {index}: image cannot be decoded ({exc}); fix or remove that row") from None
-        prompt, target, refs = render_texts(self.task, row, index)
+        row = self._fields(row, row_number, item)
+        image = self._image(row.get(self.task.image_column), row_number)
+        prompt, target, refs = render_texts(self.task, row, row_number)
         if self.with_target and target is None:
-            raise UserError(f"row {index}: no answer in column '{self.task.references}' to train on")
-        return Example(_row_id(self.task, row, index), image, prompt, target, refs)
+            raise UserError(f"row {row_number}: no answer in column '{self.task.references}' to train on")
+        example_id = _row_id(self.task, row, row_number) + (f"-{item}" if item is not None else "")
+        return Example(example_id, image, prompt, target, refs)
+
+    def _image(self, value: Any, row_number: int) -> Image.Image:
+        """One RGB image; a list of images gives the first, or all of them tiled (``multi_image: tile``)."""
+        images = value if isinstance(value, list) else [value]
+        images = images if self.task.multi_image == "tile" else images[:1]
+        if not images or not all(isinstance(im, Image.Image) for im in images):
+            found = type(images[0]).__name__ if images else "an empty list"
+            raise UserError(f"row {row_number}: column '{self.task.image_column}' holds no image ({found})")
+        try:
+            return tile_images([to_rgb(im) for im in images])
+        except Exception as exc:
+            raise UserError(f"row {row_number}: image cannot be decoded ({exc}); fix or remove that row") from None
 
     def texts(self) -> Iterator[tuple[int, str, str | None]]:
-        """(index, prompt, target) for every row without decoding images: the length preflight's input."""
-        text_only = self.ds.remove_columns([self.task.image_column])
-        for index, row in enumerate(text_only):
-            prompt, target, _ = render_texts(self.task, row, index)
-            yield index, prompt, target
+        """(index, prompt, target) for every example without decoding images: the length preflight's input.
+
+        A task with a ``row_map`` reads full rows instead (the function may need the image).
+        """
+        rows = self.ds if self.task.row_map else self.ds.remove_columns([self.task.image_column])
+        index = 0
+        for row_number, raw in enumerate(rows):
+            items = [None] if self.index is None else range(len(raw.get(self.task.explode) or []))
+            for item in items:
+                prompt, target, _ = render_texts(self.task, self._fields(raw, row_number, item), row_number)
+                yield index, prompt, target
+                index += 1

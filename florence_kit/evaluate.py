@@ -1,7 +1,9 @@
 """Evaluation: batched generation → post-process → per-sample scores → aggregate → files.
 
-``predictions.jsonl`` (id, prompt, prediction, references, score) is written so a run can be
-inspected and re-scored later with ``florence-kit score``; ``metrics.json`` holds the aggregate.
+``predictions.jsonl`` (id, prompt, prediction, references, score, thumbnail) is written so a run can
+be inspected and re-scored later with ``florence-kit score``; ``metrics.json`` holds the aggregate.
+``thumbs/`` holds a small JPEG per example, so ``florence-kit report`` can show the page that was
+asked about without the dataset at hand.
 Generation settings come from the task file, never from the checkpoint's own generation_config
 (Microsoft's ships ``no_repeat_ngram_size=3`` and beam search, which mangle answers like "1 1 0").
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from florence_kit.metrics import get_metric
 from florence_kit.task import TaskSpec
 
 SECONDARY_METRICS = ("exact_match",)
+THUMBNAIL_SIZE = 256  # longest side in pixels of the per-example JPEGs under thumbs/
 
 
 def generation_config_for(task: TaskSpec, model: Any, processor: Any, **overrides: Any) -> Any:
@@ -55,27 +58,48 @@ def generate(model: Any, processor: Any, images: Sequence[Any], prompts: Sequenc
 class EvalResult:
     metrics: dict[str, Any]
     predictions: list[dict[str, Any]]
+    thumbnails: list[bytes] = field(default_factory=list)  # JPEG per prediction (same order), or empty
 
 
-def score_records(task_metric: str, records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Fill in per-sample scores and aggregate; rows without references are kept but not scored."""
+def thumbnail_jpeg(image: Any, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A small JPEG of ``image`` (longest side ``size``): enough to recognise the page in a report."""
+    import io
+
+    small = image.convert("RGB")
+    small.thumbnail((size, size))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def score_records(
+    task_metric: str, records: Iterable[dict[str, Any]], extra_metrics: Sequence[str] = ()
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Fill in per-sample scores and aggregate; rows without references are kept but not scored.
+
+    The task's metric gives each record's ``score``; ``extra_metrics`` (the task's further metrics)
+    and exact match are aggregated beside it. Set-level metrics (CIDEr, BLEU-4, CER) see the whole
+    scored set at once, which is why scores are computed per metric, not per record.
+    """
     metric = get_metric(task_metric)
     records = list(records)
-    scored: dict[str, list[float]] = {metric.name: []}
-    scored.update({name: [] for name in SECONDARY_METRICS if name != metric.name})
+    scored = [rec for rec in records if rec.get("references")]
     for rec in records:
-        refs = rec.get("references") or []
-        if not refs:
-            rec["score"] = None
+        rec["score"] = None
+    names = list(dict.fromkeys([metric.name, *extra_metrics, *SECONDARY_METRICS]))
+    summary: dict[str, Any] = {"metric": metric.name, "n": len(records), "n_scored": len(scored)}
+    predictions = [str(rec.get("prediction", "")) for rec in scored]
+    references = [list(rec["references"]) for rec in scored]
+    for name in names:
+        if not scored:
+            summary[name] = None
             continue
-        rec["score"] = metric.score(str(rec.get("prediction", "")), refs)
-        scored[metric.name].append(rec["score"])
-        for name in scored:
-            if name != metric.name:
-                scored[name].append(get_metric(name).score(str(rec.get("prediction", "")), refs))
-    summary: dict[str, Any] = {"metric": metric.name, "n": len(records), "n_scored": len(scored[metric.name])}
-    for name, values in scored.items():
-        summary[name] = get_metric(name).aggregate(values) if values else None
+        per_sample, total = get_metric(name).compute(predictions, references)
+        summary[name] = total
+        if name == metric.name:
+            for rec, value in zip(scored, per_sample, strict=True):
+                rec["score"] = value
+    summary["higher_is_better"] = metric.higher_is_better
     return records, summary
 
 
@@ -89,8 +113,12 @@ def evaluate(
     num_beams: int | None = None,
     max_new_tokens: int | None = None,
     show_progress: bool = True,
+    thumbnail_size: int | None = THUMBNAIL_SIZE,
 ) -> EvalResult:
-    """Generate for every example of ``split`` in batches and score against the references."""
+    """Generate for every example of ``split`` in batches and score against the references.
+
+    ``thumbnail_size`` (pixels, None or 0 for none) keeps a small JPEG of each page for the report.
+    """
     from rich.progress import Progress
 
     from florence_kit.data import TaskDataset
@@ -99,6 +127,7 @@ def evaluate(
     gen_config = generation_config_for(task, model, processor, num_beams=num_beams, max_new_tokens=max_new_tokens)
     model.eval()
     records: list[dict[str, Any]] = []
+    thumbnails: list[bytes] = []
     with Progress(disable=not show_progress, transient=True) as bar:
         progress_task = bar.add_task(f"evaluating {task.name}", total=len(dataset))
         for start in range(0, len(dataset), batch_size):
@@ -106,10 +135,12 @@ def evaluate(
             answers = generate(model, processor, [e.image for e in examples], [e.prompt for e in examples], gen_config)
             for ex, answer in zip(examples, answers, strict=True):
                 records.append({"id": ex.id, "prompt": ex.prompt, "prediction": answer, "references": ex.references})
+                if thumbnail_size:
+                    thumbnails.append(thumbnail_jpeg(ex.image, thumbnail_size))
             bar.advance(progress_task, len(examples))
-    records, summary = score_records(task.metric, records)
+    records, summary = score_records(task.metric, records, task.extra_metrics)
     summary["task"] = task.name
-    return EvalResult(summary, records)
+    return EvalResult(summary, records, thumbnails)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -120,7 +151,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_results(result: EvalResult, out_dir: Path) -> None:
+    """predictions.jsonl + metrics.json, and thumbs/NNNNNN.jpg named in each record's ``thumbnail``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if result.thumbnails:
+        (out_dir / "thumbs").mkdir(exist_ok=True)
+        for index, (rec, jpeg) in enumerate(zip(result.predictions, result.thumbnails, strict=True)):
+            rec["thumbnail"] = f"thumbs/{index:06d}.jpg"
+            (out_dir / rec["thumbnail"]).write_bytes(jpeg)
     lines = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in result.predictions)
     _atomic_write(out_dir / "predictions.jsonl", lines)
     _atomic_write(out_dir / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")

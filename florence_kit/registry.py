@@ -1,7 +1,9 @@
 """Finds tasks: the built-in task folder, extra folders, and the ``florence_kit.tasks`` entry points.
 
 Built-in tasks go through the same folder scanner as users' task folders. Files whose name starts
-with ``_`` are bases for ``include:`` and are not tasks themselves.
+with ``_`` are bases for ``include:`` and are not tasks themselves. Plugins (entry points) are imported
+*before* any folder is scanned, so a metric a plugin registers can be named by any task file.
+A task's ``group`` (e.g. ``cauldron``) names every task that declares it, for training on a mix.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from florence_kit.errors import UserError
-from florence_kit.task import TaskSpec, load_task_file
+from florence_kit.task import TaskSpec, load_task_specs
 
 BUILTIN_DIR = Path(__file__).parent / "tasks"
 ENV_VAR = "FLORENCE_KIT_TASKS_PATH"
@@ -30,18 +32,29 @@ def scan_folder(folder: Path) -> list[TaskSpec]:
     """Load every task file in a folder; a broken file is an error naming it."""
     if not folder.is_dir():
         raise UserError(f"task folder '{folder}' does not exist")
-    return [load_task_file(path) for path in task_files(folder)]
+    return [spec for path in task_files(folder) for spec in load_task_specs(path)]
 
 
-def _entry_point_tasks() -> Iterable[TaskSpec]:
-    """Tasks from installed plugins: an entry point names a package (folder of task files) or a callable."""
+def _load_plugins() -> list[tuple[str, object]]:
+    """Import every ``florence_kit.tasks`` entry point (registering the metrics its package defines)."""
+    loaded = []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
-            obj = ep.load()
+            loaded.append((f"plugin {ep.name} ({ep.value})", ep.load()))
         except Exception as exc:  # a broken plugin must not hide the others' tasks silently
             raise UserError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {exc}") from None
+    return loaded
+
+
+def _plugin_tasks(plugins: list[tuple[str, object]]) -> Iterable[TaskSpec]:
+    """An entry point names a package (a folder of task files, scanned) or a callable returning TaskSpecs."""
+    for label, obj in plugins:
         if callable(obj):
-            yield from obj()
+            specs = list(obj())
+            bad = [s for s in specs if not isinstance(s, TaskSpec)]
+            if bad:
+                raise UserError(f"{label} returned {type(bad[0]).__name__}, not TaskSpec")
+            yield from specs
         else:
             module = importlib.import_module(obj.__name__) if hasattr(obj, "__name__") else obj
             yield from scan_folder(Path(module.__file__).parent)
@@ -56,9 +69,10 @@ def extra_dirs(tasks_dirs: Sequence[Path] = ()) -> list[Path]:
 def all_tasks(tasks_dirs: Sequence[Path] = ()) -> dict[str, TaskSpec]:
     """Every task by name. Two tasks with one name is an error naming both origins."""
     found: dict[str, TaskSpec] = {}
+    plugins = _load_plugins()
     sources: list[Iterable[TaskSpec]] = [scan_folder(BUILTIN_DIR)]
     sources += [scan_folder(d) for d in extra_dirs(tasks_dirs)]
-    sources.append(_entry_point_tasks())
+    sources.append(_plugin_tasks(plugins))
     for source in sources:
         for spec in source:
             if spec.name in found:
@@ -78,3 +92,33 @@ def get_task(name: str, tasks_dirs: Sequence[Path] = ()) -> TaskSpec:
     close = difflib.get_close_matches(name, tasks, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise UserError(f"unknown task '{name}'; {hint}see `florence-kit tasks list`")
+
+
+def groups(tasks: dict[str, TaskSpec]) -> dict[str, list[str]]:
+    """Group name -> its tasks' names (sorted)."""
+    out: dict[str, list[str]] = {}
+    for name, spec in sorted(tasks.items()):
+        if spec.group:
+            out.setdefault(spec.group, []).append(name)
+    return out
+
+
+def resolve_tasks(selection: str, tasks_dirs: Sequence[Path] = ()) -> list[TaskSpec]:
+    """``docvqa``, ``cauldron/ai2d,cauldron/chartqa`` or a group name (``cauldron``) -> the tasks, in order."""
+    names = [n.strip() for n in selection.split(",") if n.strip()]
+    if not names:
+        raise UserError("no task given; see `florence-kit tasks list`")
+    tasks = all_tasks(tasks_dirs)
+    by_group = groups(tasks)
+    out: list[TaskSpec] = []
+    for name in names:
+        if name in tasks:
+            chosen = [tasks[name]]
+        elif name in by_group:
+            chosen = [tasks[n] for n in by_group[name]]
+        else:
+            close = difflib.get_close_matches(name, [*tasks, *by_group], n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UserError(f"unknown task '{name}'; {hint}see `florence-kit tasks list`")
+        out += [spec for spec in chosen if spec not in out]
+    return out

@@ -2,6 +2,14 @@
 
 Shared fields live in a base file pulled in with ``include:``; the including file's keys win
 (nested mappings such as ``dataset`` and ``generation`` are merged key by key).
+
+One file can stand for many tasks: ``subsets:`` (a list of names, or a mapping name -> overrides)
+expands into one task per subset, with ``{subset}`` replaced in ``task``, ``description`` and the
+``dataset`` fields (The Cauldron's ~50 configurations are one file). Row-level options, for schemas
+that are not one question per row: ``explode`` (a list column whose items each become an example),
+``multi_image`` (``first`` or ``tile`` for rows with several images), ``row_map`` (``module:function``
+from a ``module.py`` beside the task file; imported only when data is loaded, never when listing), and
+``columns`` aliases (a template field read from the first of several candidate columns).
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from florence_kit.errors import UserError
 
 KNOWN_KEYS = {
     "include", "task", "description", "dataset", "columns", "prompt", "target", "references",
-    "metric", "generation",
+    "metric", "generation", "group", "subsets", "explode", "multi_image", "row_map",
 }
+MULTI_IMAGE = ("first", "tile")
 DATASET_KEYS = {"path", "name", "train_split", "eval_split", "test_split"}
 GENERATION_KEYS = {"max_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty", "length_penalty"}
 
@@ -49,12 +58,31 @@ class TaskSpec:
     id_column: str | None = None
     generation: dict[str, Any] = field(default_factory=dict)
     origin: str = ""
+    extra_metrics: tuple[str, ...] = ()
+    group: str | None = None
+    explode: str | None = None
+    multi_image: str = "first"
+    row_map: str | None = None
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The task's metric first, then any further metrics it reports."""
+        return (self.metric, *self.extra_metrics)
 
     def required_columns(self, *, with_target: bool) -> list[str]:
-        """Columns the templates read; checked up front so a missing one is a clear error."""
+        """Columns the templates read; checked up front so a missing one is a clear error.
+
+        With ``explode`` the templates read the list items' keys, checked row by row instead;
+        with ``row_map`` the function may create any field, so only the image is required.
+        """
+        if self.row_map:
+            return [self.image_column]
+        if self.explode:
+            return [self.image_column, self.explode]
         cols = [self.image_column, *template_fields(self.prompt)]
         if with_target:
-            cols += [*template_fields(self.target), self.references]
+            cols += [*template_fields(self.target), self.references.split(".", 1)[0]]
         return list(dict.fromkeys(cols))
 
 
@@ -119,30 +147,94 @@ def spec_from_dict(data: dict[str, Any], origin: str) -> TaskSpec:
     if bad:
         raise UserError(f"{origin}: unknown generation key(s) {sorted(bad)}; allowed: {sorted(GENERATION_KEYS)}")
     columns = data.get("columns") or {}
+    if not isinstance(columns, dict):
+        raise UserError(f"{origin}: 'columns' must map a field to a column name (or a list of candidates)")
+    aliases = {
+        str(k): tuple(str(c) for c in (v if isinstance(v, list) else [v]))
+        for k, v in columns.items() if k not in {"image", "id"}
+    }
     target = str(data["target"])
     references = data.get("references") or (template_fields(target) or [""])[0]
+    metrics = data["metric"] if isinstance(data["metric"], list) else [data["metric"]]
+    multi_image = str(data.get("multi_image", "first"))
+    if multi_image not in MULTI_IMAGE:
+        raise UserError(f"{origin}: multi_image must be one of {', '.join(MULTI_IMAGE)}, got '{multi_image}'")
+    row_map = data.get("row_map")
+    if row_map is not None:
+        _check_row_map(str(row_map), origin)
 
     from florence_kit.metrics import get_metric  # noqa: PLC0415 - metrics import Levenshtein only
 
-    try:
-        get_metric(str(data["metric"]))
-    except KeyError as exc:
-        raise UserError(f"{origin}: {exc.args[0]}") from None
+    for name in metrics:
+        try:
+            get_metric(str(name))
+        except KeyError as exc:
+            raise UserError(f"{origin}: {exc.args[0]}") from None
     return TaskSpec(
         name=str(data["task"]),
         description=str(data.get("description", "")),
         prompt=str(data["prompt"]),
         target=target,
         references=str(references),
-        metric=str(data["metric"]),
+        metric=str(metrics[0]),
         dataset=DatasetSource(**dataset),
         image_column=str(columns.get("image", "image")),
         id_column=columns.get("id"),
         generation=dict(generation),
         origin=origin,
+        extra_metrics=tuple(str(m) for m in metrics[1:]),
+        group=str(data["group"]) if data.get("group") else None,
+        explode=str(data["explode"]) if data.get("explode") else None,
+        multi_image=multi_image,
+        row_map=str(row_map) if row_map else None,
+        aliases=aliases,
     )
 
 
+def _check_row_map(row_map: str, origin: str) -> None:
+    """``module:function`` with ``module.py`` beside the task file (checked now, imported at data time)."""
+    module, _, function = row_map.partition(":")
+    if not module or not function or not module.isidentifier() or not function.isidentifier():
+        raise UserError(f"{origin}: row_map must be 'module:function' (a module.py beside the file), got '{row_map}'")
+    folder = Path(origin).parent
+    if Path(origin).is_file() and not (folder / f"{module}.py").is_file():
+        raise UserError(f"{origin}: row_map '{row_map}' needs {folder / (module + '.py')}, which does not exist")
+
+
+def expand_subsets(data: dict[str, Any], origin: str) -> list[dict[str, Any]]:
+    """One task mapping per entry of ``subsets:`` (or the mapping itself when there is none)."""
+    subsets = data.pop("subsets", None)
+    if subsets is None:
+        return [data]
+    if isinstance(subsets, list):
+        subsets = dict.fromkeys(subsets)
+    if not isinstance(subsets, dict) or not subsets:
+        raise UserError(f"{origin}: 'subsets' must be a non-empty list of names or a mapping name -> overrides")
+    out = []
+    for subset, overrides in subsets.items():
+        if overrides is not None and not isinstance(overrides, dict):
+            raise UserError(f"{origin}: subset '{subset}' overrides must be a mapping, got {overrides!r}")
+        item = _merge(data, overrides or {})
+        for key in ("task", "description"):
+            if isinstance(item.get(key), str):
+                item[key] = item[key].replace("{subset}", str(subset))
+        if isinstance(item.get("dataset"), dict):
+            item["dataset"] = {
+                k: v.replace("{subset}", str(subset)) if isinstance(v, str) else v for k, v in item["dataset"].items()
+            }
+        out.append(item)
+    return out
+
+
+def load_task_specs(path: Path) -> list[TaskSpec]:
+    """Read and validate one task file: one task, or one per entry of its ``subsets:``."""
+    data = read_task_yaml(path)
+    return [spec_from_dict(item, origin=str(path)) for item in expand_subsets(data, str(path))]
+
+
 def load_task_file(path: Path) -> TaskSpec:
-    """Read and validate one task file."""
-    return spec_from_dict(read_task_yaml(path), origin=str(path))
+    """Read and validate a single-task file (a file with ``subsets:`` needs :func:`load_task_specs`)."""
+    specs = load_task_specs(path)
+    if len(specs) != 1:
+        raise UserError(f"{path}: defines {len(specs)} tasks (subsets); load it with load_task_specs")
+    return specs[0]

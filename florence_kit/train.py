@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,15 @@ class TrainConfig:
     log_every: int = 10
     overwrite: bool = False
     tasks_dirs: list[Path] = field(default_factory=list)
+    # --- tasks ---
+    streaming: bool = False
+    mix_weights: str | None = None
+    # --- lora ---
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_vision: bool = False
+    optim: str | None = None  # adamw | adamw8bit | paged-adamw8bit; None: adamw (qlora: 8-bit, paged on CUDA)
     # --- memory ---
     gradient_checkpointing: bool = False  # BART layers (transformers) + DaViT blocks (florence_kit.checkpointing)
     fit: str = "off"  # off | auto: micro-batch, accumulation and checkpointing from florence_kit.memory
@@ -84,9 +93,11 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
     """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept."""
     import torch
 
+    from florence_kit.modes import unwrap
+
     if not frozen_vision:
         return model(**batch).loss
-    inner = getattr(model, "module", model).model
+    inner = unwrap(getattr(model, "module", model)).model
     with torch.no_grad():
         features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
     image_features = inner.multi_modal_projector(features)
@@ -96,8 +107,11 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
     return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
-    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases."""
+def make_optimizer(model: Any, lr: float, weight_decay: float, optim: str = "adamw") -> Any:
+    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases.
+
+    ``adamw8bit``/``paged-adamw8bit``: bitsandbytes' 8-bit AdamW (see florence_kit/adapters.py).
+    """
     import torch
 
     decay, no_decay = [], []
@@ -105,6 +119,12 @@ def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim != "adamw":
+        from florence_kit.adapters import OPTIMIZERS, bnb_optimizer
+
+        if optim not in OPTIMIZERS:
+            raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got '{optim}'")
+        return bnb_optimizer([g for g in groups if g["params"]], lr, optim)
     # foreach: one fused update over all tensors; torch only picks it by default on CUDA
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=True)
 
@@ -142,6 +162,7 @@ def train_loop(
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
+    from florence_kit.adapters import default_optim
     from florence_kit.collate import Collator, max_positions
     from florence_kit.modes import apply_mode, component, frozen_components
 
@@ -149,13 +170,13 @@ def train_loop(
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
-    apply_mode(model, cfg.mode)
+    apply_mode(model, cfg.mode, cfg.lora_vision)
     if cfg.gradient_checkpointing:
         from florence_kit.checkpointing import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
-    frozen_vision = "vision" in frozen_components(cfg.mode)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
     collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
     loader = DataLoader(
         dataset,
@@ -213,21 +234,24 @@ def finetune(
     print_fn: Callable[[str], None] = print,
 ) -> TrainResult:
     """The whole ``florence-kit finetune`` job."""
+    from florence_kit.adapters import base_reference, check_adapter_options, load_quantized, save_adapter, wrap_lora
     from florence_kit.collate import max_positions, preflight
-    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.mixing import training_data
     from florence_kit.model import load_model, save_checkpoint
-    from florence_kit.modes import apply_mode, trainable_counts
+    from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, summary, trainable_counts
     from florence_kit.progress import StepProgress
-    from florence_kit.registry import get_task
+    from florence_kit.registry import resolve_tasks
 
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)
-    task = get_task(cfg.task, cfg.tasks_dirs)
-    model, processor = load_model(cfg.model)  # before the data: a bad --model fails in seconds, not after a download
-    split = load_split(task, cfg.dataset, task.dataset.train_split)
-    if cfg.max_samples:
-        split = split.select(range(min(cfg.max_samples, len(split))))
-    dataset = TaskDataset(split, task, with_target=True)
+    tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
+    optim = check_adapter_options(cfg)
+    chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
+    # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds
+    model, processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
+    task = training_data(tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
+                         mix_weights=cfg.mix_weights, seed=cfg.seed)
+    dataset = task.dataset
     report = preflight(dataset.texts(), processor, max_positions(model.config), cfg.too_long)
     verb = {"truncate": "truncated", "drop": "dropped"}.get(cfg.too_long, "")
     print_fn(
@@ -246,13 +270,19 @@ def finetune(
         cfg = fit_auto(cfg, model, processor, (row for row in dataset.texts() if row[0] in kept), print_fn)
     elif cfg.fit != "off":
         raise UserError(f"--fit must be off or auto, got '{cfg.fit}'")
-    apply_mode(model, cfg.mode)
+    adapter = Mode(cfg.mode) in ADAPTER_MODES
+    if adapter:
+        model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision)
+    apply_mode(model, cfg.mode, cfg.lora_vision)
     counts = trainable_counts(model)
-    print_fn("trainable parameters: " + ", ".join(f"{k} {t:,}/{n:,}" for k, (t, n) in counts.items()))
+    print_fn(summary(counts))
+    if not chosen_optim and optim != "adamw":
+        print_fn(f"optimizer: {optim} (the {cfg.mode} default on this machine; paged needs CUDA)")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
-    write_config(cfg, out, {"task_origin": task.origin, "examples": len(report.keep), "dropped": len(report.too_long)})
+    write_config(cfg, out, {"task_origin": task.origin, "examples": len(report.keep), "dropped": len(report.too_long),
+                            **({"mix": task.mix} if task.mix else {})})
     start = time.perf_counter()
     with StepProgress(f"fine-tuning {task.name} ({cfg.mode})", cfg.batch_size * cfg.grad_accum, quiet) as bar:
         steps, loss = train_loop(
@@ -260,5 +290,8 @@ def finetune(
             on_step=bar.update, collate_truncate=cfg.too_long == "truncate",
         )
     seconds = time.perf_counter() - start
-    save_checkpoint(model, processor, out)
+    if adapter:
+        save_adapter(model, processor, out, base_reference(cfg.model))
+    else:
+        save_checkpoint(model, processor, out)
     return TrainResult(out, steps, loss, seconds, len(report.too_long), counts)

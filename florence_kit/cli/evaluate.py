@@ -15,7 +15,13 @@ def _print_metrics(metrics: dict) -> None:
     name = metrics["metric"]
     value = metrics.get(name)
     shown = "n/a (no references)" if value is None else f"{value:.4f}"
-    console.print(f"[bold]{metrics.get('task', '')} {name}[/]: {shown}  ({metrics['n_scored']}/{metrics['n']} scored)")
+    from florence_kit.metrics import available_metrics
+
+    others = [f"{k} {v:.4f}" for k, v in metrics.items() if k != name and k in available_metrics() and v is not None]
+    also = f"; {', '.join(others)}" if others else ""
+    console.print(
+        f"[bold]{metrics.get('task', '')} {name}[/]: {shown}  ({metrics['n_scored']}/{metrics['n']} scored{also})"
+    )
 
 
 @user_errors
@@ -29,6 +35,9 @@ def eval_(
     ),
     batch_size: Annotated[int, typer.Option(help="Examples per generate() call.")] = 16,
     max_samples: Annotated[int | None, typer.Option(help="Score only the first N rows.")] = None,
+    streaming: Annotated[
+        bool, typer.Option(help="Stream a hub dataset instead of downloading it whole (needs --max-samples).")
+    ] = False,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Answer length cap; default: the task's.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -38,15 +47,13 @@ def eval_(
 
     Example: florence-kit eval docvqa --model runs/finetune --output-dir runs/eval
     """
-    from florence_kit.data import load_split
+    from florence_kit.data import cap_rows, load_split
     from florence_kit.evaluate import evaluate, write_results
     from florence_kit.model import load_model
     from florence_kit.registry import get_task
 
     spec = get_task(task, tasks_dir or [])
-    data = load_split(spec, dataset, split or spec.dataset.eval_split)
-    if max_samples:
-        data = data.select(range(min(max_samples, len(data))))
+    data = cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
     net, processor = load_model(model)
     result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
                       max_new_tokens=max_new_tokens, show_progress=not quiet)
@@ -70,7 +77,7 @@ def score(
     from florence_kit.registry import get_task
 
     spec = get_task(task, tasks_dir or [])
-    _, metrics = score_records(spec.metric, read_predictions(predictions))
+    _, metrics = score_records(spec.metric, read_predictions(predictions), spec.extra_metrics)
     if as_json:
         typer.echo(json.dumps({spec.metric: metrics[spec.metric]}))
     else:

@@ -18,6 +18,12 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Optim(str, Enum):
+    adamw = "adamw"
+    adamw8bit = "adamw8bit"
+    paged_adamw8bit = "paged-adamw8bit"
+
+
 class Fit(str, Enum):
     off = "off"
     auto = "auto"
@@ -31,7 +37,9 @@ class TooLong(str, Enum):
 
 @user_errors
 def finetune(
-    task: Annotated[str, typer.Argument(help="Task name (see `florence-kit tasks list`).")],
+    task: Annotated[
+        str, typer.Argument(help="Task name, a comma list of tasks or a group (e.g. cauldron): several are mixed.")
+    ],
     model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
     dataset: Annotated[
         str | None, typer.Option(help="Hub id, save_to_disk folder, or parquet/JSONL files; default: the task's.")
@@ -56,6 +64,26 @@ def finetune(
     max_samples: Annotated[int | None, typer.Option(help="Use only the first N training rows.")] = None,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty --output-dir.")] = False,
+    # --- tasks ---
+    streaming: Annotated[
+        bool, typer.Option(help="Stream a hub dataset instead of downloading it whole (needs --max-samples).")
+    ] = False,
+    mix_weights: Annotated[
+        str | None,
+        typer.Option(help="Sampling weights of a mix ('2,1' or 'cauldron/ai2d=2'); default: task sizes."),
+    ] = None,
+    # --- lora ---
+    lora_r: Annotated[int, typer.Option(help="LoRA rank (lora/qlora).")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA scaling alpha (update scaled by alpha/r).")] = 32,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.05,
+    lora_vision: Annotated[
+        bool, typer.Option(help="Also adapt the vision tower (attention and MLP) with LoRA (lora/qlora).")
+    ] = False,
+    optim: Annotated[
+        Optim | None,
+        typer.Option(help="Optimizer; 8-bit ones need bitsandbytes. Default: adamw (qlora: paged-adamw8bit on "
+                     "CUDA, adamw8bit elsewhere)."),
+    ] = None,
     # --- memory ---
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute activations in the backward pass (BART layers and DaViT blocks).")
@@ -73,7 +101,11 @@ def finetune(
 
       florence-kit finetune docvqa --mode frozen-encoder --model base
 
+      florence-kit finetune docvqa --mode lora --lora-r 16 --output-dir runs/lora
+
       florence-kit finetune docvqa --model ./tiny --dataset ./my_docvqa --max-steps 100 --output-dir runs/a
+
+      florence-kit finetune cauldron/ai2d,cauldron/chartqa --mix-weights 2,1 --streaming --max-samples 5000
     """
     from florence_kit.train import TrainConfig
     from florence_kit.train import finetune as run
@@ -83,7 +115,9 @@ def finetune(
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, schedule=schedule.value, max_grad_norm=max_grad_norm, seed=seed,
         too_long=too_long.value, max_samples=max_samples, num_workers=num_workers, overwrite=overwrite,
-        tasks_dirs=list(tasks_dir or []),
+        tasks_dirs=list(tasks_dir or []), streaming=streaming, mix_weights=mix_weights,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
+        optim=optim.value if optim else None,
         gradient_checkpointing=gradient_checkpointing, fit=fit.value,
     )
     result = run(cfg, quiet=quiet, print_fn=console.print)

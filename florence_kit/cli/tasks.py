@@ -26,14 +26,21 @@ def list_tasks(tasks_dir: TasksDirOption = None) -> None:
 
     Example: florence-kit tasks list --tasks-dir ./my_tasks
     """
-    from florence_kit.registry import all_tasks
+    from florence_kit.registry import all_tasks, groups
 
+    tasks = all_tasks(tasks_dir or [])
     table = Table(title="florence-kit tasks")
-    for col in ("name", "source", "metric", "prompt", "origin"):
+    table.add_column("name", no_wrap=True)  # whole names, so they can be copied and grepped
+    table.add_column("source", overflow="fold")
+    table.add_column("metric", no_wrap=True)  # the task's metric; `tasks show` lists the others
+    for col in ("prompt", "origin"):
         table.add_column(col, overflow="fold")
-    for name, spec in sorted(all_tasks(tasks_dir or []).items()):
-        table.add_row(name, spec.dataset.path, spec.metric, spec.prompt, origin_label(spec.origin))
+    for name, spec in sorted(tasks.items()):
+        source = spec.dataset.path + (f" ({spec.dataset.name})" if spec.dataset.name else "")
+        table.add_row(name, source, spec.metric, spec.prompt, origin_label(spec.origin))
     console.print(table)
+    for group, names in groups(tasks).items():
+        console.print(f"group [bold]{group}[/]: {len(names)} tasks (train on all of them with `finetune {group}`)")
 
 
 @app.command("show")
@@ -60,18 +67,25 @@ def show(
         console.print(Path(spec.origin).read_text(), highlight=False, markup=False)
     console.print(f"description: {spec.description}")
     console.print(f"dataset: {spec.dataset}", highlight=False)
-    console.print(f"columns: image={spec.image_column} id={spec.id_column} references={spec.references}")
-    console.print(f"metric: {spec.metric}   generation: {spec.generation}")
+    aliases = "".join(f" {k}<-{'|'.join(v)}" for k, v in spec.aliases.items())
+    console.print(f"columns: image={spec.image_column} id={spec.id_column} references={spec.references}{aliases}",
+                  markup=False, highlight=False)
+    rows = [f"explode={spec.explode}" if spec.explode else "", f"multi_image={spec.multi_image}",
+            f"row_map={spec.row_map}" if spec.row_map else "", f"group={spec.group}" if spec.group else ""]
+    console.print("rows: " + " ".join(r for r in rows if r), markup=False, highlight=False)
+    console.print(f"metric: {', '.join(spec.metrics)}   generation: {spec.generation}")
     console.print(f"prompt template: {spec.prompt!r}   target template: {spec.target!r}", markup=False)
     if example:
-        from florence_kit.data import load_split, render_texts
+        from florence_kit.data import TaskDataset, cap_rows, load_split
         from florence_kit.errors import UserError
 
         try:  # the hub's copy is streamed: one row, not a whole download
-            rows = load_split(spec, dataset, spec.dataset.train_split, streaming=dataset is None)
-            prompt, target, refs = render_texts(spec, next(iter(rows)), 0)
-        except (UserError, StopIteration) as exc:
+            rows = cap_rows(load_split(spec, dataset, spec.dataset.train_split, streaming=dataset is None), 1)
+            first = TaskDataset(rows, spec, with_target=False)[0]
+            prompt, target, refs = first.prompt, first.target, first.references
+        except (UserError, StopIteration, IndexError) as exc:
             console.print(f"[yellow]no example rendered:[/] {exc}", highlight=False)
             return
+        console.print(f"example image: {first.image.width}x{first.image.height} {first.image.mode}")
         console.print(f"example prompt: {prompt!r}", markup=False)
         console.print(f"example target: {target!r}   references: {refs}", markup=False)

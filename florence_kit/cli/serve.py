@@ -1,0 +1,28 @@
+"""``florence-kit serve``: try a checkpoint in the browser (Gradio, optional extra ``ui``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from florence_kit.cli.common import TasksDirOption, console, user_errors
+
+
+@user_errors
+def serve(
+    model: Annotated[str, typer.Argument(help="Run or checkpoint folder, hub id, or base/large/base-ft/large-ft.")],
+    task: Annotated[str, typer.Option(help="Task selected when the page opens.")] = "docvqa",
+    port: Annotated[int, typer.Option(help="Port of the local web page.")] = 7860,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    tasks_dir: TasksDirOption = None,
+) -> None:
+    """Start a local web page: upload a document image, pick a task, type a question, read the answer
+    (boxes are drawn for tasks that return regions). Needs: pip install 'florence-kit\\[ui]'.
+
+    Example: florence-kit serve runs/demo/finetuned --task docvqa --port 7860
+    """
+    from florence_kit.serve import serve as run_server
+
+    run_server(model, task, host, port, [Path(p) for p in tasks_dir or []], print_fn=console.print)

@@ -1,0 +1,34 @@
+"""CER and WER for OCR: edit distance (Levenshtein, via the rapidfuzz-backed ``Levenshtein`` package).
+
+Set-level, as jiwer and torchmetrics compute them: the edits of every sample are summed and divided by
+the summed reference length (characters for CER, words for WER), so long pages weigh more than short
+lines. Lower is better. Text is compared as written (no case folding): OCR is judged on exact
+transcription. With several references, the one with the fewest edits is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import Levenshtein
+
+from florence_kit.metrics import corpus_metric
+
+
+def _rate(split: Callable[[str], Sequence[str]]):
+    def compute(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[float], float]:
+        per_sample, edits, length = [], 0, 0
+        for prediction, refs in zip(predictions, references, strict=True):
+            if not refs:
+                raise ValueError("CER/WER need a reference text per sample")
+            hyp = split(prediction)
+            best = min((Levenshtein.distance(hyp, split(ref)), len(split(ref))) for ref in refs)
+            per_sample.append(best[0] / max(best[1], 1))
+            edits, length = edits + best[0], length + best[1]
+        return per_sample, edits / max(length, 1)
+
+    return compute
+
+
+cer = corpus_metric("cer", higher_is_better=False)(_rate(lambda text: text))
+wer = corpus_metric("wer", higher_is_better=False)(_rate(lambda text: text.split()))

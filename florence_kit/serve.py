@@ -1,0 +1,230 @@
+"""``florence-kit serve``: a local web page to try a checkpoint by hand, like the Florence-2 demos on the hub.
+
+A person uploads a page, picks a task (one of ours, or one of Florence-2's own task tokens such as
+``<OD>``), types a question, and reads the answer; for tasks that return regions the boxes are drawn
+on the image. Gradio is an optional extra (``florence-kit[ui]``) and is told to stay offline: no
+analytics, no version check, system fonts instead of web fonts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from florence_kit.errors import UserError
+from florence_kit.task import TaskSpec
+
+# Florence-2's own prompts that a pretrained checkpoint answers; the ones taking text read it from the question box.
+FLORENCE_TASKS = (
+    "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OCR>", "<OCR_WITH_REGION>", "<OD>",
+    "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>", "<CAPTION_TO_PHRASE_GROUNDING>", "<OPEN_VOCABULARY_DETECTION>",
+    "<REFERRING_EXPRESSION_SEGMENTATION>",
+)
+FLORENCE_TASKS_WITH_TEXT = {"<CAPTION_TO_PHRASE_GROUNDING>", "<OPEN_VOCABULARY_DETECTION>",
+                            "<REFERRING_EXPRESSION_SEGMENTATION>"}
+COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
+OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_SSR_MODE": "False"}
+
+
+def require_gradio() -> Any:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        import gradio
+    except ImportError:
+        raise UserError("`florence-kit serve` needs Gradio: pip install 'florence-kit[ui]'") from None
+    return gradio
+
+
+# ---------------------------------------------------------------------------------------------
+# Regions
+
+
+def draw_regions(image: Any, result: Any) -> Any | None:
+    """Draw Florence-2's post-processed regions on a copy of ``image``; None when ``result`` has none.
+
+    ``result`` is one value of ``processor.post_process_generation(...)``: a dict with ``bboxes``
+    ([x1, y1, x2, y2]) and ``labels`` or ``bboxes_labels``; ``quad_boxes`` (8 numbers) and ``labels``;
+    or ``polygons`` (per instance, a list of flat [x1, y1, x2, y2, ...] lists) and ``labels`` or
+    ``polygons_labels``. Coordinates are pixels of the original image.
+    """
+    from PIL import ImageDraw
+
+    if not isinstance(result, dict):
+        return None
+    shapes: list[tuple[str, list[float], str]] = []
+    for box, label in zip(result.get("bboxes") or [], _labels(result, "bboxes"), strict=False):
+        shapes.append(("box", [float(v) for v in box], label))
+    for quad, label in zip(result.get("quad_boxes") or [], _labels(result, "quad_boxes"), strict=False):
+        shapes.append(("polygon", [float(v) for v in quad], label))
+    for polygons, label in zip(result.get("polygons") or [], _labels(result, "polygons"), strict=False):
+        for poly in polygons:
+            shapes.append(("polygon", [float(v) for v in poly], label))
+    if not shapes:
+        return None
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(max(out.size) / 300))
+    for index, (kind, coords, label) in enumerate(shapes):
+        colour = COLOURS[index % len(COLOURS)]
+        if kind == "box":
+            x1, y1, x2, y2 = coords
+            draw.rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=colour, width=width)
+            anchor = (min(x1, x2), min(y1, y2))
+        else:
+            if len(coords) < 6:
+                continue
+            draw.polygon(coords, outline=colour, width=width)
+            anchor = (coords[0], coords[1])
+        if label:
+            left, top, right, bottom = draw.textbbox(anchor, label)
+            draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
+            draw.text(anchor, label, fill="white")
+    return out
+
+
+def _labels(result: dict[str, Any], key: str) -> list[str]:
+    n = len(result.get(key) or [])
+    labels = result.get(f"{key}_labels", result.get("labels")) if key != "quad_boxes" else result.get("labels")
+    labels = [str(x) for x in (labels or [])]
+    return (labels + [""] * n)[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering
+
+
+@dataclass
+class Answer:
+    text: str
+    regions: Any | None  # the annotated image, when the task returns regions
+
+
+class Predictor:
+    """One loaded model answering the page's requests; tasks are ours by name or Florence-2's by token."""
+
+    def __init__(self, model: Any, processor: Any, tasks: dict[str, TaskSpec], region_max_tokens: int = 256) -> None:
+        self.model, self.processor, self.tasks = model, processor, tasks
+        self.region_max_tokens = region_max_tokens  # Florence-2's own tasks: room for dozens of <loc_*> boxes
+        self.region_types = {
+            token: kind for token, kind in getattr(processor, "tasks_answer_post_processing_type", {}).items()
+            if kind != "pure_text"
+        }
+        # Checkpoints saved without a post_processor_config (ours from make-tiny, older conversions) make
+        # post_process_generation refuse every parse type; the parsers' own defaults are what hub checkpoints use.
+        parse_config = getattr(getattr(processor, "post_processor", None), "parse_task_config", None)
+        if isinstance(parse_config, dict):
+            for kind in {*self.region_types.values(), "pure_text"}:
+                parse_config.setdefault(kind, {})
+
+    def choices(self) -> list[str]:
+        return [*self.tasks, *FLORENCE_TASKS]
+
+    def prompt_for(self, choice: str, question: str) -> tuple[str, dict[str, Any]]:
+        """(prompt, generation settings) for a task name or a Florence-2 task token."""
+        from florence_kit.task import template_fields
+
+        question = (question or "").strip()
+        if choice in self.tasks:
+            spec = self.tasks[choice]
+            fields = template_fields(spec.prompt)
+            if fields and not question:
+                raise UserError(f"task '{choice}' needs a question (its prompt is {spec.prompt!r})")
+            return spec.prompt.format(**{name: question for name in fields}), dict(spec.generation)
+        if choice in FLORENCE_TASKS:
+            if choice in FLORENCE_TASKS_WITH_TEXT and not question:
+                raise UserError(f"{choice} needs a text input: type it in the question box")
+            prompt = choice + (question if choice in FLORENCE_TASKS_WITH_TEXT else "")
+            return prompt, {"max_new_tokens": self.region_max_tokens}
+        raise UserError(f"unknown task '{choice}'; choose one of: {', '.join(self.choices())}")
+
+    def __call__(self, image: Any, choice: str, question: str) -> Answer:
+        import torch
+        from transformers import GenerationConfig
+
+        from florence_kit.data import to_rgb
+
+        if image is None:
+            raise UserError("upload an image first")
+        image = to_rgb(image)
+        prompt, settings = self.prompt_for(choice, question)
+        tok = self.processor.tokenizer
+        gen_config = GenerationConfig(
+            do_sample=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            decoder_start_token_id=self.model.config.text_config.decoder_start_token_id,
+            **{"max_new_tokens": 64, "num_beams": 1, **settings},
+        )
+        inputs = self.processor(images=[image], text=[prompt], return_tensors="pt").to(self.model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, generation_config=gen_config)
+        token = _task_token(prompt)
+        if token in self.region_types:
+            raw = self.processor.batch_decode(out, skip_special_tokens=False)[0]
+            parsed = self.processor.post_process_generation(raw, task=token, image_size=image.size)[token]
+            return Answer(json.dumps(parsed, ensure_ascii=False), draw_regions(image, parsed))
+        return Answer(self.processor.batch_decode(out, skip_special_tokens=True)[0].strip(), None)
+
+
+def _task_token(prompt: str) -> str:
+    match = re.match(r"<[A-Z_]+>", prompt)
+    return match.group(0) if match else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+
+
+def build_app(predictor: Predictor, default: str, title: str) -> Any:
+    """The Gradio page: image, task, question → answer (+ regions drawn). Its API name is ``/predict``."""
+    gr = require_gradio()
+
+    def answer(image: Any, choice: str, question: str) -> tuple[str, Any]:
+        try:
+            result = predictor(image, choice, question)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        return result.text, result.regions
+
+    with gr.Blocks(title=f"florence-kit: {title}") as app:
+        gr.Markdown(f"## florence-kit · {title}\nUpload a document image, pick a task, type a question.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="document image", sources=["upload", "clipboard"])
+                task = gr.Dropdown(predictor.choices(), value=default, label="task")
+                question = gr.Textbox(label="question", placeholder="What is the total?")
+                run = gr.Button("Answer", variant="primary")
+            with gr.Column():
+                text = gr.Textbox(label="answer", interactive=False)
+                regions = gr.Image(type="pil", label="regions (tasks that return boxes)", interactive=False)
+        run.click(answer, [image, task, question], [text, regions], api_name="predict")
+        question.submit(answer, [image, task, question], [text, regions], api_visibility="private")
+    return app
+
+
+def offline_theme(gr: Any) -> Any:
+    """The default look with system fonts: the stock theme fetches its fonts from the web."""
+    return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def serve(model_path: str, task: str, host: str, port: int, tasks_dirs: list | None = None,
+          print_fn: Any = print) -> None:
+    """Load the model, build the page and serve it until interrupted."""
+    from florence_kit.model import load_model
+    from florence_kit.registry import all_tasks, get_task
+
+    default = get_task(task, tasks_dirs or []).name  # an unknown --task fails before the model loads
+    gr = require_gradio()
+    tasks = dict(all_tasks(tasks_dirs or []))
+    model, processor = load_model(model_path)
+    app = build_app(Predictor(model, processor, tasks), default, str(model_path))
+    print_fn(f"serving {model_path} on http://{host}:{port} (Ctrl+C stops)")
+    try:
+        app.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
+                   quiet=True, theme=offline_theme(gr), footer_links=[])
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port} ({exc}); choose another --port") from None
