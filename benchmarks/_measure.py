@@ -99,6 +99,12 @@ def main(spec: dict) -> dict:
 
     torch.set_num_threads(spec.get("threads", 2))
     cuda = spec.get("device") == "cuda"
+    if spec["mode"] in ("lora", "qlora"):  # imports belong to the baseline, as for the other modes
+        import peft  # noqa: F401
+
+        import florence_kit.adapters  # noqa: F401
+    if spec["mode"] == "qlora":
+        import bitsandbytes  # noqa: F401
     base = _status("VmRSS")
     model, frozen_vision = build(spec["model"], spec["mode"], spec.get("lora_r", 16))
     # PEFT injects the adapters into the native model's modules: train through the native model
