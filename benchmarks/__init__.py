@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.memory`` (predicted vs measured peak memory)."""

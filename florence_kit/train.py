@@ -74,6 +74,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_max_samples: int | None = 200
     early_stopping_patience: int = 0
+    # --- memory ---
+    gradient_checkpointing: bool = False  # BART layers (transformers) + DaViT blocks (florence_kit.checkpointing)
+    fit: str = "off"  # off | auto: micro-batch, accumulation and checkpointing from florence_kit.memory
 
 
 @dataclass
@@ -296,6 +299,10 @@ def train_loop(
         )
     set_seed(cfg.seed)
     apply_mode(model, cfg.mode, cfg.lora_vision)
+    if cfg.gradient_checkpointing:
+        from florence_kit.checkpointing import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
     collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
@@ -581,6 +588,13 @@ def finetune(
         raise UserError("no training examples left after the length preflight")
     evaluator = make_evaluator(tasks[0], cfg, processor) if cfg.eval_every else None
 
+    if cfg.fit == "auto":
+        from florence_kit.memory import fit_auto
+
+        kept = set(report.keep)
+        cfg = fit_auto(cfg, model, processor, (row for row in dataset.texts() if row[0] in kept), say)
+    elif cfg.fit != "off":
+        raise UserError(f"--fit must be off or auto, got '{cfg.fit}'")
     adapter = Mode(cfg.mode) in ADAPTER_MODES
     if adapter:
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision)

@@ -29,6 +29,11 @@ class Optim(str, Enum):
     paged_adamw8bit = "paged-adamw8bit"
 
 
+class Fit(str, Enum):
+    off = "off"
+    auto = "auto"
+
+
 class TooLong(str, Enum):
     drop = "drop"
     truncate = "truncate"
@@ -87,6 +92,14 @@ def finetune(
         typer.Option(help="Optimizer; 8-bit ones need bitsandbytes. Default: adamw (qlora: paged-adamw8bit on "
                      "CUDA, adamw8bit elsewhere)."),
     ] = None,
+    # --- memory ---
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations in the backward pass (BART layers and DaViT blocks).")
+    ] = False,
+    fit: Annotated[
+        Fit, typer.Option(help="auto: pick micro-batch × accumulation = --batch-size, and checkpointing, to fit "
+                          "this machine's memory (see `florence-kit plan`).")
+    ] = Fit.off,
     # --- runtime ---
     precision: Annotated[
         Precision, typer.Option(help="auto: bf16 on GPUs that have it, fp16 + loss scaling on older GPUs, fp32 on CPU.")
@@ -154,6 +167,7 @@ def finetune(
         report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
         precision=precision.value, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         eval_every=eval_every, eval_max_samples=eval_max_samples, early_stopping_patience=early_stopping_patience,
+        gradient_checkpointing=gradient_checkpointing, fit=fit.value,
     )
     if config is not None:
         from florence_kit.runconfig import apply_config_file

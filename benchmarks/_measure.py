@@ -1,0 +1,142 @@
+"""One training configuration in this (fresh) process: print its peak memory as JSON.
+
+Run by :mod:`benchmarks.memory` in a subprocess per configuration, with glibc's mmap threshold fixed
+so that freed tensors go back to the OS and the resident set follows live memory. On CPU the peak is
+the process's high-water mark (VmHWM) minus its resident size after the imports, before the model is
+built; on CUDA it is ``torch.cuda.max_memory_reserved`` (the CUDA context is not included).
+Usage: python -m benchmarks._measure '{"model": "base", "mode": "full", "batch": 1, ...}'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def build(model_name: str, mode: str, lora_r: int) -> tuple:
+    """(model, frozen_vision) built from a config with random weights, mode applied as train.py does."""
+    import torch
+    from transformers import Florence2ForConditionalGeneration
+
+    from florence_kit.memory import load_config
+
+    config = load_config(model_name)
+    torch.manual_seed(0)
+    model = _quantized(config) if mode == "qlora" else Florence2ForConditionalGeneration(config)
+    if mode in ("lora", "qlora"):
+        model = _wrap_lora(model, lora_r)
+    from florence_kit.modes import Mode, apply_mode, frozen_components
+
+    if mode in {m.value for m in Mode}:
+        apply_mode(model, mode)
+        return model, "vision" in frozen_components(mode)
+    # lora/qlora before florence_kit.modes knows them: adapters and the projector copy train, nothing else
+    for name, param in model.named_parameters():
+        trains = "lora_" in name or ("multi_modal_projector" in name and "original_module" not in name)
+        param.requires_grad_(trains and param.is_floating_point())
+    return model, True
+
+
+def _wrap_lora(model, r: int):
+    try:  # the shared function once helper "lora" is merged
+        from florence_kit.adapters import wrap_lora
+
+        return wrap_lora(model, r=r, alpha=2 * r, dropout=0.05, lora_vision=False)
+    except ImportError:
+        from peft import LoraConfig, get_peft_model
+
+        targets = (
+            r"model\.language_model\.(encoder|decoder)\.layers\.\d+\."
+            r"((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)"
+        )
+        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets,
+                            modules_to_save=["multi_modal_projector"])
+        return get_peft_model(model, config)
+
+
+def _quantized(config):
+    """4-bit NF4 Linear layers (bitsandbytes) in place of the language model's Linear layers."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig, Florence2ForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Florence2ForConditionalGeneration(config).save_pretrained(tmp)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   llm_int8_skip_modules=["model.multi_modal_projector", "lm_head"])
+        return Florence2ForConditionalGeneration.from_pretrained(tmp, quantization_config=quant)
+
+
+def batch_for(config, batch: int, image_size: int, prompt: int, target: int) -> dict:
+    import torch
+
+    from florence_kit.memory import image_tokens
+
+    n_img = image_tokens(config, image_size)
+    ids = torch.randint(5, 1000, (batch, n_img + prompt + 2))
+    ids[:, 1 : n_img + 1] = config.image_token_id
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(batch, 3, image_size, image_size),
+        "labels": torch.randint(5, 1000, (batch, target)),
+    }
+
+
+def main(spec: dict) -> dict:
+    import torch
+
+    from florence_kit.checkpointing import enable_gradient_checkpointing
+    from florence_kit.train import forward_loss, make_optimizer
+
+    torch.set_num_threads(spec.get("threads", 2))
+    cuda = spec.get("device") == "cuda"
+    if spec["mode"] in ("lora", "qlora"):  # imports belong to the baseline, as for the other modes
+        import peft  # noqa: F401
+
+        import florence_kit.adapters  # noqa: F401
+    if spec["mode"] == "qlora":
+        import bitsandbytes  # noqa: F401
+    base = _status("VmRSS")
+    model, frozen_vision = build(spec["model"], spec["mode"], spec.get("lora_r", 16))
+    # PEFT injects the adapters into the native model's modules: train through the native model
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if cuda:
+        model.cuda()
+    if spec.get("checkpointing"):
+        enable_gradient_checkpointing(model)
+    model.train()
+    if frozen_vision:
+        from florence_kit.modes import component
+
+        component(model, "vision").eval()
+    optim = spec.get("optim", "adamw")
+    if optim == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    else:
+        optimizer = make_optimizer(model, 1e-5, 0.0)
+    data = batch_for(model.config, spec["batch"], spec["image_size"], spec["prompt"], spec["target"])
+    if cuda:
+        data = {k: v.cuda() for k, v in data.items()}
+    for _ in range(spec.get("steps", 2)):  # two steps: the second runs with the optimizer state allocated
+        loss = forward_loss(model, data, frozen_vision)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_reserved() if cuda else _status("VmHWM") - base
+    return {**spec, "measured": peak, "loss": float(loss.detach())}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))

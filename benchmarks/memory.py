@@ -1,0 +1,103 @@
+"""Predicted vs measured peak memory of a training step, per mode and batch size.
+
+    python -m benchmarks.memory                    # tiny model, every mode, batch 1 and 4 (a few minutes)
+    python -m benchmarks.memory --model base       # Florence-2-base-sized random model at 768×768 (slow: ~10 GB RAM)
+    python -m benchmarks.memory --from-json benchmarks/memory_base_cpu.jsonl   # re-print saved measurements
+
+Each configuration runs in a fresh subprocess (benchmarks/_measure.py): model built from its config with
+random weights, mode applied, two forward+backward+AdamW steps (the second with the optimizer state
+allocated). On CPU the measurement is the peak resident set minus the resident set after the imports;
+on a CUDA machine (``--device cuda``) ``torch.cuda.max_memory_reserved``. The prediction is
+florence_kit.memory.estimate for the same setting; the goal is |measured/predicted - 1| <= 15 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULTS = {
+    "tiny": {"image_size": 128, "prompt": 20, "target": 16, "batches": [1, 4]},
+    "base": {"image_size": 768, "prompt": 20, "target": 16, "batches": [1, 2]},
+    "large": {"image_size": 768, "prompt": 20, "target": 16, "batches": [1, 2]},
+}
+# (mode, gradient checkpointing) pairs measured by default
+CONFIGS = [("full", False), ("full", True), ("frozen-encoder", False), ("lora", False), ("qlora", False)]
+
+
+def measure(spec: dict) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TRANSFORMERS_VERBOSITY="error")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks._measure", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        return {**spec, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def predict(spec: dict) -> float:
+    from florence_kit.memory import Setting, Shape, estimate, load_config, sizes
+
+    s = sizes(load_config(spec["model"]))
+    setting = Setting(
+        mode=spec["mode"], batch=spec["batch"], checkpointing=bool(spec.get("checkpointing")),
+        optim=spec.get("optim", "adamw"), lora_r=spec.get("lora_r", 16),
+    )
+    shape = Shape(spec["image_size"], spec["prompt"], spec["target"])
+    return estimate(s, setting, shape, spec.get("device", "cpu")).peak
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | mode | checkpointing | batch | predicted GB | measured GB | measured / predicted |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        pred = predict(r)
+        meas = r.get("measured")
+        ratio = f"{meas / pred:.2f}" if meas else r.get("error", "")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {'on' if r.get('checkpointing') else 'off'} | {r['batch']} | "
+            f"{pred / 1e9:.2f} | {meas / 1e9 if meas else float('nan'):.2f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny | base | large | checkpoint folder")
+    parser.add_argument("--batches", type=int, nargs="*", help="batch sizes (default per model)")
+    parser.add_argument("--modes", nargs="*", help="subset of: full full+ckpt frozen-encoder lora qlora")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, help="append each measurement to this JSONL file")
+    parser.add_argument("--from-json", type=Path, help="print the table of saved measurements, measure nothing")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        rows = [json.loads(line) for line in args.from_json.read_text().splitlines() if line.strip()]
+        print(table(rows))
+        return
+    defaults = DEFAULTS.get(args.model, DEFAULTS["base"])
+    configs = CONFIGS
+    if args.modes:
+        configs = [(m.removesuffix("+ckpt"), m.endswith("+ckpt")) for m in args.modes]
+    rows = []
+    for mode, ckpt in configs:
+        for batch in args.batches or defaults["batches"]:
+            spec = {"model": args.model, "mode": mode, "batch": batch, "checkpointing": ckpt, "device": args.device,
+                    **{k: defaults[k] for k in ("image_size", "prompt", "target")}}
+            row = measure(spec)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""``florence-kit plan TASK``: predicted peak memory per mode and the largest batch that fits a GPU."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from florence_kit.cli.common import TasksDirOption, console, user_errors
+
+
+class Gpu(str, Enum):
+    t4 = "t4"
+    l4 = "l4"
+    a100_40 = "a100-40"
+    a100_80 = "a100-80"
+    h100 = "h100"
+
+
+class PlanMode(str, Enum):
+    full = "full"
+    frozen_encoder = "frozen-encoder"
+    lora = "lora"
+    qlora = "qlora"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@user_errors
+def plan(
+    task: Annotated[str, typer.Argument(help="Task name (its target length sets the decoder tokens).")],
+    model: Annotated[str, typer.Option(help="base, large, or a checkpoint folder (only its config is read).")] = "base",
+    gpu: Annotated[Gpu | None, typer.Option(help="Card to plan for; default: this machine (GPU, else RAM).")] = None,
+    mode: Annotated[PlanMode | None, typer.Option(help="Only this mode (default: every mode).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Effective batch to reach (micro-batch × accumulation).")] = 8,
+    precision: Annotated[Precision, typer.Option(help="auto: bf16, fp16 on a T4, fp32 on CPU.")] = Precision.auto,
+    image_size: Annotated[int | None, typer.Option(help="Image side; default: the model's processor's.")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens besides the image tokens.")] = 32,
+    target_tokens: Annotated[
+        int | None, typer.Option(help="Target tokens; default: the task's max_new_tokens.")
+    ] = None,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank assumed for lora/qlora.")] = 16,
+    tasks_dir: TasksDirOption = None,
+) -> None:
+    """Predict peak training memory per mode and pick batch × accumulation (+ checkpointing) that fits.
+
+    Examples:
+
+      florence-kit plan docvqa --model base --gpu t4
+
+      florence-kit plan docvqa --model large --gpu a100-40 --mode lora --batch-size 32
+    """
+    from florence_kit.errors import UserError
+    from florence_kit.memory import (
+        GIB,
+        MODES,
+        Shape,
+        gpu_budget,
+        image_tokens,
+        load_config,
+        local_budget,
+        model_image_size,
+        plan_modes,
+        sizes,
+    )
+    from florence_kit.registry import get_task
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    spec = get_task(task, list(tasks_dir or []))
+    config = load_config(model)
+    s = sizes(config)
+    side = image_size or model_image_size(model)
+    target = target_tokens or int(spec.generation.get("max_new_tokens", 64))
+    shape = Shape(side, prompt_tokens, target)
+    budget = gpu_budget(gpu.value, precision.value) if gpu else local_budget(precision.value)
+    if budget.device == "cpu" and budget.precision != "fp32":
+        raise UserError("on CPU the planner models fp32 training only; drop --precision or pass --gpu")
+    modes = (mode.value,) if mode else MODES
+    fits = plan_modes(s, shape, budget, batch_size, modes, lora_r)
+
+    prec = {"fp32": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}[budget.precision]
+    console.print(
+        f"Florence-2 {model} ({s.total / 1e6:,.0f} M parameters) on {budget.label}: "
+        f"{budget.memory / GIB:.1f} GiB usable, {prec}", highlight=False, soft_wrap=True,
+    )
+    console.print(
+        f"{spec.name} at {side}×{side}: {image_tokens(config, side)} image tokens + {prompt_tokens} prompt tokens, "
+        f"{target} target tokens; effective batch {batch_size}", highlight=False, soft_wrap=True,
+    )
+    header = f"{'mode':<15} {'peak @ batch 1':>15} {'largest batch':>14} {'with checkpointing':>19}   --fit auto picks"
+    console.print(header, highlight=False, soft_wrap=True)
+    for f in fits:
+        console.print(
+            f"{f.mode:<15} {f.peak_1 / GIB:>11.1f} GiB {f.max_batch:>14} {f.max_batch_ckpt:>19}   "
+            f"{f.describe()}" + (f" (peak {f.peak / GIB:.1f} GiB)" if f.fits else ""),
+            highlight=False, soft_wrap=True,
+        )
+    usable = [f for f in fits if f.fits]
+    if not usable:
+        raise UserError("no mode fits this memory; try --mode qlora, a smaller --image-size, or a larger GPU")

@@ -1,0 +1,189 @@
+"""Gradient checkpointing is exact and saves memory; the memory model and planner behave; --fit auto runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from florence_kit.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from florence_kit.cli import app
+from florence_kit.memory import (
+    GPUS,
+    MODES,
+    Budget,
+    Setting,
+    Shape,
+    estimate,
+    fit,
+    image_tokens,
+    load_config,
+    plan_modes,
+    sizes,
+)
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return sizes(load_config("base"))
+
+
+def _tiny_with_dropout():
+    """Tiny model with two DaViT blocks, drop-path and dropout on: checkpointing must replay the same masks."""
+    from transformers import Florence2ForConditionalGeneration
+
+    from florence_kit.tiny import tiny_config
+
+    config = tiny_config(vision_depths=(2,), vision_drop_path_rate=0.2, dropout=0.1, attention_dropout=0.1)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config).train()
+    batch = {
+        "input_ids": torch.cat([torch.full((2, 17), config.image_token_id), torch.randint(5, 200, (2, 6))], 1),
+        "pixel_values": torch.randn(2, 3, 128, 128),
+        "labels": torch.randint(5, 200, (2, 5)),
+    }
+    return model, batch
+
+
+def _grads_and_saved_bytes(model, batch) -> tuple[dict[str, torch.Tensor], int]:
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, sum(b for ptr, b in saved.items() if ptr not in params)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(tmp_path):
+    model, batch = _tiny_with_dropout()
+    plain, plain_bytes = _grads_and_saved_bytes(model, batch)
+    counts = enable_gradient_checkpointing(model)
+    assert counts == {"vision": 2, "language": 4}  # both DaViT blocks, 2 encoder + 2 decoder BART layers
+    ckpt, ckpt_bytes = _grads_and_saved_bytes(model, batch)
+    assert plain.keys() == ckpt.keys() and any(n.startswith("model.vision_tower.blocks") for n in ckpt)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert ckpt_bytes < 0.6 * plain_bytes  # autograd keeps far less between forward and backward
+    disable_gradient_checkpointing(model)
+    again, again_bytes = _grads_and_saved_bytes(model, batch)
+    assert again_bytes == plain_bytes
+
+
+def test_builtin_configs_have_florence2_sizes(base):
+    large = sizes(load_config("large"))
+    assert 0.22e9 < base.total < 0.24e9 and 0.76e9 < large.total < 0.78e9
+    assert image_tokens(load_config("base"), 768) == 577
+    # lora targets: 6 per encoder layer, 10 per decoder layer (self- and cross-attention)
+    assert len(base.lora_targets) == 6 * 6 + 10 * 6
+
+
+def test_memory_model_orders_modes_and_grows_with_batch(base):
+    shape = Shape(768, 32, 64)
+    peaks = {m: [estimate(base, Setting(m, b), shape).peak for b in (1, 2, 4, 8)] for m in MODES}
+    for mode, values in peaks.items():
+        assert values == sorted(values) and values[0] < values[-1], mode
+    for b in range(4):
+        assert peaks["qlora"][b] < peaks["lora"][b] < peaks["frozen-encoder"][b] < peaks["full"][b]
+    for mode in MODES:
+        plain = estimate(base, Setting(mode, 4), shape)
+        ckpt = estimate(base, Setting(mode, 4, checkpointing=True), shape)
+        assert ckpt.activations < plain.activations and ckpt.peak < plain.peak
+    # mixed precision: activations shrink, fp32 master weights, grads and Adam state stay
+    fp32, bf16 = estimate(base, Setting("full", 4), shape), estimate(base, Setting("full", 4, precision="bf16"), shape)
+    assert bf16.activations < fp32.activations and bf16.grads == fp32.grads and bf16.optimizer == fp32.optimizer
+    # 8-bit AdamW: a quarter of the optimizer state
+    assert estimate(base, Setting("full", 1, optim="adamw8bit"), shape).optimizer == pytest.approx(
+        fp32.optimizer / 4)
+
+
+def test_fit_reaches_the_effective_batch_and_checkpoints_only_when_needed(base):
+    shape, t4 = Shape(768, 32, 64), GPUS["t4"].memory * 0.95
+    for f in plan_modes(base, shape, Budget("t4", t4, "cuda", "fp16"), 8):
+        assert f.fits and f.micro_batch * f.grad_accum == 8 and f.peak <= t4
+        assert f.max_batch >= f.micro_batch
+    # a budget where batch 1 fits only with checkpointing
+    plain1 = estimate(base, Setting("full", 1), shape).peak
+    ckpt1 = estimate(base, Setting("full", 1, checkpointing=True), shape).peak
+    tight = fit(base, Setting("full"), shape, (plain1 + ckpt1) / 2, "cpu", 6)
+    assert tight.checkpointing and tight.micro_batch >= 1 and tight.micro_batch * tight.grad_accum == 6
+    assert not fit(base, Setting("full"), shape, ckpt1 / 2, "cpu", 6).fits
+
+
+def test_plan_prints_every_mode_for_a_t4_and_an_h100():
+    for gpu, precision in (("t4", "fp16"), ("h100", "bf16")):
+        result = runner.invoke(app, ["plan", "docvqa", "--model", "base", "--gpu", gpu])
+        assert result.exit_code == 0, result.output
+        assert f"{precision} mixed precision" in result.output and "577 image tokens" in result.output
+        rows = [line for line in result.output.splitlines() if line.split(" ")[0] in MODES]
+        assert [r.split()[0] for r in rows] == list(MODES)
+        assert all("batch" in r and "accumulation" in r for r in rows)
+    result = runner.invoke(app, ["plan", "docvqa", "--model", "large", "--gpu", "t4", "--mode", "full"])
+    assert result.exit_code == 2 and "does not fit" in result.output
+    result = runner.invoke(app, ["plan", "docvqa", "--model", "no/such/folder", "--gpu", "t4"])
+    assert result.exit_code == 2 and "config.json" in result.output
+
+
+def test_plan_reads_a_checkpoint_folder(tiny_dir):
+    result = runner.invoke(app, ["plan", "docvqa", "--model", str(tiny_dir), "--gpu", "l4", "--mode", "lora"])
+    assert result.exit_code == 0, result.output
+    assert "128×128: 17 image tokens" in result.output
+
+
+def test_finetune_fit_auto_splits_the_batch_to_fit(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
+    """With a budget that fits two samples, an effective batch of 4 becomes 2 × accumulation 2."""
+    import florence_kit.memory as memory
+
+    s = memory.sizes(load_config(str(tiny_dir)))
+    shape = Shape(128, 600, 100)
+    two = estimate(s, Setting("full", 2), shape).peak
+    three = estimate(s, Setting("full", 3), shape).peak
+    monkeypatch.setattr(memory, "local_budget", lambda precision=None: Budget("test", (two + three) / 2, "cpu", "fp32"))
+    monkeypatch.setattr(memory, "text_lengths", lambda processor, rows: (600, 100))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--fit", "auto",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "effective batch 4 = batch 2 × accumulation 2" in " ".join(result.output.split())
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert (cfg["batch_size"], cfg["grad_accum"], cfg["fit"]) == (2, 2, "auto")
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and log[-1]["samples"] == 8
+
+
+def test_finetune_with_gradient_checkpointing_trains(tiny_dir, docvqa_dir, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2",
+                                 "--gradient-checkpointing", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["gradient_checkpointing"] is True
+
+
+def test_checked_in_measurements_are_within_15_percent():
+    """The CPU measurements checked into benchmarks/ against the current model (re-measure when it changes)."""
+    from benchmarks.memory import predict
+
+    rows = []
+    for name in ("memory_base_cpu.jsonl", "memory_tiny_cpu.jsonl"):
+        rows += [json.loads(line) for line in (ROOT / "benchmarks" / name).read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"base", "tiny"} and len({r["mode"] for r in rows}) >= 2
+    for row in rows:
+        ratio = row["measured"] / predict(row)
+        assert 0.85 <= ratio <= 1.15, (row, ratio)
+
