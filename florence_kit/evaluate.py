@@ -94,8 +94,10 @@ def score_records(
         if not scored:
             summary[name] = None
             continue
-        per_sample, total = get_metric(name).compute(predictions, references)
+        per_sample, total, details = get_metric(name).compute_with_details(predictions, references)
         summary[name] = total
+        if details:  # e.g. mAP@.5, per-class AP and unknown class names for region tasks
+            summary[f"{name}_details"] = details
         if name == metric.name:
             for rec, value in zip(scored, per_sample, strict=True):
                 rec["score"] = value
