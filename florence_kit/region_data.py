@@ -324,7 +324,8 @@ def load_yolo(root: Path) -> Any:
             if not 0 <= cls < len(names) or len(fields) < 5:
                 bad += 1
                 continue
-            boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height])
+            # to a thousandth of a pixel: 6-digit normalised text must not push an integer edge across a bin
+            boxes.append([round(v, 3) for v in ((cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height)])
             cats.append(cls)
         splits.setdefault(split, []).append({
             "image": str(image_path), "image_id": image_path.stem, "width": width, "height": height,

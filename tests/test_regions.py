@@ -276,8 +276,13 @@ def test_od_trains_and_evaluates_from_a_coco_folder(tiny_dir: Path, coco_dir: Pa
     assert 0.0 <= metrics["coco_map"] <= 1.0 and "map_50" in metrics
     details = metrics["coco_map_details"]
     assert {"map", "map_50", "ap_per_class", "unknown_labels"} <= set(details)
-    rescored = runner.invoke(app, ["score", str(tmp_path / "ev" / "predictions.jsonl"), "--metric", "coco_map"])
+    rescored = runner.invoke(app, ["score", "od", str(tmp_path / "ev" / "predictions.jsonl"), "--json"])
     assert rescored.exit_code == 0, rescored.output
+    assert json.loads(rescored.stdout)["coco_map"] == pytest.approx(metrics["coco_map"])
+    truth = [p["references"] for p in preds]
+    perfect = [encode_regions(json.loads(r[0])["labels"], json.loads(r[0])["boxes"], json.loads(r[0])["size"])
+               for r in truth]
+    assert get_metric("coco_map").compute(perfect, truth)[1] == pytest.approx(1.0)  # the references round trip
 
 
 @pytest.mark.parametrize("task", ["grounding", "region-caption", "ocr-region"])
@@ -306,4 +311,4 @@ def test_hub_layout_with_xyxy_boxes_needs_the_box_format(scenes: dict) -> None:
     as_xyxy = task.__class__(**{**task.__dict__, "regions": {**task.regions, "box_format": "xyxy"}})
     assert [e.target for e in _examples(ds)] == [TaskDataset(xyxy, as_xyxy, with_target=True)[i].target
                                                  for i in range(len(xyxy))]
-    assert isinstance(ds.features["objects"].feature["category"], datasets.ClassLabel)
+    assert isinstance(ds.features["objects"]["category"].feature, datasets.ClassLabel)
