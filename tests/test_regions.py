@@ -312,3 +312,38 @@ def test_hub_layout_with_xyxy_boxes_needs_the_box_format(scenes: dict) -> None:
     assert [e.target for e in _examples(ds)] == [TaskDataset(xyxy, as_xyxy, with_target=True)[i].target
                                                  for i in range(len(xyxy))]
     assert isinstance(ds.features["objects"]["category"].feature, datasets.ClassLabel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeing it
+
+
+def test_answer_is_parsed_and_drawn_into_a_png(processor, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from florence_kit.region_view import draw_answer, parse_answer, png_path
+
+    spec = get_task("od")
+    image = Image.new("RGB", (128, 128), "white")
+    text = encode_regions(["traffic-light"], [[20, 30, 90, 100]], image.size)
+    parsed = parse_answer(spec, processor, text, image.size)
+    assert parsed["labels"] == ["traffic-light"] and parsed["bboxes"] == [[20, 30, 90, 100]]
+    out = draw_answer(image, parsed, png_path(tmp_path / "page.png", spec))
+    assert out == tmp_path / "page.od.png"
+    drawn = Image.open(out).convert("RGB")
+    assert drawn.getpixel((55, 100)) != (255, 255, 255) and drawn.getpixel((55, 65)) == (255, 255, 255)
+    assert draw_answer(image, parse_answer(spec, processor, "nothing", image.size), tmp_path / "x.png") is None
+
+
+def test_predict_on_a_region_task_prints_json_and_says_what_it_drew(tiny_dir: Path, tmp_path: Path) -> None:
+    page = tmp_path / "page.png"
+    shape_scenes(2, seed=3)[1].image.save(page)
+    result = runner.invoke(app, ["predict", str(page), "--task", "od", "--model", str(tiny_dir)])
+    assert result.exit_code == 0, result.output
+    first, second = result.stdout.strip().splitlines()[-2:]
+    parsed = json.loads(first)
+    assert set(parsed) == {"bboxes", "labels"}
+    if parsed["bboxes"]:
+        assert second == f"regions drawn: {tmp_path / 'page.od.png'}" and (tmp_path / "page.od.png").is_file()
+    else:
+        assert second.startswith("no regions") and not (tmp_path / "page.od.png").exists()

@@ -22,6 +22,10 @@ def _print_metrics(metrics: dict) -> None:
     console.print(
         f"[bold]{metrics.get('task', '')} {name}[/]: {shown}  ({metrics['n_scored']}/{metrics['n']} scored{also})"
     )
+    details = metrics.get(f"{name}_details") or {}
+    if details.get("unknown_labels"):  # region tasks: generated class names outside the label set
+        names = ", ".join(f"{k!r} x{v}" for k, v in details["unknown_label_names"].items())
+        console.print(f"{details['unknown_labels']} generated box(es) named no known class: {names}", markup=False)
 
 
 @user_errors
@@ -118,4 +122,12 @@ def predict(
     prompt = spec.prompt.format(**{name: question for name in fields})
     net, processor = load_model(model)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams)
+    if spec.regions:  # --- regions: parsed boxes as JSON, drawn into a PNG beside the image ---
+        from florence_kit.region_view import draw_answer, generate_raw, parse_answer, png_path
+
+        parsed = parse_answer(spec, processor, generate_raw(net, processor, picture, prompt, gen_config), picture.size)
+        typer.echo(json.dumps(parsed, ensure_ascii=False))
+        drawn = draw_answer(picture, parsed, png_path(image, spec))
+        typer.echo(f"regions drawn: {drawn}" if drawn else "no regions in the answer (nothing drawn)")
+        return
     typer.echo(generate(net, processor, [picture], [prompt], gen_config)[0])

@@ -1,0 +1,62 @@
+"""Seeing region answers: parse a generated ``<loc_*>`` text and draw its boxes/polygons on the image.
+
+``predict`` on a region task prints the parsed result (JSON, pixel coordinates, as the processor's
+``post_process_generation`` returns it) and saves the drawing as a PNG next to the input image.
+Drawing reuses :func:`florence_kit.serve.draw_regions`, the same code the web page uses.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from florence_kit.boxes import ensure_parse_config, parse_boxes, parse_quads
+from florence_kit.task import TaskSpec
+
+
+def task_token(prompt: str) -> str:
+    match = re.match(r"<[A-Z_]+>", prompt)
+    return match.group(0) if match else ""
+
+
+def parse_answer(spec: TaskSpec, processor: Any, text: str, size: tuple[int, int]) -> dict[str, Any]:
+    """The processor's own parse of ``text`` for the task's token; our matching parser when it has none."""
+    token = task_token(spec.prompt)
+    if processor is not None and token in getattr(processor, "tasks_answer_post_processing_type", {}):
+        ensure_parse_config(processor)
+        return processor.post_process_generation(text, task=token, image_size=size)[token]
+    kind = (spec.regions or {}).get("kind")
+    return parse_quads(text, size, whole_pixels=True) if kind == "ocr-region" else parse_boxes(text, size, True)
+
+
+def png_path(image_path: Path, spec: TaskSpec) -> Path:
+    """``page.png`` + task ``od`` -> ``page.od.png`` beside it (``/`` in task names becomes ``_``)."""
+    return image_path.with_name(f"{image_path.stem}.{spec.name.replace('/', '_')}.png")
+
+
+def generate_raw(model: Any, processor: Any, image: Any, prompt: str, gen_config: Any) -> str:
+    """One answer decoded WITH its location tokens (only ``<s>``, ``</s>`` and padding removed): some
+    tokenizers mark ``<loc_*>`` as special, and skipping special tokens would erase every box."""
+    import torch
+
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=gen_config)
+    text = processor.batch_decode(out, skip_special_tokens=False)[0]
+    tok = processor.tokenizer
+    for special in {tok.bos_token, tok.eos_token, tok.pad_token} - {None}:
+        text = text.replace(special, "")
+    return text.strip()
+
+
+def draw_answer(image: Any, result: dict[str, Any], out: Path) -> Path | None:
+    """Save the regions drawn on ``image`` to ``out``; None when the answer holds no region."""
+    from florence_kit.serve import draw_regions
+
+    drawing = draw_regions(image, result)
+    if drawing is None:
+        return None
+    drawing.save(out)
+    return out
