@@ -17,6 +17,8 @@ The task's ``regions:`` mapping (see :func:`check_regions`) names the kind and w
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import warnings
 from collections.abc import Sequence
@@ -30,6 +32,21 @@ from florence_kit.errors import UserError
 KINDS = ("od", "grounding", "region-caption", "ocr-region")
 BOX_FORMATS = ("xywh", "xyxy", "xywhn", "xyxyn", "cxcywhn", "quad", "quadn")
 REGION_KEYS = {"kind", "box_format", "objects", "bbox", "category", "caption"}
+
+
+class BoxFormat(str, enum.Enum):
+    """How a source writes its boxes (``--box-format``): pixels ``xywh`` (COCO) / ``xyxy``; ``n`` = 0-1 of the
+    image size (``cxcywhn`` is YOLO's); ``quad`` = 8 numbers x1 y1 ... x4 y4 (OCR lines)."""
+
+    xywh = "xywh"
+    xyxy = "xyxy"
+    xywhn = "xywhn"
+    xyxyn = "xyxyn"
+    cxcywhn = "cxcywhn"
+    quad = "quad"
+    quadn = "quadn"
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -53,6 +70,17 @@ def check_regions(value: Any, origin: str) -> dict[str, Any]:
         raise UserError(f"{origin}: regions.box_format must be one of {', '.join(BOX_FORMATS)}, "
                         f"got '{out['box_format']}'")
     return out
+
+
+def with_box_format(spec: Any, box_format: str | None) -> Any:
+    """``spec`` reading its boxes in ``box_format`` (the ``--box-format`` flag); unchanged when None."""
+    if not box_format:
+        return spec
+    if not spec.regions:
+        raise UserError(f"--box-format applies to region tasks (od, grounding, ...), not to '{spec.name}'")
+    if box_format not in BOX_FORMATS:
+        raise UserError(f"--box-format must be one of {', '.join(BOX_FORMATS)}, got '{box_format}'")
+    return dataclasses.replace(spec, regions={**spec.regions, "box_format": box_format})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ class TrainConfig:
     # --- tasks ---
     streaming: bool = False
     mix_weights: str | None = None
+    # --- regions ---
+    box_format: str | None = None  # region tasks: how the data writes boxes (None: the task's own)
 
 
 @dataclass
@@ -214,11 +216,13 @@ def finetune(
     from florence_kit.model import load_model, save_checkpoint
     from florence_kit.modes import apply_mode, trainable_counts
     from florence_kit.progress import StepProgress
+    from florence_kit.region_data import with_box_format
     from florence_kit.registry import resolve_tasks
 
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)
     tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
+    tasks = [with_box_format(t, cfg.box_format) for t in tasks]  # regions: --box-format (None: unchanged)
     model, processor = load_model(cfg.model)  # before the data: a bad --model fails in seconds, not after a download
     task = training_data(tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
                          mix_weights=cfg.mix_weights, seed=cfg.seed)

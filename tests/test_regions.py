@@ -347,3 +347,14 @@ def test_predict_on_a_region_task_prints_json_and_says_what_it_drew(tiny_dir: Pa
         assert second == f"regions drawn: {tmp_path / 'page.od.png'}" and (tmp_path / "page.od.png").is_file()
     else:
         assert second.startswith("no regions") and not (tmp_path / "page.od.png").exists()
+
+
+def test_box_format_flag(scenes: dict, tmp_path: Path) -> None:
+    from florence_kit.region_data import with_box_format
+    from florence_kit.train import TrainConfig
+
+    assert with_box_format(get_task("od"), "xyxy").regions["box_format"] == "xyxy"
+    assert with_box_format(get_task("od"), None) == get_task("od")
+    result = runner.invoke(app, ["eval", "caption", "--box-format", "xyxy", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "applies to region tasks" in result.output
+    assert TrainConfig(task="od", model="m", output_dir=tmp_path, box_format="xyxyn").box_format == "xyxyn"

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.region_data import BoxFormat
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -44,6 +45,11 @@ def eval_(
     ] = False,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Answer length cap; default: the task's.")] = None,
+    # --- regions ---
+    box_format: Annotated[
+        BoxFormat | None,
+        typer.Option(help="Region tasks: how the data writes boxes (default: the task's, xywh as COCO)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -54,9 +60,10 @@ def eval_(
     from florence_kit.data import cap_rows, load_split
     from florence_kit.evaluate import evaluate, write_results
     from florence_kit.model import load_model
+    from florence_kit.region_data import with_box_format
     from florence_kit.registry import get_task
 
-    spec = get_task(task, tasks_dir or [])
+    spec = with_box_format(get_task(task, tasks_dir or []), box_format.value if box_format else None)
     data = cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
     net, processor = load_model(model)
     result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,

@@ -10,6 +10,7 @@ import typer
 
 from florence_kit.cli.common import TasksDirOption, console, user_errors
 from florence_kit.modes import Mode
+from florence_kit.region_data import BoxFormat
 
 
 class Schedule(str, Enum):
@@ -61,6 +62,11 @@ def finetune(
         str | None,
         typer.Option(help="Sampling weights of a mix ('2,1' or 'cauldron/ai2d=2'); default: task sizes."),
     ] = None,
+    # --- regions ---
+    box_format: Annotated[
+        BoxFormat | None,
+        typer.Option(help="Region tasks: how the data writes boxes (default: the task's, xywh as COCO)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar (for logs).")] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -83,6 +89,7 @@ def finetune(
         warmup_steps=warmup_steps, schedule=schedule.value, max_grad_norm=max_grad_norm, seed=seed,
         too_long=too_long.value, max_samples=max_samples, num_workers=num_workers, overwrite=overwrite,
         tasks_dirs=list(tasks_dir or []), streaming=streaming, mix_weights=mix_weights,
+        box_format=box_format.value if box_format else None,
     )
     result = run(cfg, quiet=quiet, print_fn=console.print)
     console.print(
