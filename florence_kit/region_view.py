@@ -60,3 +60,53 @@ def draw_answer(image: Any, result: dict[str, Any], out: Path) -> Path | None:
         return None
     drawing.save(out)
     return out
+
+
+TRUE_COLOUR, PREDICTED_COLOUR = "#2ca02c", "#d62728"
+
+
+def region_reference(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """The region reference (size, labels, boxes or quads) of a predictions.jsonl record; None for other tasks."""
+    import json
+
+    refs = rec.get("references") or []
+    if not refs or not isinstance(refs[0], str) or not refs[0].startswith("{"):
+        return None
+    try:
+        ref = json.loads(refs[0])
+    except ValueError:
+        return None
+    return ref if isinstance(ref, dict) and "size" in ref and ("boxes" in ref or "quads" in ref) else None
+
+
+def overlay_thumbnail(jpeg: bytes, rec: dict[str, Any]) -> bytes | None:
+    """The thumbnail with true boxes (green) and predicted ones (red, labelled) drawn; None for other tasks."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    ref = region_reference(rec)
+    if ref is None:
+        return None
+    size = tuple(ref["size"])
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    sx, sy = image.width / size[0], image.height / size[1]
+    draw = ImageDraw.Draw(image)
+    text = str(rec.get("prediction", ""))
+    quads = "quads" in ref
+    predicted = parse_quads(text, size)["quad_boxes"] if quads else parse_boxes(text, size)["bboxes"]
+    labels = parse_quads(text, size)["labels"] if quads else parse_boxes(text, size)["labels"]
+    for shapes, colour, names in ((ref.get("quads") or ref.get("boxes") or [], TRUE_COLOUR, None),
+                                  (predicted, PREDICTED_COLOUR, labels)):
+        for k, coords in enumerate(shapes):
+            points = [v * (sx if j % 2 == 0 else sy) for j, v in enumerate(coords)]
+            if len(points) == 4:
+                draw.rectangle([min(points[0], points[2]), min(points[1], points[3]),
+                                max(points[0], points[2]), max(points[1], points[3])], outline=colour, width=2)
+            else:
+                draw.polygon(points, outline=colour, width=2)
+            if names:
+                draw.text((points[0] + 2, points[1] + 1), names[k], fill=colour)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()

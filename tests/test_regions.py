@@ -358,3 +358,29 @@ def test_box_format_flag(scenes: dict, tmp_path: Path) -> None:
     result = runner.invoke(app, ["eval", "caption", "--box-format", "xyxy", "--model", str(tmp_path)])
     assert result.exit_code == 2 and "applies to region tasks" in result.output
     assert TrainConfig(task="od", model="m", output_dir=tmp_path, box_format="xyxyn").box_format == "xyxyn"
+
+
+def test_report_thumbnails_show_true_and_predicted_boxes(tmp_path: Path) -> None:
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from florence_kit.evaluate import EvalResult, thumbnail_jpeg, write_results
+    from florence_kit.region_view import overlay_thumbnail
+    from florence_kit.report import write_report
+
+    image = Image.new("RGB", (512, 512), "white")
+    ref = json.dumps({"size": [512, 512], "labels": ["circle"], "boxes": [[40, 40, 200, 200]]})
+    prediction = encode_regions(["square"], [[300, 300, 480, 480]], (512, 512))
+    rec = {"id": "0", "prompt": "<OD>", "prediction": prediction, "references": [ref]}
+    thumb = Image.open(io.BytesIO(overlay_thumbnail(thumbnail_jpeg(image, 256), rec)))  # half size
+    green, red = thumb.getpixel((60, 20)), thumb.getpixel((200, 150))  # on the true / predicted box's edge
+    assert green[1] > 120 and green[0] < 120 and red[0] > 150 and red[1] < 120
+    assert overlay_thumbnail(thumbnail_jpeg(image), {"references": ["a caption"], "prediction": "x"}) is None
+    write_results(EvalResult({"metric": "coco_map", "coco_map": 0.0, "n": 1, "n_scored": 1}, [rec],
+                             [thumbnail_jpeg(image, 256)]), tmp_path / "ev")
+    html = write_report(tmp_path / "ev").read_text()
+    shown = re.search(r'data:image/jpeg;base64,([^"]+)"', html).group(1)
+    assert Image.open(io.BytesIO(base64.b64decode(shown))).getpixel((200, 150))[0] > 150
