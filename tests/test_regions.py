@@ -246,10 +246,18 @@ def test_yolo_and_coco_bad_lines_do_not_crash(tmp_path: Path, scenes: dict) -> N
     assert data.region_counts.dropped == 1  # the negative-width box
 
 
-def test_tasks_show_od_prints_a_loc_target(coco_dir: Path) -> None:
+def test_tasks_show_od_prints_a_loc_target(coco_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["tasks", "show", "od", "--dataset", str(coco_dir)], terminal_width=300)
     assert result.exit_code == 0, result.output
     assert "example target: ''" in result.stdout  # row 0 is the empty image
+    assert "regions: kind=od box_format=xywh objects=objects bbox=bbox category=category" in result.stdout
+    scenes = shape_scenes(3, seed=5)[1:]
+    one = hub_splits({"train": scenes})
+    one.save_to_disk(str(tmp_path / "one"))
+    result = runner.invoke(app, ["tasks", "show", "od", "--dataset", str(tmp_path / "one")], terminal_width=300)
+    want = encode_regions(scenes[0].labels, [[x, y, x + w, y + h] for x, y, w, h in scenes[0].boxes], (128, 128))
+    flat = "".join(result.stdout.split())  # rich wraps long lines at spaces ("class 2")
+    assert "".join(f"example target: {want!r}".split()) in flat and "<loc_" in want
     result = runner.invoke(app, ["tasks", "show", "grounding", "--dataset", str(coco_dir)], terminal_width=300)
     assert result.exit_code == 0, result.output
 
