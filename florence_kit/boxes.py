@@ -119,3 +119,24 @@ def ensure_parse_config(processor: Any) -> None:
     if isinstance(parse_config, dict):
         for kind in {*getattr(processor, "tasks_answer_post_processing_type", {}).values(), "pure_text"}:
             parse_config.setdefault(kind, {})
+
+
+_LOC_TOKEN = re.compile(r"<loc_\d+>")
+
+
+def decode_answers(processor: Any, sequences: Any) -> list[str]:
+    """Generated ids -> answer texts with every special token removed EXCEPT ``<loc_*>``.
+
+    Microsoft's Florence-2 tokenizers list the 1000 location tokens among the special tokens, so
+    ``batch_decode(..., skip_special_tokens=True)`` would erase every box of a region answer; other
+    tokenizers (ours, some conversions) do not. Decoding with the specials and removing all but the
+    location tokens gives the same text either way, and the same text as before for answers without boxes.
+    """
+    tok = processor.tokenizer
+    specials = sorted((t for t in tok.all_special_tokens if not _LOC_TOKEN.fullmatch(t)), key=len, reverse=True)
+    out = []
+    for text in processor.batch_decode(sequences, skip_special_tokens=False):
+        for token in specials:
+            text = text.replace(token, "")
+        out.append(text.strip())
+    return out

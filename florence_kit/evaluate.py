@@ -42,7 +42,7 @@ def generation_config_for(task: TaskSpec, model: Any, processor: Any, **override
 
 
 def generate(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str], gen_config: Any) -> list[str]:
-    """Answers for one batch of (image, prompt) pairs, special tokens removed."""
+    """Answers for one batch of (image, prompt) pairs, special tokens (but not ``<loc_*>``) removed."""
     import torch
 
     inputs = processor(images=list(images), text=list(prompts), return_tensors="pt", padding="longest")
@@ -51,7 +51,9 @@ def generate(model: Any, processor: Any, images: Sequence[Any], prompts: Sequenc
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, generation_config=gen_config)
-    return [text.strip() for text in processor.batch_decode(out, skip_special_tokens=True)]
+    from florence_kit.boxes import decode_answers  # regions: <loc_*> survive even where they are "special"
+
+    return decode_answers(processor, out)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from florence_kit.boxes import ensure_parse_config, parse_boxes, parse_quads
+from florence_kit.boxes import decode_answers, ensure_parse_config, parse_boxes, parse_quads
 from florence_kit.task import TaskSpec
 
 
@@ -36,19 +36,14 @@ def png_path(image_path: Path, spec: TaskSpec) -> Path:
 
 
 def generate_raw(model: Any, processor: Any, image: Any, prompt: str, gen_config: Any) -> str:
-    """One answer decoded WITH its location tokens (only ``<s>``, ``</s>`` and padding removed): some
-    tokenizers mark ``<loc_*>`` as special, and skipping special tokens would erase every box."""
+    """One answer decoded WITH its location tokens (see :func:`florence_kit.boxes.decode_answers`)."""
     import torch
 
     inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, generation_config=gen_config)
-    text = processor.batch_decode(out, skip_special_tokens=False)[0]
-    tok = processor.tokenizer
-    for special in {tok.bos_token, tok.eos_token, tok.pad_token} - {None}:
-        text = text.replace(special, "")
-    return text.strip()
+    return decode_answers(processor, out)[0]
 
 
 def draw_answer(image: Any, result: dict[str, Any], out: Path) -> Path | None:

@@ -392,3 +392,19 @@ def test_report_thumbnails_show_true_and_predicted_boxes(tmp_path: Path) -> None
     html = write_report(tmp_path / "ev").read_text()
     shown = re.search(r'data:image/jpeg;base64,([^"]+)"', html).group(1)
     assert Image.open(io.BytesIO(base64.b64decode(shown))).getpixel((200, 150))[0] > 150
+
+
+def test_location_tokens_survive_decoding_where_the_tokenizer_calls_them_special(tiny_dir: Path) -> None:
+    from transformers import AutoProcessor
+
+    from florence_kit.boxes import decode_answers
+    from florence_kit.tiny import LOC_TOKENS
+
+    proc = AutoProcessor.from_pretrained(str(tiny_dir))
+    text = "traffic-light<loc_1><loc_20><loc_300><loc_999>"
+    ids = [proc.tokenizer.bos_token_id, *proc.tokenizer(text, add_special_tokens=False)["input_ids"],
+           proc.tokenizer.eos_token_id, proc.tokenizer.pad_token_id]
+    assert decode_answers(proc, [ids]) == [text]
+    proc.tokenizer.add_special_tokens({"additional_special_tokens": LOC_TOKENS})  # as Microsoft's tokenizer has them
+    assert proc.batch_decode([ids], skip_special_tokens=True) == ["traffic-light"]  # what would lose every box
+    assert decode_answers(proc, [ids]) == [text]
