@@ -336,7 +336,8 @@ class TaskDataset:
 
         A task with a ``row_map`` reads full rows instead (the function may need the image).
         """
-        keep_images = self.task.row_map or self.task.regions  # region targets need the image size
+        sized = {"width", "height"} <= set(self.ds.column_names)  # region targets need the image size
+        keep_images = self.task.row_map or (self.task.regions and not sized)
         rows = self.ds if keep_images else self.ds.remove_columns([self.task.image_column])
         index = 0
         for row_number, raw in enumerate(rows):

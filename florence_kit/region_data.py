@@ -243,14 +243,20 @@ def _split_name(*parts: str) -> str:
 
 
 def _coco_files(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Annotation JSONs up to two folders deep; JSON-lines files (datasets' own format) are skipped unread."""
     found = []
-    for path in sorted(p for p in root.rglob("*.json") if len(p.relative_to(root).parts) <= 3):
+    paths = sorted({*root.glob("*.json"), *root.glob("*/*.json"), *root.glob("*/*/*.json")})
+    for path in paths:
         try:
             with path.open(encoding="utf-8") as handle:
-                if handle.read(1) != "{":
+                first = handle.readline()
+                if not first.lstrip().startswith("{"):
                     continue
-                handle.seek(0)
-                data = json.load(handle)
+                try:
+                    data = json.loads(first)  # a minified COCO file is one line; so is each row of JSONL
+                except ValueError:
+                    handle.seek(0)
+                    data = json.load(handle)  # pretty-printed
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and {"images", "annotations", "categories"} <= set(data):
@@ -287,7 +293,8 @@ def load_coco(root: Path) -> Any:
             if file is None:
                 missing += 1
                 continue
-            anns = [a for a in per_image.get(image["id"], []) if a.get("category_id") in cat_name and a.get("bbox")]
+            anns = [a for a in per_image.get(image["id"], [])
+                    if a.get("category_id") in cat_name and a.get("bbox") and not a.get("iscrowd")]
             dropped += len(per_image.get(image["id"], [])) - len(anns)
             splits.setdefault(split, []).append({
                 "image": str(file), "image_id": str(image["id"]),
@@ -297,7 +304,7 @@ def load_coco(root: Path) -> Any:
             })
     if missing or dropped:
         warnings.warn(f"{root}: {missing} image file(s) not found, {dropped} annotation(s) without a known "
-                      "category or a bbox were left out", stacklevel=2)
+                      "category or a bbox, or marked iscrowd, were left out", stacklevel=2)
     features = _features(names)
     return datasets.DatasetDict({s: datasets.Dataset.from_list(rows, features=features) for s, rows in splits.items()})
 

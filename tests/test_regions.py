@@ -214,6 +214,8 @@ def test_coco_and_yolo_folders_load_to_the_same_examples(coco_dir: Path, yolo_di
             assert rc["labels"] == ry["labels"] and rc["size"] == ry["size"] == [128, 128]
             assert _flat(rc["boxes"]) == pytest.approx(_flat(ry["boxes"]), abs=1e-3)
     first = _examples(coco["train"])
+    texts = TaskDataset(coco["train"], get_task("od"), with_target=True).texts()  # the length preflight: no images
+    assert [target for _, _, target in texts] == [e.target for e in first]
     assert first[0].target == "" and json.loads(first[0].references[0])["labels"] == []  # the empty image is kept
     assert any("traffic-light<loc_" in e.target or "class 2<loc_" in e.target for e in first)
     # classes.txt instead of data.yaml gives the same
