@@ -66,8 +66,12 @@ def _hub_error(name: str, exc: Exception) -> UserError:
     )
 
 
-def load_model(name: str, *, dtype: Any = None) -> tuple[Any, Any]:
-    """(model, processor) from a folder, hub id or short name; errors are one clear line."""
+def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None) -> tuple[Any, Any]:
+    """(model, processor) from a folder, hub id or short name; errors are one clear line.
+
+    A LoRA run folder (adapter_config.json, no config.json) loads its base model plus the adapter,
+    merged: evaluation and prediction then see a plain Florence-2 model.
+    """
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
     model_id, notice = resolve_model_id(name)
@@ -79,12 +83,21 @@ def load_model(name: str, *, dtype: Any = None) -> tuple[Any, Any]:
     if path.exists():
         if not path.is_dir():
             raise UserError(f"--model '{path}' is a file; pass the checkpoint folder")
+        from florence_kit.adapters import is_adapter_dir, load_adapter_model
+
+        if is_adapter_dir(path):
+            if quantization_config is not None:
+                raise UserError(f"'{path}' is a LoRA run folder; to quantise it, merge it first "
+                                f"(florence-kit export {path} --merge OUT) and pass --model OUT")
+            return load_adapter_model(path, dtype=dtype)
         check_local_checkpoint(path)
         model_id = str(path)
     elif model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
         raise UserError(f"model folder '{model_id}' does not exist")
     try:
-        model = Florence2ForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+        model = Florence2ForConditionalGeneration.from_pretrained(
+            model_id, dtype=dtype, quantization_config=quantization_config
+        )
         processor = AutoProcessor.from_pretrained(model_id)
     except UserError:
         raise

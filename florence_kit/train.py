@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,12 @@ class TrainConfig:
     # --- tasks ---
     streaming: bool = False
     mix_weights: str | None = None
+    # --- lora ---
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_vision: bool = False
+    optim: str | None = None  # adamw | adamw8bit | paged-adamw8bit; None: adamw (qlora: 8-bit, paged on CUDA)
     # --- regions ---
     box_format: str | None = None  # region tasks: how the data writes boxes (None: the task's own)
 
@@ -86,9 +92,11 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
     """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept."""
     import torch
 
+    from florence_kit.modes import unwrap
+
     if not frozen_vision:
         return model(**batch).loss
-    inner = getattr(model, "module", model).model
+    inner = unwrap(getattr(model, "module", model)).model
     with torch.no_grad():
         features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
     image_features = inner.multi_modal_projector(features)
@@ -98,8 +106,11 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
     return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
-    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases."""
+def make_optimizer(model: Any, lr: float, weight_decay: float, optim: str = "adamw") -> Any:
+    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases.
+
+    ``adamw8bit``/``paged-adamw8bit``: bitsandbytes' 8-bit AdamW (see florence_kit/adapters.py).
+    """
     import torch
 
     decay, no_decay = [], []
@@ -107,6 +118,12 @@ def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim != "adamw":
+        from florence_kit.adapters import OPTIMIZERS, bnb_optimizer
+
+        if optim not in OPTIMIZERS:
+            raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got '{optim}'")
+        return bnb_optimizer([g for g in groups if g["params"]], lr, optim)
     # foreach: one fused update over all tensors; torch only picks it by default on CUDA
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=True)
 
@@ -144,6 +161,7 @@ def train_loop(
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
+    from florence_kit.adapters import default_optim
     from florence_kit.collate import Collator, max_positions
     from florence_kit.modes import apply_mode, component, frozen_components
 
@@ -151,9 +169,9 @@ def train_loop(
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
-    apply_mode(model, cfg.mode)
-    frozen_vision = "vision" in frozen_components(cfg.mode)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    apply_mode(model, cfg.mode, cfg.lora_vision)
+    frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
     collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
     loader = DataLoader(
         dataset,
@@ -211,10 +229,11 @@ def finetune(
     print_fn: Callable[[str], None] = print,
 ) -> TrainResult:
     """The whole ``florence-kit finetune`` job."""
+    from florence_kit.adapters import base_reference, check_adapter_options, load_quantized, save_adapter, wrap_lora
     from florence_kit.collate import max_positions, preflight
     from florence_kit.mixing import training_data
     from florence_kit.model import load_model, save_checkpoint
-    from florence_kit.modes import apply_mode, trainable_counts
+    from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, summary, trainable_counts
     from florence_kit.progress import StepProgress
     from florence_kit.region_data import with_box_format
     from florence_kit.registry import resolve_tasks
@@ -223,7 +242,10 @@ def finetune(
     check_output_dir(out, cfg.overwrite)
     tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
     tasks = [with_box_format(t, cfg.box_format) for t in tasks]  # regions: --box-format (None: unchanged)
-    model, processor = load_model(cfg.model)  # before the data: a bad --model fails in seconds, not after a download
+    optim = check_adapter_options(cfg)
+    chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
+    # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds
+    model, processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
     task = training_data(tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
                          mix_weights=cfg.mix_weights, seed=cfg.seed)
     dataset = task.dataset
@@ -238,9 +260,14 @@ def finetune(
 
     from torch.utils.data import Subset
 
-    apply_mode(model, cfg.mode)
+    adapter = Mode(cfg.mode) in ADAPTER_MODES
+    if adapter:
+        model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision)
+    apply_mode(model, cfg.mode, cfg.lora_vision)
     counts = trainable_counts(model)
-    print_fn("trainable parameters: " + ", ".join(f"{k} {t:,}/{n:,}" for k, (t, n) in counts.items()))
+    print_fn(summary(counts))
+    if not chosen_optim and optim != "adamw":
+        print_fn(f"optimizer: {optim} (the {cfg.mode} default on this machine; paged needs CUDA)")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
@@ -253,5 +280,8 @@ def finetune(
             on_step=bar.update, collate_truncate=cfg.too_long == "truncate",
         )
     seconds = time.perf_counter() - start
-    save_checkpoint(model, processor, out)
+    if adapter:
+        save_adapter(model, processor, out, base_reference(cfg.model))
+    else:
+        save_checkpoint(model, processor, out)
     return TrainResult(out, steps, loss, seconds, len(report.too_long), counts)

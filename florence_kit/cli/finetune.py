@@ -19,6 +19,12 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Optim(str, Enum):
+    adamw = "adamw"
+    adamw8bit = "adamw8bit"
+    paged_adamw8bit = "paged-adamw8bit"
+
+
 class TooLong(str, Enum):
     drop = "drop"
     truncate = "truncate"
@@ -62,6 +68,18 @@ def finetune(
         str | None,
         typer.Option(help="Sampling weights of a mix ('2,1' or 'cauldron/ai2d=2'); default: task sizes."),
     ] = None,
+    # --- lora ---
+    lora_r: Annotated[int, typer.Option(help="LoRA rank (lora/qlora).")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA scaling alpha (update scaled by alpha/r).")] = 32,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.05,
+    lora_vision: Annotated[
+        bool, typer.Option(help="Also adapt the vision tower (attention and MLP) with LoRA (lora/qlora).")
+    ] = False,
+    optim: Annotated[
+        Optim | None,
+        typer.Option(help="Optimizer; 8-bit ones need bitsandbytes. Default: adamw (qlora: paged-adamw8bit on "
+                     "CUDA, adamw8bit elsewhere)."),
+    ] = None,
     # --- regions ---
     box_format: Annotated[
         BoxFormat | None,
@@ -76,6 +94,8 @@ def finetune(
 
       florence-kit finetune docvqa --mode frozen-encoder --model base
 
+      florence-kit finetune docvqa --mode lora --lora-r 16 --output-dir runs/lora
+
       florence-kit finetune docvqa --model ./tiny --dataset ./my_docvqa --max-steps 100 --output-dir runs/a
 
       florence-kit finetune cauldron/ai2d,cauldron/chartqa --mix-weights 2,1 --streaming --max-samples 5000
@@ -89,6 +109,8 @@ def finetune(
         warmup_steps=warmup_steps, schedule=schedule.value, max_grad_norm=max_grad_norm, seed=seed,
         too_long=too_long.value, max_samples=max_samples, num_workers=num_workers, overwrite=overwrite,
         tasks_dirs=list(tasks_dir or []), streaming=streaming, mix_weights=mix_weights,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
+        optim=optim.value if optim else None,
         box_format=box_format.value if box_format else None,
     )
     result = run(cfg, quiet=quiet, print_fn=console.print)
