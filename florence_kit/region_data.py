@@ -118,6 +118,7 @@ class RegionCounts:
     clipped: int = 0
     dropped: int = 0
     unknown_class: int = 0
+    warned: bool = False
 
     def __str__(self) -> str:
         return (f"{self.boxes} boxes: {self.clipped} clipped to the image, {self.dropped} dropped (no area), "
@@ -202,6 +203,10 @@ def region_fields(regions: dict[str, Any], row: dict[str, Any], image_column: st
         if coords is not None:
             labels.append(str(category).strip())
             boxes.append(coords)
+    if (counts.clipped or counts.dropped) and not counts.warned:  # once per dataset: the counts keep going
+        counts.warned = True
+        warnings.warn(f"bad boxes in the data (first in an image of size {size[0]}x{size[1]}): those partly "
+                      "outside the image are clipped, those with no area dropped, and counted", stacklevel=2)
     order = reading_order(boxes)
     labels, boxes = [labels[i] for i in order], [boxes[i] for i in order]
     caption = row.get(regions["caption"])

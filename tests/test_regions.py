@@ -231,7 +231,8 @@ def test_bad_boxes_are_clipped_or_dropped_and_counted() -> None:
         "bbox": [[-10, -5, 30, 20], [90, 40, 30, 30], [10, 10, -5, 4], [200, 200, 5, 5], [1, 2, 3], [5, 5, 10, 10]],
         "category": [0, 1, 0, 1, 0, 7]}}
     counts = RegionCounts()
-    fields = region_fields(regions, row, "image", ["a", "b"], counts)
+    with pytest.warns(UserWarning, match="bad boxes in the data"):
+        fields = region_fields(regions, row, "image", ["a", "b"], counts)
     ref = json.loads(fields["references"][0])
     assert ref["boxes"] == [[0, 0, 20, 15], [90, 40, 100, 50]] and ref["labels"] == ["a", "b"]
     assert (counts.boxes, counts.clipped, counts.dropped, counts.unknown_class) == (6, 2, 4, 1)
@@ -244,7 +245,8 @@ def test_yolo_and_coco_bad_lines_do_not_crash(tmp_path: Path, scenes: dict) -> N
     with pytest.warns(UserWarning, match="2 label line"):
         ds = load_source(str(root))["train"]
     data = TaskDataset(ds, get_task("od"), with_target=True)
-    _ = [data[i] for i in range(len(data))]
+    with pytest.warns(UserWarning, match="bad boxes"):
+        _ = [data[i] for i in range(len(data))]
     assert data.region_counts.dropped == 1  # the negative-width box
 
 
