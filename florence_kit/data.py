@@ -93,6 +93,11 @@ def load_source(source: str, name: str | None = None, streaming: bool = False) -
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 return datasets.load_from_disk(str(path))
+            from florence_kit.region_data import load_region_folder  # COCO / YOLO folders (region tasks)
+
+            regions = load_region_folder(path)
+            if regions is not None:
+                return regions
             files = [p for p in path.rglob("*") if p.suffix.lower() in TABULAR_SUFFIXES]
             if not files and not (path / "metadata.jsonl").exists():
                 raise UserError(
@@ -297,6 +302,11 @@ class TaskDataset:
         self.with_target = with_target
         self.aliases = resolve_aliases(task, ds.column_names)
         self.index = explode_index(task, ds) if task.explode else None
+        if task.regions:  # region tasks: class names from the dataset's ClassLabel, bad boxes counted
+            from florence_kit.region_data import RegionCounts, label_names
+
+            self.label_names = label_names(getattr(ds, "features", None), task.regions)
+            self.region_counts = RegionCounts()
 
     def __len__(self) -> int:
         return len(self.index) if self.index is not None else len(self.ds)
@@ -307,6 +317,11 @@ class TaskDataset:
 
     def _fields(self, row: dict[str, Any], row_number: int, item: int | None) -> dict[str, Any]:
         row = map_row(self.task, apply_aliases(row, self.aliases), row_number)
+        if self.task.regions:
+            from florence_kit.region_data import region_fields
+
+            row = {**row, **region_fields(self.task.regions, row, self.task.image_column, self.label_names,
+                                          self.region_counts)}
         return row if item is None else exploded(self.task, row, item, row_number)
 
     def __getitem__(self, index: int) -> Example:
@@ -342,7 +357,9 @@ class TaskDataset:
 
         A task with a ``row_map`` reads full rows instead (the function may need the image).
         """
-        rows = self.ds if self.task.row_map else self.ds.remove_columns([self.task.image_column])
+        sized = {"width", "height"} <= set(self.ds.column_names)  # region targets need the image size
+        keep_images = self.task.row_map or (self.task.regions and not sized)
+        rows = self.ds if keep_images else self.ds.remove_columns([self.task.image_column])
         index = 0
         for row_number, raw in enumerate(rows):
             items = [None] if self.index is None else range(len(raw.get(self.task.explode) or []))

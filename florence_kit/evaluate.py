@@ -58,7 +58,7 @@ def encode(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any
 
 
 def generate_from_inputs(model: Any, processor: Any, inputs: Any, gen_config: Any) -> list[str]:
-    """Answers for already-encoded inputs (see :func:`encode`), special tokens removed."""
+    """Answers for already-encoded inputs (see :func:`encode`), special tokens (but not ``<loc_*>``) removed."""
     import torch
 
     inputs = inputs.to(model.device)
@@ -66,7 +66,9 @@ def generate_from_inputs(model: Any, processor: Any, inputs: Any, gen_config: An
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, generation_config=gen_config)
-    return [text.strip() for text in processor.batch_decode(out, skip_special_tokens=True)]
+    from florence_kit.boxes import decode_answers  # regions: <loc_*> survive even where they are "special"
+
+    return decode_answers(processor, out)
 
 
 def generate(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str], gen_config: Any) -> list[str]:
@@ -162,8 +164,10 @@ def score_records(
         if not scored:
             summary[name] = None
             continue
-        per_sample, total = get_metric(name).compute(predictions, references)
+        per_sample, total, details = get_metric(name).compute_with_details(predictions, references)
         summary[name] = total
+        if details:  # e.g. mAP@.5, per-class AP and unknown class names for region tasks
+            summary[f"{name}_details"] = details
         if name == metric.name:
             for rec, value in zip(scored, per_sample, strict=True):
                 rec["score"] = value

@@ -229,7 +229,10 @@ def _thumbnail(run: EvalRun, rec: dict[str, Any]) -> str:
     path = (run.path / rel) if isinstance(rel, str) else None
     if path is None or not path.is_file() or run.path.resolve() not in path.resolve().parents:
         return '<span class="meta">no thumbnail</span>'
-    data = base64.b64encode(path.read_bytes()).decode()
+    from florence_kit.region_view import overlay_thumbnail  # region tasks: true (green) and predicted (red) boxes
+
+    jpeg = path.read_bytes()
+    data = base64.b64encode(overlay_thumbnail(jpeg, rec) or jpeg).decode()
     return f'<img src="data:image/jpeg;base64,{data}" alt="page {_e(rec.get("id", ""))}">'
 
 

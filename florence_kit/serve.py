@@ -113,12 +113,9 @@ class Predictor:
             token: kind for token, kind in getattr(processor, "tasks_answer_post_processing_type", {}).items()
             if kind != "pure_text"
         }
-        # Checkpoints saved without a post_processor_config (ours from make-tiny, older conversions) make
-        # post_process_generation refuse every parse type; the parsers' own defaults are what hub checkpoints use.
-        parse_config = getattr(getattr(processor, "post_processor", None), "parse_task_config", None)
-        if isinstance(parse_config, dict):
-            for kind in {*self.region_types.values(), "pure_text"}:
-                parse_config.setdefault(kind, {})
+        from florence_kit.boxes import ensure_parse_config  # tiny checkpoints lack a post-processing config
+
+        ensure_parse_config(processor)
 
     def choices(self) -> list[str]:
         return [*self.tasks, *FLORENCE_TASKS]

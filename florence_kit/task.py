@@ -25,7 +25,7 @@ from florence_kit.errors import UserError
 
 KNOWN_KEYS = {
     "include", "task", "description", "dataset", "columns", "prompt", "target", "references",
-    "metric", "generation", "group", "subsets", "explode", "multi_image", "row_map",
+    "metric", "generation", "group", "subsets", "explode", "multi_image", "row_map", "regions",
 }
 MULTI_IMAGE = ("first", "tile")
 DATASET_KEYS = {"path", "name", "train_split", "eval_split", "test_split"}
@@ -64,6 +64,7 @@ class TaskSpec:
     multi_image: str = "first"
     row_map: str | None = None
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    regions: dict[str, Any] | None = None  # region tasks (od, grounding, ...): see florence_kit.region_data
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -78,6 +79,8 @@ class TaskSpec:
         """
         if self.row_map:
             return [self.image_column]
+        if self.regions:
+            return [self.image_column, self.regions["objects"]]
         if self.explode:
             return [self.image_column, self.explode]
         cols = [self.image_column, *template_fields(self.prompt)]
@@ -163,6 +166,12 @@ def spec_from_dict(data: dict[str, Any], origin: str) -> TaskSpec:
     if row_map is not None:
         _check_row_map(str(row_map), origin)
 
+    regions = None
+    if data.get("regions") is not None:
+        from florence_kit.region_data import check_regions  # noqa: PLC0415
+
+        regions = check_regions(data["regions"], origin)
+
     from florence_kit.metrics import get_metric  # noqa: PLC0415 - metrics import Levenshtein only
 
     for name in metrics:
@@ -188,6 +197,7 @@ def spec_from_dict(data: dict[str, Any], origin: str) -> TaskSpec:
         multi_image=multi_image,
         row_map=str(row_map) if row_map else None,
         aliases=aliases,
+        regions=regions,
     )
 
 

@@ -77,6 +77,8 @@ class TrainConfig:
     # --- memory ---
     gradient_checkpointing: bool = False  # BART layers (transformers) + DaViT blocks (florence_kit.checkpointing)
     fit: str = "off"  # off | auto: micro-batch, accumulation and checkpointing from florence_kit.memory
+    # --- regions ---
+    box_format: str | None = None  # region tasks: how the data writes boxes (None: the task's own)
 
 
 @dataclass
@@ -551,6 +553,7 @@ def finetune(
     from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, summary, trainable_counts
     from florence_kit.precision import device_facts, resolve_precision
     from florence_kit.progress import StepProgress
+    from florence_kit.region_data import with_box_format
     from florence_kit.registry import resolve_tasks
     from florence_kit.runconfig import check_options, options_dict
     from florence_kit.runfolder import ImageGuard, StepInterrupt, save_atomically, stop_at_step_end
@@ -570,6 +573,7 @@ def finetune(
     tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
     if cfg.eval_every and len(tasks) > 1:
         raise UserError("--eval-every scores one task; with several tasks, evaluate each with `florence-kit eval`")
+    tasks = [with_box_format(t, cfg.box_format) for t in tasks]  # regions: --box-format (None: unchanged)
     optim = check_adapter_options(cfg)
     chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
     # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds

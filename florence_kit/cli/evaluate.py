@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.region_data import BoxFormat
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -22,6 +23,10 @@ def _print_metrics(metrics: dict) -> None:
     console.print(
         f"[bold]{metrics.get('task', '')} {name}[/]: {shown}  ({metrics['n_scored']}/{metrics['n']} scored{also})"
     )
+    details = metrics.get(f"{name}_details") or {}
+    if details.get("unknown_labels"):  # region tasks: generated class names outside the label set
+        names = ", ".join(f"{k!r} x{v}" for k, v in details["unknown_label_names"].items())
+        console.print(f"{details['unknown_labels']} generated box(es) named no known class: {names}", markup=False)
 
 
 @user_errors
@@ -45,6 +50,11 @@ def eval_(
     num_workers: Annotated[
         int, typer.Option(help="DataLoader workers that decode images and run the processor (0: in-process).")
     ] = 0,
+    # --- regions ---
+    box_format: Annotated[
+        BoxFormat | None,
+        typer.Option(help="Region tasks: how the data writes boxes (default: the task's, xywh as COCO)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -55,9 +65,10 @@ def eval_(
     from florence_kit.data import cap_rows, load_split
     from florence_kit.evaluate import evaluate, write_results
     from florence_kit.model import load_model
+    from florence_kit.region_data import with_box_format
     from florence_kit.registry import get_task
 
-    spec = get_task(task, tasks_dir or [])
+    spec = with_box_format(get_task(task, tasks_dir or []), box_format.value if box_format else None)
     data = cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
     net, processor = load_model(model)
     result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
@@ -123,4 +134,12 @@ def predict(
     prompt = spec.prompt.format(**{name: question for name in fields})
     net, processor = load_model(model)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams)
+    if spec.regions:  # --- regions: parsed boxes as JSON, drawn into a PNG beside the image ---
+        from florence_kit.region_view import draw_answer, generate_raw, parse_answer, png_path
+
+        parsed = parse_answer(spec, processor, generate_raw(net, processor, picture, prompt, gen_config), picture.size)
+        typer.echo(json.dumps(parsed, ensure_ascii=False))
+        drawn = draw_answer(picture, parsed, png_path(image, spec))
+        typer.echo(f"regions drawn: {drawn}" if drawn else "no regions in the answer (nothing drawn)")
+        return
     typer.echo(generate(net, processor, [picture], [prompt], gen_config)[0])

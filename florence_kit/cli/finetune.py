@@ -11,6 +11,7 @@ import typer
 from florence_kit.cli.common import TasksDirOption, console, user_errors
 from florence_kit.modes import Mode
 from florence_kit.precision import Precision
+from florence_kit.region_data import BoxFormat
 
 
 class Schedule(str, Enum):
@@ -130,6 +131,11 @@ def finetune(
     skip_bad_images: Annotated[
         bool, typer.Option(help="Skip rows whose image cannot be decoded (counted and reported) instead of stopping.")
     ] = False,
+    # --- regions ---
+    box_format: Annotated[
+        BoxFormat | None,
+        typer.Option(help="Region tasks: how the data writes boxes (default: the task's, xywh as COCO)."),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option(help="No progress bar: plain log lines (also when stdout is not a terminal).")
     ] = False,
@@ -168,6 +174,7 @@ def finetune(
         precision=precision.value, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         eval_every=eval_every, eval_max_samples=eval_max_samples, early_stopping_patience=early_stopping_patience,
         gradient_checkpointing=gradient_checkpointing, fit=fit.value,
+        box_format=box_format.value if box_format else None,
     )
     if config is not None:
         from florence_kit.runconfig import apply_config_file

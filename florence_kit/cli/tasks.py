@@ -73,6 +73,9 @@ def show(
     rows = [f"explode={spec.explode}" if spec.explode else "", f"multi_image={spec.multi_image}",
             f"row_map={spec.row_map}" if spec.row_map else "", f"group={spec.group}" if spec.group else ""]
     console.print("rows: " + " ".join(r for r in rows if r), markup=False, highlight=False)
+    if spec.regions:  # region tasks: where boxes are read from and how they are written
+        console.print("regions: " + " ".join(f"{k}={v}" for k, v in spec.regions.items()), markup=False,
+                      highlight=False)
     console.print(f"metric: {', '.join(spec.metrics)}   generation: {spec.generation}")
     console.print(f"prompt template: {spec.prompt!r}   target template: {spec.target!r}", markup=False)
     if example:

@@ -34,14 +34,21 @@ class Metric:
 
     def compute(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[float], float]:
         """(per-sample scores, set score) for a whole evaluation set."""
+        return self.compute_with_details(predictions, references)[:2]  # type: ignore[return-value]
+
+    def compute_with_details(
+        self, predictions: Sequence[str], references: Sequence[Sequence[str]]
+    ) -> tuple[list[float], float, dict]:
+        """:meth:`compute` plus the details a corpus metric may add as a third value (mAP's per-class AP)."""
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
         if not predictions:
             raise ValueError(f"metric '{self.name}' needs at least one prediction")
         if self.corpus is not None:
-            return self.corpus(predictions, references)
+            out = self.corpus(predictions, references)
+            return out[0], out[1], (out[2] if len(out) > 2 else {})  # type: ignore[misc]
         scores = [float(self.score(p, r)) for p, r in zip(predictions, references, strict=True)]
-        return scores, float(self.aggregate(scores))
+        return scores, float(self.aggregate(scores)), {}
 
 
 _METRICS: dict[str, Metric] = {}
@@ -96,4 +103,5 @@ from florence_kit.metrics import anls as _anls  # noqa: E402,F401
 from florence_kit.metrics import caption as _caption  # noqa: E402,F401
 from florence_kit.metrics import edit_rates as _edit_rates  # noqa: E402,F401
 from florence_kit.metrics import exact_match as _exact_match  # noqa: E402,F401
+from florence_kit.metrics import regions as _regions  # noqa: E402,F401
 from florence_kit.metrics import vqa as _vqa  # noqa: E402,F401

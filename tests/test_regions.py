@@ -1,0 +1,414 @@
+"""Region tasks (issue 7): `<loc_*>` targets that the native processor parses back, COCO / YOLO / hub data,
+class-aware COCO mAP on hand-made predictions, and the four region tasks training and scoring on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import datasets
+import pytest
+from typer.testing import CliRunner
+
+from florence_kit.boxes import encode_regions, ensure_parse_config, iou, parse_boxes, parse_quads, quantize
+from florence_kit.cli import app
+from florence_kit.data import TaskDataset, load_source, load_split
+from florence_kit.metrics import get_metric
+from florence_kit.region_data import RegionCounts, region_fields
+from florence_kit.registry import get_task
+from florence_kit.synthetic_regions import CLASSES, hub_splits, shape_scenes, text_scenes, write_coco, write_yolo
+
+runner = CliRunner()
+TRAIN = ["--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_dir: Path):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(str(tiny_dir))
+    ensure_parse_config(proc)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def scenes() -> dict:
+    return {"train": shape_scenes(8, seed=0), "validation": shape_scenes(4, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory: pytest.TempPathFactory, scenes: dict) -> Path:
+    return write_coco(scenes, tmp_path_factory.mktemp("coco") / "shapes")
+
+
+@pytest.fixture(scope="module")
+def yolo_dir(tmp_path_factory: pytest.TempPathFactory, scenes: dict) -> Path:
+    return write_yolo(scenes, tmp_path_factory.mktemp("yolo") / "shapes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantiser
+
+
+def _random_boxes(rng: random.Random, size: tuple[int, int], n: int) -> list[list[float]]:
+    w, h = size
+    boxes = [[0.0, 0.0, float(w), float(h)],  # the whole image: touches every border
+             [w - 1.0, h - 1.0, float(w), float(h)],  # a sliver in the bottom-right corner
+             [w / 3, h / 3, w / 3, h / 3],  # degenerate: a point
+             [0.0, h / 2, float(w), h / 2]]  # degenerate: a line along the whole width
+    for _ in range(n):
+        x1, x2 = sorted(rng.uniform(0, w) for _ in range(2))
+        y1, y2 = sorted(rng.uniform(0, h) for _ in range(2))
+        boxes.append([x1, y1, x2, y2])
+    return boxes
+
+
+def _flat(rows: list[list[float]]) -> list[float]:
+    return [float(v) for row in rows for v in row]
+
+
+@pytest.mark.parametrize("size", [(128, 128), (640, 480), (37, 1001), (1000, 1000), (4000, 3)])
+def test_encode_then_native_parse_gives_boxes_back_within_one_bin(processor, size: tuple[int, int]) -> None:
+    rng = random.Random(size[0])
+    boxes = _random_boxes(rng, size, 12)
+    labels = [f"{CLASSES[k % 4]}" for k in range(len(boxes))]
+    target = encode_regions(labels, boxes, size)
+    order = sorted(range(len(boxes)), key=lambda i: (boxes[i][1], boxes[i][0]))  # the documented target order
+    bins = (size[0] / 1000, size[1] / 1000)
+    for token in ("<OD>", "<DENSE_REGION_CAPTION>"):
+        native = processor.post_process_generation(target, task=token, image_size=size)[token]
+        assert native == parse_boxes(target, size, whole_pixels=True)  # our parser is the processor's
+        assert native["labels"] == [labels[i] for i in order]  # "traffic-light" and "class 2" survive
+        centres = parse_boxes(target, size)["bboxes"]
+        for got, pixels, i in zip(centres, native["bboxes"], order, strict=True):
+            for k, (g, p, t) in enumerate(zip(got, pixels, boxes[i], strict=True)):
+                assert abs(g - t) <= bins[k % 2] / 2 + 1e-9, (k, g, t)  # the bin centre: within half a bin
+                assert p == int(g) and abs(p - t) < bins[k % 2] / 2 + 1  # the processor: centre cut to a pixel
+    # OCR with regions: quadrilaterals, eight tokens each
+    quads = [[b[0], b[1], b[2], b[1], b[2], b[3], b[0], b[3]] for b in boxes[:5]]
+    words = ["cat", "traffic-light", "class 2", "x9", "a b"]
+    target = encode_regions(words, quads, size)
+    native = processor.post_process_generation(target, task="<OCR_WITH_REGION>", image_size=size)["<OCR_WITH_REGION>"]
+    assert native == parse_quads(target, size, whole_pixels=True)
+    assert sorted(native["labels"]) == sorted(words)
+    for got in parse_quads(target, size)["quad_boxes"]:
+        assert any(all(abs(g - t) <= bins[k % 2] / 2 + 1e-9 for k, (g, t) in enumerate(zip(got, q, strict=True)))
+                   for q in quads)
+
+
+def test_quantiser_is_the_native_one() -> None:
+    import torch
+    from transformers.models.florence2.processing_florence2 import Florence2PostProcessor
+
+    post = Florence2PostProcessor.__new__(Florence2PostProcessor)
+    post.quantize_bins = (1000, 1000)
+    size = (333, 77)
+    boxes = torch.tensor(_random_boxes(random.Random(0), size, 50))
+    native = post.quantize(boxes, size).tolist()
+    ours = [[quantize(b[0], 333), quantize(b[1], 77), quantize(b[2], 333), quantize(b[3], 77)] for b in boxes.tolist()]
+    assert native == ours
+    assert quantize(333, 333) == 999 and quantize(0, 333) == 0 and quantize(-5, 333) == 0
+
+
+def test_target_order_is_top_left_to_bottom_right() -> None:
+    target = encode_regions(["b", "a", "c"], [[50, 50, 60, 60], [5, 5, 9, 9], [1, 50, 2, 60]], (100, 100))
+    assert target == ("a<loc_50><loc_50><loc_90><loc_90>c<loc_10><loc_500><loc_20><loc_600>"
+                      "b<loc_500><loc_500><loc_600><loc_600>")
+
+
+# ---------------------------------------------------------------------------------------------
+# mAP on hand-made predictions
+
+
+def _ref(labels: list[str], boxes: list[list[float]], size=(100, 100)) -> list[str]:
+    return [json.dumps({"size": list(size), "labels": labels, "boxes": boxes})]
+
+
+def _pred(labels: list[str], boxes: list[list[float]], size=(100, 100)) -> str:
+    return "<s>" + "".join(f"{lab}" + "".join(f"<loc_{quantize(v, size[k % 2])}>" for k, v in enumerate(b))
+                           for lab, b in zip(labels, boxes, strict=True)) + "</s>"
+
+
+A = [[10, 10, 40, 40]]
+B = [[50, 50, 90, 90]]
+
+
+def test_map_perfect_prediction_is_one() -> None:
+    refs = [_ref(["traffic-light"], A), _ref(["class 2", "traffic-light"], A + B)]
+    preds = [_pred(["traffic-light"], A), _pred(["class 2", "traffic-light"], A + B)]
+    per_sample, total, details = get_metric("coco_map").compute_with_details(preds, refs)
+    assert total == pytest.approx(1.0) and per_sample == [1.0, 1.0]
+    assert details["map_50"] == pytest.approx(1.0) and details["unknown_labels"] == 0
+    assert details["ap_per_class"] == {"class 2": pytest.approx(1.0), "traffic-light": pytest.approx(1.0)}
+
+
+def test_map_wrong_class_is_not_a_hit() -> None:
+    refs = [_ref(["square"], A), _ref(["circle"], B)]
+    preds = [_pred(["circle"], A), _pred(["circle"], B)]  # image 0: right box, wrong class
+    _, total, details = get_metric("coco_map").compute_with_details(preds, refs)
+    # circle: 1 true box, 2 detections (score ties keep generation order: the false one comes first) ->
+    # precision at recall 1 is 1/2 -> AP 0.5 ; square: 0. mean over the two classes: 0.25
+    assert details["ap_per_class"] == {"circle": pytest.approx(0.5, abs=0.01), "square": 0.0}
+    assert total == pytest.approx(0.25, abs=0.01)
+    # a single-class collapse (what other tools do) would call this perfect:
+    collapsed = [[json.dumps({"size": [100, 100], "labels": ["x"], "boxes": box})] for box in (A, B)]
+    assert get_metric("coco_map").compute([_pred(["x"], A), _pred(["x"], B)], collapsed)[1] == pytest.approx(1.0)
+
+
+def test_map_one_images_error_moves_the_whole_set_score() -> None:
+    refs = [_ref(["square"], A) for _ in range(4)]
+    good = [_pred(["square"], A) for _ in range(4)]
+    one_missed = good[:3] + ["<s></s>"]
+    total = get_metric("coco_map").compute(one_missed, refs)[1]
+    # 4 true squares, 3 found with precision 1: COCO's 101-point AP = recall 0.75 -> 76/101 points at precision 1
+    assert total == pytest.approx(76 / 101, abs=1e-4)
+    assert get_metric("map_50").compute(one_missed, refs)[1] == pytest.approx(76 / 101, abs=1e-4)
+    # a per-batch mean (batches of 2) would give (1 + 76/101... ) -- the whole-set value is what we report:
+    assert get_metric("coco_map").compute(good, refs)[1] == pytest.approx(1.0)
+
+
+def test_map_counts_generated_names_outside_the_label_set() -> None:
+    refs = [_ref(["square"], A), _ref(["square"], B)]
+    preds = [_pred(["square", "sqaure"], A + B), _pred(["sqaure"], B)]
+    _, total, details = get_metric("coco_map").compute_with_details(preds, refs)
+    assert details["unknown_labels"] == 2 and details["unknown_label_names"] == {"sqaure": 2}
+    assert total == pytest.approx(51 / 101, abs=1e-4)  # one of two squares found, precision 1
+
+
+def test_grounding_region_and_ocr_metrics_on_hand_made_predictions() -> None:
+    refs = [_ref(["a red square", "a circle"], A + B)]
+    assert get_metric("grounding_recall").compute([_pred(["a red square", "a circle"], A + B)], refs)[1] == 1.0
+    assert get_metric("grounding_recall").compute([_pred(["a red square", "a circle"], A + A)], refs)[1] == 0.5
+    assert get_metric("region_recall").compute([_pred(["x"], B)], refs)[1] == 0.5
+    quads = [[10, 10, 40, 10, 40, 40, 10, 40], [50, 50, 90, 50, 90, 90, 50, 90]]
+    ocr_ref = [[json.dumps({"size": [100, 100], "labels": ["cat", "dog"], "quads": quads})]]
+    text = _pred(["cat", "dig"], quads)
+    assert get_metric("ocr_region_cer").compute([text], ocr_ref)[1] == pytest.approx(1 / 7)
+    assert get_metric("ocr_region_wer").compute([text], ocr_ref)[1] == pytest.approx(1 / 2)
+    assert get_metric("ocr_box_recall").compute([_pred(["cat"], quads[:1])], ocr_ref)[1] == 0.5
+    assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _examples(ds, task_name: str = "od") -> list:
+    task = get_task(task_name)
+    data = TaskDataset(ds, task, with_target=True)
+    return [data[i] for i in range(len(data))]
+
+
+def test_coco_and_yolo_folders_load_to_the_same_examples(coco_dir: Path, yolo_dir: Path, scenes: dict,
+                                                         tmp_path: Path) -> None:
+    coco, yolo = load_source(str(coco_dir)), load_source(str(yolo_dir))
+    assert set(coco) == set(yolo) == {"train", "validation"}
+    hub = hub_splits(scenes)
+    for split in ("train", "validation"):
+        from_coco, from_yolo, from_hub = (_examples(d[split]) for d in (coco, yolo, hub))
+        assert len(from_coco) == len(from_yolo) == len(scenes[split])
+        for c, y, h in zip(from_coco, from_yolo, from_hub, strict=True):
+            assert c.target == y.target == h.target and c.prompt == y.prompt == "<OD>"
+            rc, ry = json.loads(c.references[0]), json.loads(y.references[0])
+            assert rc["labels"] == ry["labels"] and rc["size"] == ry["size"] == [128, 128]
+            assert _flat(rc["boxes"]) == pytest.approx(_flat(ry["boxes"]), abs=1e-3)
+    first = _examples(coco["train"])
+    texts = TaskDataset(coco["train"], get_task("od"), with_target=True).texts()  # the length preflight: no images
+    assert [target for _, _, target in texts] == [e.target for e in first]
+    assert first[0].target == "" and json.loads(first[0].references[0])["labels"] == []  # the empty image is kept
+    assert any("traffic-light<loc_" in e.target or "class 2<loc_" in e.target for e in first)
+    # classes.txt instead of data.yaml gives the same
+    alt = write_yolo(scenes, tmp_path / "yolo2", names_file="classes.txt")
+    assert [e.target for e in _examples(load_source(str(alt))["train"])] == [e.target for e in first]
+
+
+def test_bad_boxes_are_clipped_or_dropped_and_counted() -> None:
+    regions = get_task("od").regions
+    from PIL import Image
+
+    row = {"image": Image.new("RGB", (100, 50)), "objects": {
+        "bbox": [[-10, -5, 30, 20], [90, 40, 30, 30], [10, 10, -5, 4], [200, 200, 5, 5], [1, 2, 3], [5, 5, 10, 10]],
+        "category": [0, 1, 0, 1, 0, 7]}}
+    counts = RegionCounts()
+    with pytest.warns(UserWarning, match="bad boxes in the data"):
+        fields = region_fields(regions, row, "image", ["a", "b"], counts)
+    ref = json.loads(fields["references"][0])
+    assert ref["boxes"] == [[0, 0, 20, 15], [90, 40, 100, 50]] and ref["labels"] == ["a", "b"]
+    assert (counts.boxes, counts.clipped, counts.dropped, counts.unknown_class) == (6, 2, 4, 1)
+
+
+def test_yolo_and_coco_bad_lines_do_not_crash(tmp_path: Path, scenes: dict) -> None:
+    root = write_yolo({"train": scenes["train"][:3]}, tmp_path / "y")
+    label = next((root / "labels" / "train").glob("*_001.txt"))
+    label.write_text(label.read_text() + "9 0.5 0.5 0.1 0.1\nnot a line\n0 0.5 0.5 -0.2 0.1\n")
+    with pytest.warns(UserWarning, match="2 label line"):
+        ds = load_source(str(root))["train"]
+    data = TaskDataset(ds, get_task("od"), with_target=True)
+    with pytest.warns(UserWarning, match="bad boxes"):
+        _ = [data[i] for i in range(len(data))]
+    assert data.region_counts.dropped == 1  # the negative-width box
+
+
+def test_tasks_show_od_prints_a_loc_target(coco_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tasks", "show", "od", "--dataset", str(coco_dir)], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "example target: ''" in result.stdout  # row 0 is the empty image
+    assert "regions: kind=od box_format=xywh objects=objects bbox=bbox category=category" in result.stdout
+    scenes = shape_scenes(3, seed=5)[1:]
+    one = hub_splits({"train": scenes})
+    one.save_to_disk(str(tmp_path / "one"))
+    result = runner.invoke(app, ["tasks", "show", "od", "--dataset", str(tmp_path / "one")], terminal_width=300)
+    want = encode_regions(scenes[0].labels, [[x, y, x + w, y + h] for x, y, w, h in scenes[0].boxes], (128, 128))
+    flat = "".join(result.stdout.split())  # rich wraps long lines at spaces ("class 2")
+    assert "".join(f"example target: {want!r}".split()) in flat and "<loc_" in want
+    result = runner.invoke(app, ["tasks", "show", "grounding", "--dataset", str(coco_dir)], terminal_width=300)
+    assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# The four tasks train and evaluate
+
+
+def _run(task: str, tiny_dir: Path, data: Path, tmp_path: Path) -> tuple[dict, list[dict]]:
+    result = runner.invoke(app, ["finetune", task, "--model", str(tiny_dir), "--dataset", str(data),
+                                 "--output-dir", str(tmp_path / "ft"), *TRAIN])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", task, "--model", str(tmp_path / "ft"), "--dataset", str(data),
+                                 "--output-dir", str(tmp_path / "ev"), "--quiet", "--max-new-tokens", "12",
+                                 "--split", "validation"])
+    assert result.exit_code == 0, result.output
+    preds = [json.loads(x) for x in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    return json.loads((tmp_path / "ev" / "metrics.json").read_text()), preds
+
+
+def test_od_trains_and_evaluates_from_a_coco_folder(tiny_dir: Path, coco_dir: Path, tmp_path: Path) -> None:
+    metrics, preds = _run("od", tiny_dir, coco_dir, tmp_path)
+    assert metrics["metric"] == "coco_map" and metrics["n_scored"] == 4 == len(preds)
+    assert 0.0 <= metrics["coco_map"] <= 1.0 and "map_50" in metrics
+    details = metrics["coco_map_details"]
+    assert {"map", "map_50", "ap_per_class", "unknown_labels"} <= set(details)
+    rescored = runner.invoke(app, ["score", "od", str(tmp_path / "ev" / "predictions.jsonl"), "--json"])
+    assert rescored.exit_code == 0, rescored.output
+    assert json.loads(rescored.stdout)["coco_map"] == pytest.approx(metrics["coco_map"])
+    truth = [p["references"] for p in preds]
+    perfect = [encode_regions(json.loads(r[0])["labels"], json.loads(r[0])["boxes"], json.loads(r[0])["size"])
+               for r in truth]
+    assert get_metric("coco_map").compute(perfect, truth)[1] == pytest.approx(1.0)  # the references round trip
+
+
+@pytest.mark.parametrize("task", ["grounding", "region-caption", "ocr-region"])
+def test_other_region_tasks_train_and_evaluate(task: str, tiny_dir: Path, tmp_path: Path) -> None:
+    if task == "ocr-region":
+        ds = hub_splits({"train": text_scenes(8, 0), "validation": text_scenes(4, 1)}, text=True)
+    else:
+        ds = hub_splits({"train": shape_scenes(8, 0), "validation": shape_scenes(4, 1)})
+    data = tmp_path / "data"
+    ds.save_to_disk(str(data))
+    metrics, preds = _run(task, tiny_dir, data, tmp_path)
+    spec = get_task(task)
+    assert metrics["metric"] == spec.metric and metrics["n_scored"] == 4
+    assert all(metrics[m] is not None for m in spec.metrics)
+    first = TaskDataset(load_split(spec, str(data), "validation"), spec, with_target=True)[1]
+    assert "<loc_" in first.target and first.prompt.startswith(spec.prompt.split("{")[0])
+    if task == "grounding":
+        assert first.prompt == "<CAPTION_TO_PHRASE_GROUNDING>" + ds["validation"][1]["caption"]
+
+
+def test_hub_layout_with_xyxy_boxes_needs_the_box_format(scenes: dict) -> None:
+    ds = hub_splits(scenes)["train"]
+    xyxy = ds.map(lambda r: {"objects": {"bbox": [[x, y, x + w, y + h] for x, y, w, h in r["objects"]["bbox"]],
+                                         "category": r["objects"]["category"]}}, features=ds.features)
+    task = get_task("od")
+    as_xyxy = task.__class__(**{**task.__dict__, "regions": {**task.regions, "box_format": "xyxy"}})
+    assert [e.target for e in _examples(ds)] == [TaskDataset(xyxy, as_xyxy, with_target=True)[i].target
+                                                 for i in range(len(xyxy))]
+    assert isinstance(ds.features["objects"]["category"].feature, datasets.ClassLabel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeing it
+
+
+def test_answer_is_parsed_and_drawn_into_a_png(processor, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from florence_kit.region_view import draw_answer, parse_answer, png_path
+
+    spec = get_task("od")
+    image = Image.new("RGB", (128, 128), "white")
+    text = encode_regions(["traffic-light"], [[20, 30, 90, 100]], image.size)
+    parsed = parse_answer(spec, processor, text, image.size)
+    assert parsed["labels"] == ["traffic-light"] and parsed["bboxes"] == [[20, 30, 90, 100]]
+    out = draw_answer(image, parsed, png_path(tmp_path / "page.png", spec))
+    assert out == tmp_path / "page.od.png"
+    drawn = Image.open(out).convert("RGB")
+    assert drawn.getpixel((55, 100)) != (255, 255, 255) and drawn.getpixel((55, 65)) == (255, 255, 255)
+    assert draw_answer(image, parse_answer(spec, processor, "nothing", image.size), tmp_path / "x.png") is None
+
+
+def test_predict_on_a_region_task_prints_json_and_says_what_it_drew(tiny_dir: Path, tmp_path: Path) -> None:
+    page = tmp_path / "page.png"
+    shape_scenes(2, seed=3)[1].image.save(page)
+    result = runner.invoke(app, ["predict", str(page), "--task", "od", "--model", str(tiny_dir)])
+    assert result.exit_code == 0, result.output
+    first, second = result.stdout.strip().splitlines()[-2:]
+    parsed = json.loads(first)
+    assert set(parsed) == {"bboxes", "labels"}
+    if parsed["bboxes"]:
+        assert second == f"regions drawn: {tmp_path / 'page.od.png'}" and (tmp_path / "page.od.png").is_file()
+    else:
+        assert second.startswith("no regions") and not (tmp_path / "page.od.png").exists()
+
+
+def test_box_format_flag(scenes: dict, tmp_path: Path) -> None:
+    from florence_kit.region_data import with_box_format
+    from florence_kit.train import TrainConfig
+
+    assert with_box_format(get_task("od"), "xyxy").regions["box_format"] == "xyxy"
+    assert with_box_format(get_task("od"), None) == get_task("od")
+    result = runner.invoke(app, ["eval", "caption", "--box-format", "xyxy", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "applies to region tasks" in result.output
+    assert TrainConfig(task="od", model="m", output_dir=tmp_path, box_format="xyxyn").box_format == "xyxyn"
+
+
+def test_report_thumbnails_show_true_and_predicted_boxes(tmp_path: Path) -> None:
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from florence_kit.evaluate import EvalResult, thumbnail_jpeg, write_results
+    from florence_kit.region_view import overlay_thumbnail
+    from florence_kit.report import write_report
+
+    image = Image.new("RGB", (512, 512), "white")
+    ref = json.dumps({"size": [512, 512], "labels": ["circle"], "boxes": [[40, 40, 200, 200]]})
+    prediction = encode_regions(["square"], [[300, 300, 480, 480]], (512, 512))
+    rec = {"id": "0", "prompt": "<OD>", "prediction": prediction, "references": [ref]}
+    thumb = Image.open(io.BytesIO(overlay_thumbnail(thumbnail_jpeg(image, 256), rec)))  # half size
+    green, red = thumb.getpixel((60, 20)), thumb.getpixel((200, 150))  # on the true / predicted box's edge
+    assert green[1] > 120 and green[0] < 120 and red[0] > 150 and red[1] < 120
+    assert overlay_thumbnail(thumbnail_jpeg(image), {"references": ["a caption"], "prediction": "x"}) is None
+    write_results(EvalResult({"metric": "coco_map", "coco_map": 0.0, "n": 1, "n_scored": 1}, [rec],
+                             [thumbnail_jpeg(image, 256)]), tmp_path / "ev")
+    html = write_report(tmp_path / "ev").read_text()
+    shown = re.search(r'data:image/jpeg;base64,([^"]+)"', html).group(1)
+    assert Image.open(io.BytesIO(base64.b64decode(shown))).getpixel((200, 150))[0] > 150
+
+
+def test_location_tokens_survive_decoding_where_the_tokenizer_calls_them_special(tiny_dir: Path) -> None:
+    from transformers import AutoProcessor
+
+    from florence_kit.boxes import decode_answers
+    from florence_kit.tiny import LOC_TOKENS
+
+    proc = AutoProcessor.from_pretrained(str(tiny_dir))
+    text = "traffic-light<loc_1><loc_20><loc_300><loc_999>"
+    ids = [proc.tokenizer.bos_token_id, *proc.tokenizer(text, add_special_tokens=False)["input_ids"],
+           proc.tokenizer.eos_token_id, proc.tokenizer.pad_token_id]
+    assert decode_answers(proc, [ids]) == [text]
+    proc.tokenizer.add_special_tokens({"additional_special_tokens": LOC_TOKENS})  # as Microsoft's tokenizer has them
+    assert proc.batch_decode([ids], skip_special_tokens=True) == ["traffic-light"]  # what would lose every box
+    assert decode_answers(proc, [ids]) == [text]
