@@ -55,6 +55,9 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_vision: bool = False
     optim: str | None = None  # adamw | adamw8bit | paged-adamw8bit; None: adamw (qlora: 8-bit, paged on CUDA)
+    # --- trainspeed ---
+    cache_vision_features: bool = False
+    vision_cache_dir: Path | None = None  # None: <output_dir>/vision_cache
 
 
 @dataclass
@@ -86,8 +89,12 @@ def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
-    """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept."""
+def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool, feature_cache: Any = None) -> Any:
+    """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept.
+
+    ``feature_cache`` (a :class:`florence_kit.feature_cache.VisionFeatureCache`) serves the frozen tower's
+    output for images seen before, so DaViT runs once per distinct image.
+    """
     import torch
 
     from florence_kit.modes import unwrap
@@ -95,8 +102,11 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool) -> Any:
     if not frozen_vision:
         return model(**batch).loss
     inner = unwrap(getattr(model, "module", model)).model
-    with torch.no_grad():
-        features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
+    if feature_cache is not None:  # --- trainspeed: vision-feature cache ---
+        features = feature_cache.features(inner.vision_tower, batch["pixel_values"])
+    else:
+        with torch.no_grad():
+            features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
     image_features = inner.multi_modal_projector(features)
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     mask = (batch["input_ids"] == inner.config.image_token_id).unsqueeze(-1)
@@ -186,13 +196,22 @@ def train_loop(
     model.train()
     if frozen_vision:  # no dropout / drop-path in a frozen tower: it must behave as at inference
         component(accelerator.unwrap_model(model), "vision").eval()
+    feature_cache = None
+    if cfg.cache_vision_features:  # --- trainspeed: vision-feature cache ---
+        from florence_kit.feature_cache import VisionFeatureCache
+
+        if not frozen_vision:
+            raise UserError("--cache-vision-features needs a frozen vision tower: use --mode frozen-encoder, "
+                            "lora or qlora (without --lora-vision)")
+        cache_root = cfg.vision_cache_dir or Path(cfg.output_dir) / "vision_cache"
+        feature_cache = VisionFeatureCache(cache_root, component(accelerator.unwrap_model(model), "vision"))
 
     step, last_loss, micro_losses, start = 0, float("nan"), [], time.perf_counter()
     with log_path.open("a") as log:
         while step < total:
             for batch in loader:
                 with accelerator.accumulate(model):
-                    loss = forward_loss(model, batch, frozen_vision)
+                    loss = forward_loss(model, batch, frozen_vision, feature_cache)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

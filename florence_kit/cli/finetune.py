@@ -79,6 +79,15 @@ def finetune(
         typer.Option(help="Optimizer; 8-bit ones need bitsandbytes. Default: adamw (qlora: paged-adamw8bit on "
                      "CUDA, adamw8bit elsewhere)."),
     ] = None,
+    # --- trainspeed ---
+    cache_vision_features: Annotated[
+        bool, typer.Option(help="Frozen vision tower only: run it once per distinct image and reuse its output "
+                           "(fp16, on disk, memory-mapped).")
+    ] = False,
+    vision_cache_dir: Annotated[
+        Path | None, typer.Option(help="Where --cache-vision-features keeps features; default: <output-dir>/"
+                                  "vision_cache. Shareable across runs of the same model.")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar (for logs).")] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -105,6 +114,7 @@ def finetune(
         tasks_dirs=list(tasks_dir or []), streaming=streaming, mix_weights=mix_weights,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
         optim=optim.value if optim else None,
+        cache_vision_features=cache_vision_features, vision_cache_dir=vision_cache_dir,
     )
     result = run(cfg, quiet=quiet, print_fn=console.print)
     console.print(
