@@ -33,13 +33,18 @@ def eval_(
     output_dir: Annotated[Path, typer.Option(help="Where predictions.jsonl and metrics.json go.")] = Path(
         "runs/eval"
     ),
-    batch_size: Annotated[int, typer.Option(help="Examples per generate() call.")] = 16,
+    batch_size: Annotated[
+        int, typer.Option(help="Examples per generate() call (sorted by prompt length; same answers as 1).")
+    ] = 16,
     max_samples: Annotated[int | None, typer.Option(help="Score only the first N rows.")] = None,
     streaming: Annotated[
         bool, typer.Option(help="Stream a hub dataset instead of downloading it whole (needs --max-samples).")
     ] = False,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Answer length cap; default: the task's.")] = None,
+    num_workers: Annotated[
+        int, typer.Option(help="DataLoader workers that decode images and run the processor (0: in-process).")
+    ] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -56,7 +61,7 @@ def eval_(
     data = cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
     net, processor = load_model(model)
     result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
-                      max_new_tokens=max_new_tokens, show_progress=not quiet)
+                      max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers)
     write_results(result, output_dir)
     _print_metrics(result.metrics)
     console.print(f"predictions: {output_dir / 'predictions.jsonl'}")

@@ -1,0 +1,166 @@
+"""Batched, length-sorted evaluation gives exactly the answers of one-at-a-time generation.
+
+The model is the tiny random Florence-2 with its cross-attention output scaled up 3x, so that answers
+depend on each example's image and prompt (the plain random model answers nearly the same for every
+input, which would let a wrong batching pass). Prompts range from 2 to ~60 words so batches carry a
+lot of padding. A deliberately left-padded batch is checked to give *different* answers: the equality
+tests can fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+QUESTIONS = [
+    "total?",
+    "What is the date written at the top of the invoice, just under the sender's address?",
+    "amount",
+    "Which company sent this letter, and what is the zip code printed in the sender block on the top left "
+    "corner of the first page of the document, next to the logo and the telephone number of the office?",
+    "name of the person who signed",
+    "a",
+    "What is the reference number?",
+    "How many items are listed in the table in the middle of the page, counting every row with a price?",
+]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models generate ~10x faster on one thread when the CPU is shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(one_thread):
+    import torch
+
+    from florence_kit.tiny import make_tiny
+
+    model, processor = make_tiny(seed=0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "encoder_attn.out_proj" in name:
+                param.mul_(3.0)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def varied_split(docvqa_splits):
+    """The synthetic validation split with questions of very different lengths."""
+    split = docvqa_splits["validation"]
+    return split.map(lambda row, i: {"question": QUESTIONS[i % len(QUESTIONS)]}, with_indices=True)
+
+
+def _one_at_a_time(model, processor, task, split, **overrides):
+    from florence_kit.data import TaskDataset
+    from florence_kit.evaluate import generate, generation_config_for
+
+    config = generation_config_for(task, model, processor, **{"max_new_tokens": 8, **overrides})
+    dataset = TaskDataset(split, task, with_target=False)
+    examples = [dataset[i] for i in range(len(dataset))]
+    return [generate(model, processor, [ex.image], [ex.prompt], config)[0] for ex in examples], examples
+
+
+def test_length_order_is_longest_first_and_stable(model_and_processor):
+    from florence_kit.evaluate import length_order
+
+    _, processor = model_and_processor
+    prompts = ["<DocVQA>a", "<DocVQA>a much longer question", "<DocVQA>b", "<DocVQA>medium one"]
+    assert length_order(processor, prompts) == [1, 3, 0, 2]
+    assert length_order(processor, []) == []
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_eval_equals_one_at_a_time(model_and_processor, docvqa_task, varied_split, num_beams):
+    from florence_kit.evaluate import evaluate, thumbnail_jpeg
+
+    model, processor = model_and_processor
+    single, examples = _one_at_a_time(model, processor, docvqa_task, varied_split, num_beams=num_beams)
+    assert len(set(single)) >= 3, single  # answers depend on the input: a batching bug would show
+    result = evaluate(model, processor, docvqa_task, varied_split, batch_size=5, num_beams=num_beams,
+                      max_new_tokens=8, show_progress=False)
+    assert [rec["prediction"] for rec in result.predictions] == single
+    # dataset order is kept although batches were formed longest-first
+    assert [rec["id"] for rec in result.predictions] == [ex.id for ex in examples]
+    assert [rec["prompt"] for rec in result.predictions] == [ex.prompt for ex in examples]
+    assert result.thumbnails == [thumbnail_jpeg(ex.image) for ex in examples]
+
+
+def test_left_padding_would_change_answers_and_is_overridden(model_and_processor, docvqa_task, varied_split):
+    """Left padding shifts BART's absolute positions: answers change. evaluate() pads right regardless."""
+    import torch
+
+    from florence_kit.evaluate import evaluate, generation_config_for
+
+    model, processor = model_and_processor
+    single, examples = _one_at_a_time(model, processor, docvqa_task, varied_split)
+    config = generation_config_for(docvqa_task, model, processor, max_new_tokens=8)
+    inputs = processor(images=[ex.image for ex in examples], text=[ex.prompt for ex in examples],
+                       return_tensors="pt", padding="longest", padding_side="left")
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=config)
+    left = [text.strip() for text in processor.batch_decode(out, skip_special_tokens=True)]
+    assert sum(a != b for a, b in zip(left, single, strict=True)) >= 2
+
+    processor.tokenizer.padding_side = "left"  # as some saved tokenizers are configured
+    try:
+        result = evaluate(model, processor, docvqa_task, varied_split, batch_size=8, max_new_tokens=8,
+                          show_progress=False, thumbnail_size=None)
+    finally:
+        processor.tokenizer.padding_side = "right"
+    assert [rec["prediction"] for rec in result.predictions] == single
+    assert result.thumbnails == []
+
+
+def test_unsorted_and_worker_loading_give_the_same_records(model_and_processor, docvqa_task, varied_split):
+    from florence_kit.evaluate import evaluate
+
+    model, processor = model_and_processor
+    common = {"max_new_tokens": 8, "show_progress": False, "thumbnail_size": 64}
+    sorted_ = evaluate(model, processor, docvqa_task, varied_split, batch_size=3, **common)
+    unsorted = evaluate(model, processor, docvqa_task, varied_split, batch_size=3, sort_by_length=False,
+                        num_workers=1, **common)
+    assert sorted_.predictions == unsorted.predictions
+    assert sorted_.thumbnails == unsorted.thumbnails
+    assert sorted_.metrics == unsorted.metrics
+
+
+def test_bad_batch_size_is_a_user_error(model_and_processor, docvqa_task, varied_split):
+    from florence_kit.errors import UserError
+    from florence_kit.evaluate import evaluate
+
+    model, processor = model_and_processor
+    with pytest.raises(UserError, match="--batch-size"):
+        evaluate(model, processor, docvqa_task, varied_split, batch_size=0, show_progress=False)
+    with pytest.raises(UserError, match="--num-workers"):
+        evaluate(model, processor, docvqa_task, varied_split, num_workers=-1, show_progress=False)
+
+
+def test_cli_eval_with_beams_and_workers_keeps_dataset_order(tiny_dir, docvqa_dir, docvqa_task, tmp_path, one_thread):
+    import json
+
+    import datasets
+    from typer.testing import CliRunner
+
+    from florence_kit.cli import app
+    from florence_kit.model import load_model
+
+    out = tmp_path / "eval"
+    args = ["eval", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir), "--output-dir", str(out),
+            "--batch-size", "3", "--num-beams", "2", "--max-new-tokens", "6", "--num-workers", "1", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    split = datasets.load_from_disk(str(docvqa_dir))["validation"]
+    assert [p["id"] for p in preds] == [str(i) for i in split["questionId"]]
+    model, processor = load_model(str(tiny_dir))
+    single, _ = _one_at_a_time(model, processor, docvqa_task, split, num_beams=2, max_new_tokens=6)
+    assert [p["prediction"] for p in preds] == single
+
+    bad = CliRunner().invoke(app, [*args[:-9], "--batch-size", "0", "--quiet"])
+    assert bad.exit_code == 2 and "--batch-size must be at least 1" in bad.output
