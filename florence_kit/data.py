@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from florence_kit.errors import UserError
+from florence_kit.errors import BadImageError, UserError
 from florence_kit.rows import apply_aliases, explode_index, exploded, map_row, resolve_aliases, tile_images
-from florence_kit.task import TaskSpec
+from florence_kit.task import TaskSpec, template_fields
 
 TABULAR_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
@@ -87,6 +87,7 @@ def load_source(source: str, name: str | None = None, streaming: bool = False) -
             builder = TABULAR_SUFFIXES.get(path.suffix.lower())
             if builder is None:
                 raise UserError(f"dataset file '{path}' is not parquet or JSONL; convert it or pass a folder")
+            check_utf8([path])
             ds = datasets.load_dataset(builder, data_files={_split_from_filename(path): str(path)})
             return _resolve_image_paths(ds, path.parent)
         if path.is_dir():
@@ -97,6 +98,7 @@ def load_source(source: str, name: str | None = None, streaming: bool = False) -
                 raise UserError(
                     f"folder '{path}' holds no dataset: expected a save_to_disk folder or parquet/JSONL files"
                 )
+            check_utf8(files)
             return _resolve_image_paths(datasets.load_dataset(str(path)), path)
     except UserError:
         raise
@@ -110,6 +112,22 @@ def load_source(source: str, name: str | None = None, streaming: bool = False) -
         raise _hub_error(source, exc) from None
 
 
+def check_utf8(files: list[Path]) -> None:
+    """JSON text must be UTF-8; ``datasets`` would load other bytes and fail later, on first access."""
+    for path in files:
+        if path.suffix.lower() not in {".jsonl", ".json"}:
+            continue
+        with path.open("rb") as f:
+            for line_no, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UserError(
+                        f"'{path}' line {line_no} is not UTF-8 text (byte 0x{line[exc.start]:02x} at column "
+                        f"{exc.start + 1}); re-save the file as UTF-8"
+                    ) from None
+
+
 def _resolve_image_paths(ds: Any, root: Path) -> Any:
     """JSONL / parquet with image *paths*: make them absolute (relative to the data folder) and decode."""
     import datasets
@@ -117,7 +135,7 @@ def _resolve_image_paths(ds: Any, root: Path) -> Any:
     def fix(split_ds: datasets.Dataset) -> datasets.Dataset:
         for col, feat in split_ds.features.items():
             if isinstance(feat, datasets.Value) and feat.dtype == "string" and col in {"image", "image_path"}:
-                split_ds = split_ds.map(lambda r, c=col: {c: str((root / r[c]).resolve())})
+                split_ds = split_ds.map(lambda r, c=col: {c: str((root / r[c]).resolve()) if r[c] else None})
                 split_ds = split_ds.cast_column(col, datasets.Image())
         return split_ds
 
@@ -220,8 +238,8 @@ def check_columns(ds: Any, task: TaskSpec, *, with_target: bool, source: str = "
 def _references(value: Any) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value]
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        return [str(value)]
     return [str(v) for v in value]
 
 
@@ -242,6 +260,9 @@ def lookup(row: dict[str, Any], path: str) -> Any:
 
 def render_texts(task: TaskSpec, row: dict[str, Any], index: int) -> tuple[str, str | None, list[str]]:
     """(prompt, target, references) for one row; target is None when the row has no answer."""
+    empty = [f for f in template_fields(task.prompt) if f in row and row[f] is None]
+    if empty:
+        raise UserError(f"row {index}: column '{empty[0]}' is empty (null); fill it or remove the row")
     try:
         prompt = task.prompt.format(**row)
     except (KeyError, IndexError, AttributeError) as exc:
@@ -293,7 +314,7 @@ class TaskDataset:
         try:
             row = self.ds[row_number]
         except Exception as exc:  # decoding happens here: a corrupt or missing image file
-            raise UserError(
+            raise BadImageError(
                 f"row {row_number}: image cannot be read ({type(exc).__name__}: {exc}); fix or remove that row"
             ) from None
         row = self._fields(row, row_number, item)
@@ -310,11 +331,11 @@ class TaskDataset:
         images = images if self.task.multi_image == "tile" else images[:1]
         if not images or not all(isinstance(im, Image.Image) for im in images):
             found = type(images[0]).__name__ if images else "an empty list"
-            raise UserError(f"row {row_number}: column '{self.task.image_column}' holds no image ({found})")
+            raise BadImageError(f"row {row_number}: column '{self.task.image_column}' holds no image ({found})")
         try:
             return tile_images([to_rgb(im) for im in images])
         except Exception as exc:
-            raise UserError(f"row {row_number}: image cannot be decoded ({exc}); fix or remove that row") from None
+            raise BadImageError(f"row {row_number}: image cannot be decoded ({exc}); fix or remove that row") from None
 
     def texts(self) -> Iterator[tuple[int, str, str | None]]:
         """(index, prompt, target) for every example without decoding images: the length preflight's input.

@@ -1,4 +1,4 @@
-"""The one exception type that the CLI turns into a one-line message and exit code 2."""
+"""The exception types that the CLI turns into a one-line message and an exit code (2, or 130 for Ctrl-C)."""
 
 
 class UserError(Exception):
@@ -6,3 +6,15 @@ class UserError(Exception):
 
     The message names the problem and the fix; the CLI prints it on one line, without a traceback.
     """
+
+    exit_code = 2
+
+
+class BadImageError(UserError):
+    """A row whose image cannot be decoded; ``finetune --skip-bad-images`` skips these rows."""
+
+
+class RunInterrupted(UserError):
+    """Ctrl-C during training: the model at the last finished step is saved; exit code 130 like any SIGINT."""
+
+    exit_code = 130

@@ -56,6 +56,14 @@ def check_local_checkpoint(path: Path) -> None:
             f"'{path}' has an empty vision_config.model_type (a known defect of checkpoints saved by other "
             "tools); set it to 'florence_vision' in config.json"
         )
+    if not any(path.glob("*.safetensors")) and not (path / "adapter_config.json").is_file():
+        pickled = sorted(p.name for p in path.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        raise UserError(
+            f"'{path}' has no safetensors weights"
+            + (f" (only {', '.join(pickled)}, pickle files that can run code when loaded)" if pickled else "")
+            + "; florence-kit loads weights only from safetensors: re-save the model with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
 
 
 def _hub_error(name: str, exc: Exception) -> UserError:
@@ -96,7 +104,7 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
         raise UserError(f"model folder '{model_id}' does not exist")
     try:
         model = Florence2ForConditionalGeneration.from_pretrained(
-            model_id, dtype=dtype, quantization_config=quantization_config
+            model_id, dtype=dtype, quantization_config=quantization_config, use_safetensors=True
         )
         processor = AutoProcessor.from_pretrained(model_id)
     except UserError:

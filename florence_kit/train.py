@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,10 @@ class TrainConfig:
     # --- trainspeed ---
     cache_vision_features: bool = False
     vision_cache_dir: Path | None = None  # None: <output_dir>/vision_cache
+    # --- run folder ---
+    report_to: str = "none"
+    push_to_hub: str | None = None
+    skip_bad_images: bool = False
 
 
 @dataclass
@@ -75,18 +80,27 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir '{out}' is a file; choose a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output-dir '{out}' is not empty; pass --overwrite or choose another folder")
+        from florence_kit.runfolder import describe_output_dir
+
+        raise UserError(describe_output_dir(out))
 
 
 def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
+    """Every resolved option at the top level (``--config`` reads it back), then ``versions`` and ``run``.
+
+    ``run`` records facts about this run (task origin, example counts, the git commit of the working
+    directory); ``versions`` the libraries and florence-kit's own commit. ``--config`` ignores both.
+    """
     import yaml
 
-    from florence_kit.versions import versions
+    from florence_kit.runconfig import options_dict
+    from florence_kit.versions import git_commit, versions
 
-    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    data["tasks_dirs"] = [str(p) for p in cfg.tasks_dirs]
-    data.update(extra, versions=versions())
-    (out / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    data = options_dict(cfg)
+    data.update(versions=versions(), run={**extra, "git_commit": git_commit(Path.cwd())})
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(out / "config.yaml")
 
 
 def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool, feature_cache: Any = None) -> Any:
@@ -175,7 +189,11 @@ def train_loop(
 
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    from florence_kit import trackers  # --- run folder: trackers ---
+
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                              **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
+    trackers.start(accelerator, cfg.report_to, asdict(cfg), cfg.output_dir)
     set_seed(cfg.seed)
     apply_mode(model, cfg.mode, cfg.lora_vision)
     frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
@@ -207,7 +225,7 @@ def train_loop(
         feature_cache = VisionFeatureCache(cache_root, component(accelerator.unwrap_model(model), "vision"))
 
     step, last_loss, micro_losses, start = 0, float("nan"), [], time.perf_counter()
-    with log_path.open("a") as log:
+    with log_path.open("a") as log, accelerator_trackers_closed(accelerator):
         while step < total:
             for batch in loader:
                 with accelerator.accumulate(model):
@@ -231,12 +249,41 @@ def train_loop(
                               "elapsed_s": round(time.perf_counter() - start, 3)}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                    accelerator.log(record, step=step)
                 if on_step:
                     on_step(step, total, last_loss, lr)
                 if step >= total:
                     break
     accelerator.wait_for_everyone()
     return step, last_loss
+
+
+@contextmanager
+def accelerator_trackers_closed(accelerator: Any) -> Iterator[None]:
+    """Trackers flush and close even when the loop stops early (Ctrl-C, an error).
+
+    Not ``accelerator.end_training()``: that also destroys the distributed process group, which the
+    code after the loop (``wait_for_everyone``, saving) still needs.
+    """
+    try:
+        yield
+    finally:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+
+
+def answered(rows: Iterable[tuple[int, str, str | None]], column: str) -> Iterator[tuple[int, str, str | None]]:
+    """Training rows, checked before training starts: a row without an answer is an error naming it."""
+    missing = []
+    for index, prompt, target in rows:
+        if target is None:
+            missing.append(index)
+        yield index, prompt, target
+    if missing:
+        raise UserError(
+            f"{len(missing)} training row(s) have no answer in column '{column}' (null or an empty list; "
+            f"first: row {missing[0]}); fix or remove them"
+        )
 
 
 def finetune(
@@ -247,15 +294,25 @@ def finetune(
 ) -> TrainResult:
     """The whole ``florence-kit finetune`` job."""
     from florence_kit.adapters import base_reference, check_adapter_options, load_quantized, save_adapter, wrap_lora
+    from florence_kit.card import write_card
     from florence_kit.collate import max_positions, preflight
+    from florence_kit.errors import RunInterrupted
+    from florence_kit.hub import check_can_push, push_run
     from florence_kit.mixing import training_data
     from florence_kit.model import load_model, save_checkpoint
     from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, summary, trainable_counts
     from florence_kit.progress import StepProgress
     from florence_kit.registry import resolve_tasks
+    from florence_kit.runconfig import check_options, options_dict
+    from florence_kit.runfolder import ImageGuard, StepInterrupt, save_atomically, stop_at_step_end
+    from florence_kit.trackers import check_report_to
 
     out = Path(cfg.output_dir)
+    check_options(cfg)
     check_output_dir(out, cfg.overwrite)
+    check_report_to(cfg.report_to)
+    if cfg.push_to_hub:
+        check_can_push(cfg.push_to_hub)  # before hours of training, not after
     tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)  # one task, "a,b" or a group: several are mixed
     optim = check_adapter_options(cfg)
     chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
@@ -264,7 +321,8 @@ def finetune(
     task = training_data(tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
                          mix_weights=cfg.mix_weights, seed=cfg.seed)
     dataset = task.dataset
-    report = preflight(dataset.texts(), processor, max_positions(model.config), cfg.too_long)
+    answers = ", ".join(sorted({t.references for t in tasks}))
+    report = preflight(answered(dataset.texts(), answers), processor, max_positions(model.config), cfg.too_long)
     verb = {"truncate": "truncated", "drop": "dropped"}.get(cfg.too_long, "")
     print_fn(
         f"length preflight: {len(report.too_long)} of {len(dataset)} examples exceed {report.limit} positions"
@@ -272,8 +330,6 @@ def finetune(
     )
     if not report.keep:
         raise UserError("no training examples left after the length preflight")
-
-    from torch.utils.data import Subset
 
     adapter = Mode(cfg.mode) in ADAPTER_MODES
     if adapter:
@@ -286,17 +342,46 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
-    write_config(cfg, out, {"task_origin": task.origin, "examples": len(report.keep), "dropped": len(report.too_long),
-                            **({"mix": task.mix} if task.mix else {})})
+    run_info: dict[str, Any] = {"task_origin": task.origin, "examples": len(report.keep),
+                                "dropped": len(report.too_long), **({"mix": task.mix} if task.mix else {})}
+    write_config(cfg, out, run_info)
+    rows = ImageGuard(dataset, report.keep, skip=cfg.skip_bad_images)
     start = time.perf_counter()
-    with StepProgress(f"fine-tuning {task.name} ({cfg.mode})", cfg.batch_size * cfg.grad_accum, quiet) as bar:
-        steps, loss = train_loop(
-            model, processor, Subset(dataset, report.keep), cfg, log_path,
-            on_step=bar.update, collate_truncate=cfg.too_long == "truncate",
-        )
+    interrupted: StepInterrupt | None = None
+    with StepProgress(f"fine-tuning {task.name} ({cfg.mode})", cfg.batch_size * cfg.grad_accum, quiet,
+                      log_every=cfg.log_every, print_fn=print_fn) as bar, stop_at_step_end() as stop:
+
+        def on_step(step: int, total: int, loss: float, lr: float) -> None:
+            bar.update(step, total, loss, lr)
+            if stop.requested:
+                raise StepInterrupt(step, total)
+
+        try:
+            steps, loss = train_loop(
+                model, processor, rows, cfg, log_path,
+                on_step=on_step, collate_truncate=cfg.too_long == "truncate",
+            )
+        except StepInterrupt as exc:
+            interrupted = exc
+            steps, loss = exc.step, bar.last.get("loss", float("nan"))
     seconds = time.perf_counter() - start
+    if rows.skipped:
+        print_fn(f"warning: skipped {len(rows.skipped)} row(s) with unreadable images "
+                 f"(rows {', '.join(map(str, rows.skipped[:10]))}{', ...' if len(rows.skipped) > 10 else ''})")
+    run_info.update(steps=steps, final_loss=loss, skipped_bad_images=len(rows.skipped))
+    if interrupted:
+        run_info.update(interrupted_at_step=interrupted.step, total_steps=interrupted.total)
     if adapter:
-        save_adapter(model, processor, out, base_reference(cfg.model))
+        save_atomically(out, lambda folder: save_adapter(model, processor, folder, base_reference(cfg.model)))
     else:
-        save_checkpoint(model, processor, out)
+        save_atomically(out, lambda folder: save_checkpoint(model, processor, folder))
+    write_config(cfg, out, run_info)
+    write_card(out, options_dict(cfg), run_info)
+    if interrupted:
+        raise RunInterrupted(
+            f"interrupted (Ctrl-C) at step {interrupted.step} of {interrupted.total}; the model at that step, "
+            f"config.yaml, README.md and metrics.jsonl are saved in '{out}'"
+        )
+    if cfg.push_to_hub:
+        print_fn(f"pushed to {push_run(out, cfg.push_to_hub)}")
     return TrainResult(out, steps, loss, seconds, len(report.too_long), counts)

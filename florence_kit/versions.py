@@ -9,10 +9,12 @@ from pathlib import Path
 PACKAGES = ("florence-kit", "torch", "transformers", "datasets", "accelerate", "peft", "tokenizers")
 
 
-def git_commit() -> str | None:
+def git_commit(where: Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the repository holding ``where`` (florence-kit's source by default); None if none."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "HEAD"], cwd=where or Path(__file__).parent, capture_output=True, text=True,
+            timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
         return None

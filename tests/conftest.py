@@ -40,3 +40,25 @@ def docvqa_task():
     from florence_kit.registry import get_task
 
     return get_task("docvqa")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The bad-input catalogue's tally (tests/test_catalogue.py records each kind that behaved)."""
+    tally = config.__dict__.get("bad_input_catalogue")
+    if not tally:
+        return
+    from collections import Counter
+
+    from test_catalogue import CASES
+
+    kinds = len(CASES) + 1  # + Ctrl-C, a test of its own
+    outcomes = Counter(tally.values())
+    terminalreporter.write_sep("=", "bad-input catalogue")
+    terminalreporter.write_line(
+        f"bad-input catalogue: {kinds} kinds, {len(tally)} handled as specified ("
+        + ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items())) + ")"
+    )
+    missing = [c.kind for c in CASES if c.kind not in tally]
+    if missing:
+        names = ", ".join(missing) if len(missing) <= 10 else f"{', '.join(missing[:10])}, ..."
+        terminalreporter.write_line(f"{len(missing)} kind(s) failed or were not run: {names}")

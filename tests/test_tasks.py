@@ -135,7 +135,7 @@ def test_cauldron_mix_trains_with_weights(tiny_dir: Path, cauldron_dir: Path, tm
               "--mix-weights", "cauldron/ai2d=1,cauldron/chartqa=3")
     config = yaml.safe_load((tmp_path / "mix" / "config.yaml").read_text())
     assert config["mix_weights"] == "cauldron/ai2d=1,cauldron/chartqa=3"
-    mix = config["mix"]
+    mix = config["run"]["mix"]  # run facts live under run: (the options stay top-level for --config)
     assert mix["cauldron/ai2d"]["examples"] == 13 and mix["cauldron/chartqa"]["examples"] == CHARTQA_TURNS
     assert mix["cauldron/ai2d"]["drawn"] + mix["cauldron/chartqa"]["drawn"] == 13 + CHARTQA_TURNS  # one epoch
     assert mix["cauldron/chartqa"]["drawn"] > mix["cauldron/ai2d"]["drawn"]  # weight 3 vs 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from collections.abc import Callable
@@ -31,8 +32,19 @@ def quiet_libraries() -> None:
         os.environ.setdefault(var, value)
 
 
+def one_line(exc: BaseException) -> str:
+    """The message alone: a UserError re-raised by a DataLoader worker carries the worker's traceback."""
+    text = str(exc)
+    if "Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
 def user_errors(fn: F) -> F:
-    """Turn a UserError into one red line on stderr and exit code 2 (no traceback)."""
+    """Turn a UserError into one red line on stderr and its exit code (2; 130 for Ctrl-C), no traceback.
+
+    A full disk is not a bug either: it gets the same one line.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -41,7 +53,13 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as exc:
             # escaped: a message such as "pip install 'florence-kit[ui]'" is not Rich markup
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            err_console.print(f"[bold red]error:[/] disk full ({escape(str(exc))}); free some space and run again",
+                              highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

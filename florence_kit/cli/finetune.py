@@ -18,6 +18,10 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class ReportTo(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
 class Optim(str, Enum):
     adamw = "adamw"
     adamw8bit = "adamw8bit"
@@ -32,9 +36,12 @@ class TooLong(str, Enum):
 
 @user_errors
 def finetune(
+    ctx: typer.Context,
     task: Annotated[
-        str, typer.Argument(help="Task name, a comma list of tasks or a group (e.g. cauldron): several are mixed.")
-    ],
+        str | None,
+        typer.Argument(help="Task name, a comma list of tasks or a group (e.g. cauldron): several are mixed; "
+                       "optional with --config."),
+    ] = None,
     model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
     dataset: Annotated[
         str | None, typer.Option(help="Hub id, save_to_disk folder, or parquet/JSONL files; default: the task's.")
@@ -88,7 +95,21 @@ def finetune(
         Path | None, typer.Option(help="Where --cache-vision-features keeps features; default: <output-dir>/"
                                   "vision_cache. Shareable across runs of the same model.")
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar (for logs).")] = False,
+    # --- run folder ---
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML of options (a run's config.yaml works); options typed here override it."),
+    ] = None,
+    report_to: Annotated[ReportTo, typer.Option(help="Experiment tracker (optional extra).")] = ReportTo.none,
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Upload model, processor and card to this hub repo after training.")
+    ] = None,
+    skip_bad_images: Annotated[
+        bool, typer.Option(help="Skip rows whose image cannot be decoded (counted and reported) instead of stopping.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="No progress bar: plain log lines (also when stdout is not a terminal).")
+    ] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
     """Fine-tune Florence-2 on TASK and save the model, processor, config and metrics log.
@@ -102,12 +123,14 @@ def finetune(
       florence-kit finetune docvqa --model ./tiny --dataset ./my_docvqa --max-steps 100 --output-dir runs/a
 
       florence-kit finetune cauldron/ai2d,cauldron/chartqa --mix-weights 2,1 --streaming --max-samples 5000
+
+      florence-kit finetune --config runs/a/config.yaml --output-dir runs/b
     """
     from florence_kit.train import TrainConfig
     from florence_kit.train import finetune as run
 
     cfg = TrainConfig(
-        task=task, model=model, output_dir=output_dir, dataset=dataset, mode=mode.value, epochs=epochs,
+        task=task or "", model=model, output_dir=output_dir, dataset=dataset, mode=mode.value, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, schedule=schedule.value, max_grad_norm=max_grad_norm, seed=seed,
         too_long=too_long.value, max_samples=max_samples, num_workers=num_workers, overwrite=overwrite,
@@ -115,7 +138,12 @@ def finetune(
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
         optim=optim.value if optim else None,
         cache_vision_features=cache_vision_features, vision_cache_dir=vision_cache_dir,
+        report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
     )
+    if config is not None:
+        from florence_kit.runconfig import apply_config_file
+
+        cfg = apply_config_file(cfg, config, ctx)
     result = run(cfg, quiet=quiet, print_fn=console.print)
     console.print(
         f"[green]done:[/] {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}; "

@@ -1,0 +1,130 @@
+"""``finetune --config run.yaml``: a run's options from a YAML file; options typed on the command line win.
+
+The file uses TrainConfig's field names, the very names a run's own ``config.yaml`` holds, so
+``finetune --config RUN/config.yaml --output-dir NEW`` repeats RUN. Everything is derived from the
+TrainConfig dataclass and the command's click parameters, so options added later are covered
+without touching this module. A misspelt key is an error with a "did you mean", never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+from florence_kit.errors import UserError
+
+# What write_config records beside the options (for people, not for the run): accepted and ignored.
+RECORD_KEYS = ("versions", "run")
+# TrainConfig field → CLI parameter name, where they differ.
+PARAM_FOR_FIELD = {"tasks_dirs": "tasks_dir"}
+
+
+def option_fields(cls: type) -> dict[str, Any]:
+    """TrainConfig's fields and their resolved type hints."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def options_dict(cfg: Any) -> dict[str, Any]:
+    """Every resolved option as plain YAML values (paths as strings), in TrainConfig's order."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def read_config_file(path: Path, cls: type) -> dict[str, Any]:
+    """The option mapping in ``path``; unknown keys are errors naming the closest option."""
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"--config '{path}' does not exist" if not path.exists() else f"--config '{path}' is a folder")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"--config '{path}' is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config '{path}' is not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config '{path}' must be a mapping of option: value, got {type(data).__name__}")
+    known = option_fields(cls)
+    for key in data:
+        if key in known or key in RECORD_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"--config '{path}': unknown option '{key}'; {hint}options: {', '.join(known)}")
+    return {k: v for k, v in data.items() if k not in RECORD_KEYS}
+
+
+def _convert(key: str, value: Any, hint: Any, param: Any, ctx: Any, origin: Path) -> Any:
+    """Validate one file value with the CLI's own parameter type (choices, ints, floats) and the field's type."""
+    allows_none = type(None) in typing.get_args(hint)
+    if value is None:
+        if allows_none:
+            return None
+        raise UserError(f"--config '{origin}': option '{key}' cannot be empty")
+    is_list = typing.get_origin(hint) is list
+    if is_list and not isinstance(value, list):
+        value = [value]
+    if not is_list and isinstance(value, (list, dict)):
+        raise UserError(f"--config '{origin}': option '{key}' takes one value, got a {type(value).__name__}")
+    if param is not None:
+        try:  # the CLI's own parsing: choices, numbers ("1e-4" is a string to YAML), paths, lists
+            value = param.process_value(ctx, value)
+        except Exception as exc:
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            raise UserError(f"--config '{origin}': option '{key}' = {value!r}: {' '.join(message.split())}") from None
+    value = [v.value if hasattr(v, "value") else v for v in value] if is_list else getattr(value, "value", value)
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    if Path in (hint, *inner) and not is_list:
+        return Path(value)
+    if is_list and typing.get_args(hint) == (Path,):
+        return [Path(v) for v in value]
+    return value
+
+
+def apply_config_file(cfg: Any, path: Path, ctx: Any) -> Any:
+    """``cfg`` with every option from the file that was not given on the command line."""
+    data = read_config_file(path, type(cfg))
+    fields = option_fields(type(cfg))
+    params = {p.name: p for p in ctx.command.params}
+    updates = {}
+    for key, value in data.items():
+        name = PARAM_FOR_FIELD.get(key, key)
+        source = ctx.get_parameter_source(name) if name in params else None
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            continue  # the command line wins over the file
+        updates[key] = _convert(key, value, fields[key], params.get(name), ctx, path)
+    return dataclasses.replace(cfg, **updates)
+
+
+def check_options(cfg: Any) -> None:
+    """Values no run can use: one clear message before anything is loaded or written."""
+    positive = ("batch_size", "grad_accum", "log_every")
+    for name in positive:
+        if getattr(cfg, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("max_steps", "max_samples"):
+        value = getattr(cfg, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 when given, got {value}")
+    for name in ("warmup_steps", "num_workers", "weight_decay", "max_grad_norm"):
+        if getattr(cfg, name, 0) < 0:
+            raise UserError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
+    if not cfg.epochs > 0:
+        raise UserError(f"--epochs must be positive, got {cfg.epochs}")
+    if not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if not cfg.task:
+        raise UserError("no task: pass TASK (see `florence-kit tasks list`) or a --config file with 'task:'")

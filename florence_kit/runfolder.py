@@ -1,0 +1,135 @@
+"""What keeps a run folder whole: atomic saves, bad images skipped or named, and Ctrl-C that saves first.
+
+- The final model is written to a hidden temporary folder and moved in file by file (``os.replace`` is
+  atomic), so a full disk or a crash never leaves a half-written ``model.safetensors`` behind or
+  destroys an earlier run's weights.
+- A row whose image cannot be decoded stops the run with its row and file named, or with
+  ``--skip-bad-images`` is replaced by the next readable row and counted.
+- The first Ctrl-C lets the current optimizer step finish, then the run saves and exits (code 130);
+  a second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from florence_kit.errors import BadImageError, UserError
+
+
+def save_atomically(out: Path, save: Callable[[Path], Any]) -> None:
+    """Run ``save(folder)`` (a checkpoint or adapter save) into ``out`` without ever leaving a partial file there."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
+    try:
+        save(tmp)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, out / path.name)
+    except OSError as exc:
+        raise UserError(
+            f"could not save the model to '{out}' ({exc.strerror or exc}); nothing there was replaced: "
+            "free some space (or fix the folder's permissions) and run again"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def image_file(dataset: Any, index: int) -> str | None:
+    """The file a row's image came from (for the error message), without decoding it."""
+    try:
+        import datasets
+
+        ds, column = dataset.ds, dataset.task.image_column
+        row = dataset._locate(int(index))[0] if hasattr(dataset, "_locate") else int(index)  # exploded rows
+        raw = ds.cast_column(column, datasets.Image(decode=False))[row][column]
+        return (raw or {}).get("path") if isinstance(raw, dict) else None
+    except Exception:
+        return None
+
+
+class ImageGuard:
+    """The training rows (``indices`` of a TaskDataset); a bad image is an error, or skipped when asked.
+
+    A skipped row is replaced by the next readable one, so batches keep their size. Which rows were
+    skipped is kept in shared memory, so DataLoader worker processes count too.
+    """
+
+    def __init__(self, dataset: Any, indices: Sequence[int], skip: bool) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.skip = skip
+        self.bad = multiprocessing.get_context().RawArray("b", max(1, len(self.indices)))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        n = len(self.indices)
+        for attempt in range(n):
+            pos = (i + attempt) % n
+            if self.bad[pos]:
+                continue
+            index = self.indices[pos]
+            try:
+                return self.dataset[index]
+            except BadImageError as exc:
+                if not self.skip:
+                    where = image_file(self.dataset, index)
+                    raise UserError(f"{exc}{f' (file {where})' if where else ''}, "
+                                    "or pass --skip-bad-images to skip such rows") from None
+                self.bad[pos] = 1
+        raise UserError(f"none of the {n} training rows has a readable image; check the dataset's image column")
+
+    @property
+    def skipped(self) -> list[int]:
+        """Dataset row numbers skipped so far."""
+        return [self.indices[p] for p in range(len(self.indices)) if self.bad[p]]
+
+
+class StepInterrupt(Exception):
+    """Raised from the per-step callback after Ctrl-C: the step just finished is the last one."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"interrupted at step {step} of {total}")
+        self.step, self.total = step, total
+
+
+class StopFlag:
+    requested = False
+
+
+@contextmanager
+def stop_at_step_end() -> Iterator[StopFlag]:
+    """First SIGINT: ask the loop to stop after the current step. Second SIGINT: the usual KeyboardInterrupt."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def describe_output_dir(out: Path) -> str:
+    """Why an existing non-empty folder is refused: an earlier run or something else."""
+    if (out / "config.yaml").is_file():
+        return (f"--output-dir '{out}' is not empty: it holds an earlier run; pass --overwrite to replace it or "
+                "choose another folder")
+    return (f"--output-dir '{out}' is not empty and is not a florence-kit run folder; pass --overwrite to write "
+            "into it anyway or choose another folder")
