@@ -62,6 +62,9 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_vision: bool = False
     optim: str | None = None  # adamw | adamw8bit | paged-adamw8bit; None: adamw (qlora: 8-bit, paged on CUDA)
+    # --- trainspeed ---
+    cache_vision_features: bool = False
+    vision_cache_dir: Path | None = None  # None: <output_dir>/vision_cache
     # --- run folder ---
     report_to: str = "none"
     push_to_hub: str | None = None
@@ -120,11 +123,15 @@ def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
     tmp.replace(out / "config.yaml")
 
 
-def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool, num_items: Any = None) -> Any:
+def forward_loss(
+    model: Any, batch: dict[str, Any], frozen_vision: bool, num_items: Any = None, feature_cache: Any = None
+) -> Any:
     """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept.
 
     ``num_items``: the loss is summed over target tokens and divided by this count (transformers'
     ``num_items_in_batch``) instead of averaged over this batch's own tokens.
+    ``feature_cache`` (a :class:`florence_kit.feature_cache.VisionFeatureCache`) serves the frozen tower's
+    output for images seen before, so DaViT runs once per distinct image.
     """
     import torch
 
@@ -134,8 +141,11 @@ def forward_loss(model: Any, batch: dict[str, Any], frozen_vision: bool, num_ite
     if not frozen_vision:
         return model(**batch, **extra).loss
     inner = unwrap(getattr(model, "module", model)).model
-    with torch.no_grad():
-        features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
+    if feature_cache is not None:  # --- trainspeed: vision-feature cache ---
+        features = feature_cache.features(inner.vision_tower, batch["pixel_values"])
+    else:
+        with torch.no_grad():
+            features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
     image_features = inner.multi_modal_projector(features)
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     mask = (batch["input_ids"] == inner.config.image_token_id).unsqueeze(-1)
@@ -324,6 +334,16 @@ def train_loop(
     if resume_from is not None:
         vars(state).update(vars(checkpoints.load(accelerator, resume_from, fingerprint)))
 
+    feature_cache = None
+    if cfg.cache_vision_features:  # --- trainspeed: vision-feature cache ---
+        from florence_kit.feature_cache import VisionFeatureCache
+
+        if not frozen_vision:
+            raise UserError("--cache-vision-features needs a frozen vision tower: use --mode frozen-encoder, "
+                            "lora or qlora (without --lora-vision)")
+        cache_root = cfg.vision_cache_dir or Path(cfg.output_dir) / "vision_cache"
+        feature_cache = VisionFeatureCache(cache_root, component(accelerator.unwrap_model(model), "vision"))
+
     def set_train_mode() -> None:
         model.train()
         if frozen_vision:  # no dropout / drop-path in a frozen tower: it must behave as at inference
@@ -341,7 +361,8 @@ def train_loop(
         for i, batch in enumerate(group):
             sync = accelerator.no_sync(model) if i < len(group) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                loss = forward_loss(model, batch, frozen_vision, num_items=tokens) * accelerator.num_processes
+                loss = forward_loss(model, batch, frozen_vision, num_items=tokens, feature_cache=feature_cache)
+                loss = loss * accelerator.num_processes
                 accelerator.backward(loss)
             loss_sum += loss.detach().float()
         mean_loss = float(accelerator.reduce(loss_sum, "sum")) / accelerator.num_processes

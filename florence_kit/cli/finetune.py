@@ -119,6 +119,15 @@ def finetune(
     early_stopping_patience: Annotated[
         int, typer.Option(help="Stop after N evaluations without improvement (0 = never).")
     ] = 0,
+    # --- trainspeed ---
+    cache_vision_features: Annotated[
+        bool, typer.Option(help="Frozen vision tower only: run it once per distinct image and reuse its output "
+                           "(fp16, on disk, memory-mapped).")
+    ] = False,
+    vision_cache_dir: Annotated[
+        Path | None, typer.Option(help="Where --cache-vision-features keeps features; default: <output-dir>/"
+                                  "vision_cache. Shareable across runs of the same model.")
+    ] = None,
     # --- run folder ---
     config: Annotated[
         Path | None,
@@ -170,6 +179,7 @@ def finetune(
         tasks_dirs=list(tasks_dir or []), streaming=streaming, mix_weights=mix_weights,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
         optim=optim.value if optim else None,
+        cache_vision_features=cache_vision_features, vision_cache_dir=vision_cache_dir,
         report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
         precision=precision.value, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         eval_every=eval_every, eval_max_samples=eval_max_samples, early_stopping_patience=early_stopping_patience,

@@ -1,0 +1,274 @@
+"""Training speed: florence-kit's train loop vs the reference loop, same model, data, batch size and steps.
+
+    python -m benchmarks.train_speed                 # tiny (full) + base-sized 768 px (full, frozen-encoder)
+    python -m benchmarks.train_speed --only tiny --tiny-steps 40
+
+Every (configuration, loop) pair runs in a fresh subprocess, so peak RSS (``ru_maxrss``) is that run's own.
+Both loops see the same synthetic DocVQA split saved in the public schema, the same seed-identical random
+weights, batch size and number of optimizer steps.  Throughput is steady state: the first step (allocator and
+kernel warm-up) is excluded.  "data" is the time the loop waits for its next batch (decode + processor +
+collate, in the main process with ``num_workers=0``), "compute" is forward + backward + optimizer step.
+
+Models: ``tiny`` is florence_kit.tiny (1.8 M parameters, 128 px: the data path dominates); ``base`` is a
+Florence-2-base-sized random model built from its config (DaViT 128/256/512/1024, depths 1/1/9/1, BART
+768-d 6+6 layers, vocab 51289) at 768 px, where the model dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+IMPLS = ("reference", "florence-kit")
+CACHED = "florence-kit+cache"  # frozen-encoder only: --cache-vision-features
+
+# Florence-2-base's DaViT and BART sizes (microsoft/Florence-2-base config.json), as florence_kit.tiny overrides.
+BASE_OVERRIDES: dict[str, Any] = {
+    "vocab_size": 51289,
+    "d_model": 768,
+    "encoder_layers": 6,
+    "decoder_layers": 6,
+    "encoder_attention_heads": 12,
+    "decoder_attention_heads": 12,
+    "encoder_ffn_dim": 3072,
+    "decoder_ffn_dim": 3072,
+    "vision_depths": (1, 1, 9, 1),
+    "vision_embed_dim": (128, 256, 512, 1024),
+    "vision_num_heads": (4, 8, 16, 32),
+    "vision_num_groups": (4, 8, 16, 32),
+    "vision_patch_size": (7, 3, 3, 3),
+    "vision_patch_stride": (4, 2, 2, 2),
+    "vision_patch_padding": (3, 1, 1, 1),
+    "vision_patch_prenorm": (False, True, True, True),
+    "vision_window_size": 12,
+    "vision_mlp_ratio": 4.0,
+    "vision_max_position_embeddings": 50,
+}
+BASE_IMAGE_SIZE = 768
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def prepare(root: Path, *, tiny_docs: int, base_docs: int) -> dict[str, Path]:
+    """Save the tiny model, the base-sized config + processor, and one data folder per image size."""
+    from datasets import DatasetDict
+
+    from florence_kit.synthetic import render_docvqa
+    from florence_kit.tiny import build_processor, image_seq_length, save_tiny, tiny_config
+
+    paths = {"tiny_model": root / "tiny", "base_model": root / "base", "tiny_data": root / "data128",
+             "base_data": root / "data768"}
+    save_tiny(paths["tiny_model"])
+    config = tiny_config(**BASE_OVERRIDES)
+    config.save_pretrained(paths["base_model"])  # weights are drawn in each worker from a fixed seed
+    processor = build_processor(BASE_IMAGE_SIZE)
+    seq = image_seq_length(BASE_IMAGE_SIZE, BASE_OVERRIDES["vision_patch_stride"])  # 577, as Florence-2-base
+    processor.image_processor.image_seq_length = seq
+    processor.image_seq_length = processor.image_processor.image_seq_length
+    processor.save_pretrained(paths["base_model"])
+    DatasetDict({"train": render_docvqa(tiny_docs, 0, n_fields=2)}).save_to_disk(str(paths["tiny_data"]))
+    DatasetDict({"train": render_docvqa(base_docs, 0, n_fields=2, image_size=BASE_IMAGE_SIZE)}).save_to_disk(
+        str(paths["base_data"])
+    )
+    return paths
+
+
+def load_model(model_dir: Path, kind: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoProcessor, Florence2Config, Florence2ForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    if kind == "tiny":
+        model = Florence2ForConditionalGeneration.from_pretrained(model_dir)
+    else:
+        torch.manual_seed(0)
+        model = Florence2ForConditionalGeneration(Florence2Config.from_pretrained(model_dir))
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+class Clock:
+    """Step boundaries: ``batch`` when a batch is in hand, ``step`` when the optimizer step is done."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.batch_at: float | None = None
+        self.rows: list[tuple[float, float]] = []  # (data wait, compute) per step
+        self.cpu: list[float] = [time.process_time()]  # process CPU time at each step end: robust to contention
+
+    def batch(self) -> None:
+        self.batch_at = time.perf_counter()
+
+    def step(self) -> None:
+        now = time.perf_counter()
+        got = self.batch_at if self.batch_at is not None else self.last
+        self.rows.append((got - self.last, now - got))
+        self.last, self.batch_at = now, None
+        self.cpu.append(time.process_time())
+
+
+def run_reference(model: Any, processor: Any, data_dir: Path, args: argparse.Namespace, clock: Clock) -> list[float]:
+    import datasets
+
+    from benchmarks.reference_loop import freeze_vision_tower_like_the_blog, train_model
+
+    if args.mode == "frozen-encoder":
+        freeze_vision_tower_like_the_blog(model)  # the blog's no-op: the tower still trains
+
+    def hook(event: str, step: int, loss: float) -> None:
+        clock.batch() if event == "batch" else clock.step()
+
+    train = datasets.load_from_disk(str(data_dir))["train"]
+    return train_model(train, model, processor, epochs=10**6, batch_size=args.batch_size, max_steps=args.steps,
+                       step_hook=hook)
+
+
+def run_kit(model: Any, processor: Any, data_dir: Path, args: argparse.Namespace, clock: Clock) -> list[float]:
+    import florence_kit.train as train
+    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.registry import get_task
+
+    task = get_task("docvqa")
+    dataset = TaskDataset(load_split(task, str(data_dir), "train"), task, with_target=True)
+    losses: list[float] = []
+    original = train.forward_loss
+
+    def timed_forward_loss(*a: Any, **kw: Any) -> Any:  # the batch is in hand when the loss is asked for
+        clock.batch()
+        return original(*a, **kw)
+
+    def on_step(step: int, total: int, loss: float, lr: float) -> None:
+        clock.step()
+        losses.append(loss)
+
+    train.forward_loss = timed_forward_loss
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = train.TrainConfig(task="docvqa", model="-", output_dir=Path(tmp), mode=args.mode, max_steps=args.steps,
+                                batch_size=args.batch_size, lr=1e-6, log_every=10**6,
+                                cache_vision_features=args.impl == CACHED)
+        train.train_loop(model, processor, dataset, cfg, Path(tmp) / "metrics.jsonl", on_step=on_step)
+    return losses
+
+
+def worker(args: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load_model(Path(args.model_dir), args.kind)
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    torch.manual_seed(0)
+    clock = Clock()
+    run = run_reference if args.impl == "reference" else run_kit
+    losses = run(model, processor, Path(args.data_dir), args, clock)
+    steady = clock.rows[1:] or clock.rows
+    seconds = sum(d + c for d, c in steady)
+    result = {
+        "impl": args.impl, "kind": args.kind, "mode": args.mode, "steps": len(clock.rows),
+        "batch_size": args.batch_size, "samples_per_s": len(steady) * args.batch_size / seconds,
+        "data_s_per_step": sum(d for d, _ in steady) / len(steady),
+        "compute_s_per_step": sum(c for _, c in steady) / len(steady),
+        "samples_per_cpu_s": len(steady) * args.batch_size / (clock.cpu[-1] - clock.cpu[-1 - len(steady)]),
+        "first_step_s": sum(clock.rows[0]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_model_mb": rss_model, "losses": losses, "threads": torch.get_num_threads(),
+    }
+    Path(args.out).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def run_one(
+    impl: str, kind: str, mode: str, steps: int, batch: int, paths: dict[str, Path], tmp: Path, threads: int | None
+) -> dict:
+    out = tmp / f"{kind}-{mode}-{impl}.json"
+    cmd = [sys.executable, "-m", "benchmarks.train_speed", "--worker", "--impl", impl, "--kind", kind,
+           "--mode", mode, "--steps", str(steps), "--batch-size", str(batch),
+           "--model-dir", str(paths[f"{kind}_model"]), "--data-dir", str(paths[f"{kind}_data"]), "--out", str(out)]
+    cmd += ["--threads", str(threads)] if threads else []
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| model | mode | loop | batch | steps | samples/s | data s/step | compute s/step | peak RSS MB "
+        "| speed × | per CPU-s × | RSS × |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    refs = {(r["kind"], r["mode"]): r for r in results if r["impl"] == "reference"}
+    for r in results:
+        ref = refs.get((r["kind"], r["mode"]))
+        speed = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}" if ref else "-"
+        mem = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref else "-"
+        cpu = f"{r['samples_per_cpu_s'] / ref['samples_per_cpu_s']:.2f}" if ref and "samples_per_cpu_s" in r else "-"
+        lines.append(
+            f"| {r['kind']} | {r['mode']} | {r['impl']} | {r['batch_size']} | {r['steps']} | {r['samples_per_s']:.2f} "
+            f"| {r['data_s_per_step']:.3f} | {r['compute_s_per_step']:.3f} | {r['peak_rss_mb']:.0f} "
+            f"| {speed} | {cpu} | {mem} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=("tiny", "base"), help="run one model size only")
+    p.add_argument("--tiny-steps", type=int, default=30)
+    p.add_argument("--tiny-batch", type=int, default=8)
+    p.add_argument("--tiny-modes", default="full", help="comma-separated modes for the tiny model")
+    p.add_argument("--base-modes", default="full,frozen-encoder", help="comma-separated modes for the base model")
+    p.add_argument("--base-steps", type=int, default=4)
+    p.add_argument("--base-batch", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch threads per run (default: torch's own); 1 on a shared machine")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    # worker-only arguments
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=(*IMPLS, CACHED), help=argparse.SUPPRESS)
+    p.add_argument("--kind", choices=("tiny", "base"), help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="full", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    plan = []
+    if args.only in (None, "tiny"):
+        plan += [("tiny", mode, args.tiny_steps, args.tiny_batch) for mode in args.tiny_modes.split(",")]
+    if args.only in (None, "base"):
+        plan += [("base", mode, args.base_steps, args.base_batch) for mode in args.base_modes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        # 2 questions per page and steps × batch = 4 × pages: every run covers two epochs, as real fine-tuning
+        # runs several (the blog: 7); the vision cache pays off from the second question on a page
+        paths = prepare(Path(tmp), tiny_docs=max(args.tiny_steps * args.tiny_batch // 4, 2),
+                        base_docs=max(args.base_steps * args.base_batch // 4, 1))
+        results = []
+        for kind, mode, steps, batch in plan:
+            for impl in (*IMPLS, CACHED) if mode == "frozen-encoder" else IMPLS:
+                print(f"running {kind} {mode} {impl} ({steps} steps, batch {batch}) ...", flush=True)
+                results.append(run_one(impl, kind, mode, steps, batch, paths, Path(tmp), args.threads))
+    print(f"\ntorch threads: {results[0]['threads']}, cpu count: {os.cpu_count()}\n")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
