@@ -571,7 +571,7 @@ def finetune(
     from florence_kit.hub import check_can_push, push_run
     from florence_kit.mixing import training_data
     from florence_kit.model import load_model, save_checkpoint
-    from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, summary, trainable_counts
+    from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, frozen_components, summary, trainable_counts
     from florence_kit.precision import device_facts, resolve_precision
     from florence_kit.progress import StepProgress
     from florence_kit.region_data import with_box_format
@@ -596,6 +596,9 @@ def finetune(
         raise UserError("--eval-every scores one task; with several tasks, evaluate each with `florence-kit eval`")
     tasks = [with_box_format(t, cfg.box_format) for t in tasks]  # regions: --box-format (None: unchanged)
     optim = check_adapter_options(cfg)
+    if cfg.cache_vision_features and "vision" not in frozen_components(cfg.mode, cfg.lora_vision):
+        raise UserError("--cache-vision-features needs a frozen vision tower: use --mode frozen-encoder, "
+                        "lora or qlora (without --lora-vision)")  # checked before anything is written
     chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
     # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds
     model, processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)

@@ -540,6 +540,26 @@ def _(env: Env) -> list[str]:
     return env.ft("--max-steps", "0")
 
 
+@case("fp16 on a machine without a CUDA GPU", "--precision fp16 needs a CUDA GPU")
+def _(env: Env) -> list[str]:
+    return env.ft("--precision", "fp16")
+
+
+@case("vision-feature cache with a tower that trains", "--cache-vision-features needs a frozen vision tower")
+def _(env: Env) -> list[str]:
+    return [*env.ft("--cache-vision-features"), "--mode", "full"]
+
+
+@case("--resume latest with no checkpoint", "no checkpoint in")
+def _(env: Env) -> list[str]:
+    return env.ft("--resume", "latest")
+
+
+@case("--lora-vision without a LoRA mode", "--lora-vision needs --mode lora or qlora")
+def _(env: Env) -> list[str]:
+    return env.ft("--lora-vision")
+
+
 @case("negative --lr", "--lr cannot be negative")
 def _(env: Env) -> list[str]:
     return env.ft("--lr=-0.001")
