@@ -24,6 +24,8 @@ class ReportTo(str, Enum):
     none = "none"
     tensorboard = "tensorboard"
     wandb = "wandb"
+
+
 class Optim(str, Enum):
     adamw = "adamw"
     adamw8bit = "adamw8bit"
