@@ -3,7 +3,9 @@
 Run by :mod:`benchmarks.memory` in a subprocess per configuration, with glibc's mmap threshold fixed
 so that freed tensors go back to the OS and the resident set follows live memory. On CPU the peak is
 the process's high-water mark (VmHWM) minus its resident size after the imports, before the model is
-built; on CUDA it is ``torch.cuda.max_memory_reserved`` (the CUDA context is not included).
+built; on CUDA it is ``torch.cuda.max_memory_reserved`` plus the CUDA context (device memory in use that torch's
+allocator does not hold, read from ``cudaMemGetInfo``), since that is what a card's budget must hold.
+``precision`` (bf16/fp16, CUDA only) autocasts the forward as Accelerate does; fp16 adds a loss scaler.
 Usage: python -m benchmarks._measure '{"model": "base", "mode": "full", "batch": 1, ...}'
 """
 
@@ -21,7 +23,7 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def build(model_name: str, mode: str, lora_r: int) -> tuple:
+def build(model_name: str, mode: str, lora_r: int, cuda: bool = False) -> tuple:
     """(model, frozen_vision) built from a config with random weights, mode applied as train.py does."""
     import torch
     from transformers import Florence2ForConditionalGeneration
@@ -30,7 +32,7 @@ def build(model_name: str, mode: str, lora_r: int) -> tuple:
 
     config = load_config(model_name)
     torch.manual_seed(0)
-    model = _quantized(config) if mode == "qlora" else Florence2ForConditionalGeneration(config)
+    model = _quantized(config, cuda) if mode == "qlora" else Florence2ForConditionalGeneration(config)
     if mode in ("lora", "qlora"):
         model = _wrap_lora(model, lora_r)
     from florence_kit.modes import Mode, apply_mode, frozen_components
@@ -62,7 +64,7 @@ def _wrap_lora(model, r: int):
         return get_peft_model(model, config)
 
 
-def _quantized(config):
+def _quantized(config, cuda: bool = False):
     """4-bit NF4 Linear layers (bitsandbytes) in place of the language model's Linear layers."""
     import tempfile
 
@@ -72,7 +74,8 @@ def _quantized(config):
         Florence2ForConditionalGeneration(config).save_pretrained(tmp)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    llm_int8_skip_modules=["model.multi_modal_projector", "lm_head"])
-        return Florence2ForConditionalGeneration.from_pretrained(tmp, quantization_config=quant)
+        placement = {"device_map": {"": 0}} if cuda else {}  # quantised while moved to the GPU, as a user's run
+        return Florence2ForConditionalGeneration.from_pretrained(tmp, quantization_config=quant, **placement)
 
 
 def batch_for(config, batch: int, image_size: int, prompt: int, target: int) -> dict:
@@ -106,7 +109,7 @@ def main(spec: dict) -> dict:
     if spec["mode"] == "qlora":
         import bitsandbytes  # noqa: F401
     base = _status("VmRSS")
-    model, frozen_vision = build(spec["model"], spec["mode"], spec.get("lora_r", 16))
+    model, frozen_vision = build(spec["model"], spec["mode"], spec.get("lora_r", 16), cuda)
     # PEFT injects the adapters into the native model's modules: train through the native model
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cuda:
@@ -119,23 +122,38 @@ def main(spec: dict) -> dict:
 
         component(model, "vision").eval()
     optim = spec.get("optim", "adamw")
-    if optim == "adamw8bit":
+    if optim in ("adamw8bit", "paged-adamw8bit"):
         import bitsandbytes as bnb
 
-        optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        kind = bnb.optim.PagedAdamW8bit if optim.startswith("paged") else bnb.optim.AdamW8bit
+        optimizer = kind([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     else:
         optimizer = make_optimizer(model, 1e-5, 0.0)
     data = batch_for(model.config, spec["batch"], spec["image_size"], spec["prompt"], spec["target"])
     if cuda:
         data = {k: v.cuda() for k, v in data.items()}
+    precision = spec.get("precision", "fp32") if cuda else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     for _ in range(spec.get("steps", 2)):  # two steps: the second runs with the optimizer state allocated
-        loss = forward_loss(model, data, frozen_vision)
-        loss.backward()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            loss = forward_loss(model, data, frozen_vision)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
+        scaler.step(optimizer) if scaler else optimizer.step()
+        if scaler:
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_reserved() if cuda else _status("VmHWM") - base
-    return {**spec, "measured": peak, "loss": float(loss.detach())}
+    if not cuda:
+        return {**spec, "measured": _status("VmHWM") - base, "loss": float(loss.detach())}
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    context = (total - free) - torch.cuda.memory_reserved()  # the CUDA context, kernels, cuBLAS workspace
+    return {**spec, "measured": torch.cuda.max_memory_reserved() + context, "context": context,
+            "max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved(),
+            "loss": float(loss.detach()), "gpu": torch.cuda.get_device_name()}
 
 
 if __name__ == "__main__":

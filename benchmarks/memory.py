@@ -46,24 +46,30 @@ def predict(spec: dict) -> float:
     s = sizes(load_config(spec["model"]))
     setting = Setting(
         mode=spec["mode"], batch=spec["batch"], checkpointing=bool(spec.get("checkpointing")),
-        optim=spec.get("optim", "adamw"), lora_r=spec.get("lora_r", 16),
+        optim=spec.get("optim", "adamw"), lora_r=spec.get("lora_r", 16), precision=spec.get("precision", "fp32"),
     )
     shape = Shape(spec["image_size"], spec["prompt"], spec["target"])
     return estimate(s, setting, shape, spec.get("device", "cpu")).peak
 
 
+def _device(row: dict) -> str:
+    if row.get("device") != "cuda":
+        return "CPU fp32"
+    return f"{row.get('gpu', 'CUDA')} {row.get('precision', 'fp32')}"
+
+
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | mode | checkpointing | batch | predicted GB | measured GB | measured / predicted |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | device | mode | checkpointing | batch | predicted GB | measured GB | measured / predicted |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         pred = predict(r)
         meas = r.get("measured")
         ratio = f"{meas / pred:.2f}" if meas else r.get("error", "")
         lines.append(
-            f"| {r['model']} | {r['mode']} | {'on' if r.get('checkpointing') else 'off'} | {r['batch']} | "
-            f"{pred / 1e9:.2f} | {meas / 1e9 if meas else float('nan'):.2f} | {ratio} |"
+            f"| {r['model']} | {_device(r)} | {r['mode']} | {'on' if r.get('checkpointing') else 'off'} "
+            f"| {r['batch']} | {pred / 1e9:.2f} | {meas / 1e9 if meas else float('nan'):.2f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="*", help="batch sizes (default per model)")
     parser.add_argument("--modes", nargs="*", help="subset of: full full+ckpt frozen-encoder lora qlora")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="CUDA only")
     parser.add_argument("--out", type=Path, help="append each measurement to this JSONL file")
     parser.add_argument("--from-json", type=Path, help="print the table of saved measurements, measure nothing")
     args = parser.parse_args(argv)
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     for mode, ckpt in configs:
         for batch in args.batches or defaults["batches"]:
             spec = {"model": args.model, "mode": mode, "batch": batch, "checkpointing": ckpt, "device": args.device,
+                    "precision": args.precision if args.device == "cuda" else "fp32",
+                    **({"optim": "paged-adamw8bit"} if mode == "qlora" and args.device == "cuda" else {}),
                     **{k: defaults[k] for k in ("image_size", "prompt", "target")}}
             row = measure(spec)
             rows.append(row)
