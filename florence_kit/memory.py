@@ -4,6 +4,7 @@ peak = fixed + batch × per-sample activations, where
   fixed       = weights + gradients + optimizer state (+ the optimizer step's temporaries) + overhead
   activations = what autograd keeps between forward and backward, summed layer by layer
                 (DaViT blocks per stage, BART encoder/decoder layers, the LM head's logits).
+qlora on CPU: the peak is at least the load's (the mapped checkpoint next to the 4-bit weights; see estimate).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class Sizes:
     encoder_layers: int
     decoder_layers: int
     vocab: int
+    stored: float = 4.0  # bytes per parameter in the checkpoint file (config dtype: fp32 unless it says 16-bit)
 
     @property
     def total(self) -> int:
@@ -138,6 +140,7 @@ def sizes(config: Any) -> Sizes:
             if LORA_TARGET.fullmatch(name):
                 targets.append((module.in_features, module.out_features))
     text, vision = config.text_config, config.vision_config
+    dtype = str(getattr(config, "dtype", None) or "float32")
     return Sizes(
         vision=count(inner.vision_tower), projector=count(inner.multi_modal_projector),
         language=count(inner.language_model), linear=linear, lora_targets=tuple(targets),
@@ -145,6 +148,7 @@ def sizes(config: Any) -> Sizes:
         d_model=text.d_model, ffn=max(text.encoder_ffn_dim, text.decoder_ffn_dim),
         heads=max(text.encoder_attention_heads, text.decoder_attention_heads),
         encoder_layers=text.encoder_layers, decoder_layers=text.decoder_layers, vocab=text.vocab_size,
+        stored=2.0 if dtype.removeprefix("torch.") in ("float16", "bfloat16") else 4.0,
     )
 
 
@@ -269,7 +273,8 @@ class Estimate:
     per_sample: float
     fixed: float  # everything that does not grow with the batch
     overhead: float
-    peak: float
+    load: float  # peak while the model is loaded (qlora on CPU only; 0 elsewhere, where training peaks higher)
+    peak: float  # max(training step, load)
 
 
 def trainable(s: Sizes, mode: str, lora_r: int = 16) -> float:
@@ -308,13 +313,22 @@ def estimate(s: Sizes, setting: Setting, shape: Shape, device: str = "cpu") -> E
     fixed_step = weights + grads + state + step_temp
     live = max(fixed_fb + setting.batch * per_sample, fixed_step)
     overhead = CPU_RUNTIME
+    load = 0.0
+    if mode == "qlora" and device == "cpu":
+        # from_pretrained memory-maps the checkpoint and quantising reads every Linear weight, so the whole file
+        # is resident at once, next to the 4-bit weights and the unquantised weights that
+        # adapters.own_unquantized_weights copies out of the mapping before it closes. Measured on base: this
+        # (1.26 GB) is the peak of a qlora run at batch 1. With the file mapped for the whole run instead, its
+        # pages stayed resident next to their 4-bit copies: the 0.7 GB that training used to show on top.
+        # (On a GPU the file is host memory; with lora/full the mapped weights are the model's own weights.)
+        load = s.stored * s.total + QUANT_BYTES * s.linear + s.stored * (s.total - s.linear)
     if device == "cuda":
         overhead = CUDA_CONTEXT + (CUDA_ALLOCATOR - 1) * live
         live *= CUDA_ALLOCATOR
     return Estimate(
         weights=weights, grads=grads, optimizer=state, activations=setting.batch * per_sample,
         per_sample=per_sample * (CUDA_ALLOCATOR if device == "cuda" else 1), fixed=max(fixed_fb, fixed_step),
-        overhead=overhead, peak=live + (CUDA_CONTEXT if device == "cuda" else CPU_RUNTIME),
+        overhead=overhead, load=load, peak=max(live + (CUDA_CONTEXT if device == "cuda" else CPU_RUNTIME), load),
     )
 
 

@@ -305,3 +305,38 @@ def test_bad_lora_options_exit_2_before_writing(tiny_dir, docvqa_dir, tmp_path, 
     result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
                                  "--output-dir", str(tmp_path / "x"), "--max-steps", "1", *args])
     assert result.exit_code == 2 and message in result.output and not (tmp_path / "x").exists()
+
+
+def _tensors_in_file_mapping(model, path: Path) -> list[str]:
+    """Names of the model's tensors whose memory lies inside a mapping of ``path`` (Linux /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            ranges.append((start, end))
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if any(start <= t.data_ptr() < end for start, end in ranges)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings (Linux)")
+def test_4bit_load_keeps_no_tensor_in_the_mapped_checkpoint(tiny_dir, monkeypatch):
+    """A 4-bit load on CPU must not keep the checkpoint mapped: that kept every fp32 original resident."""
+    from florence_kit.errors import UserError
+
+    checkpoint = (tiny_dir / "model.safetensors").resolve()
+    monkeypatch.setattr(adapters, "own_unquantized_weights", lambda model: None)
+    try:
+        mapped, _ = adapters.load_quantized(str(tiny_dir))
+    except UserError as exc:
+        pytest.skip(f"4-bit not available here: {exc}")
+    # without the copy, the unquantised tensors are views into the mapped file (what this guards against)
+    assert "model.vision_tower.convs.0.conv.weight" in _tensors_in_file_mapping(mapped, checkpoint)
+    monkeypatch.undo()
+    model, _ = adapters.load_quantized(str(tiny_dir))
+    assert _tensors_in_file_mapping(model, checkpoint) == []
+    # same values, the LM head still tied to the token embeddings, the 4-bit layers untouched
+    for name, param in mapped.named_parameters():
+        if type(param).__name__ != "Params4bit":
+            assert torch.equal(param, model.get_parameter(name)), name
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert any(type(p).__name__ == "Params4bit" for p in model.parameters())

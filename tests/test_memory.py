@@ -175,6 +175,25 @@ def test_finetune_with_gradient_checkpointing_trains(tiny_dir, docvqa_dir, tmp_p
     assert yaml.safe_load((out / "config.yaml").read_text())["gradient_checkpointing"] is True
 
 
+def test_qlora_on_cpu_peaks_at_the_load_when_the_checkpoint_outweighs_training(base):
+    """qlora on CPU: loading holds the mapped fp32 checkpoint + the 4-bit weights + the unquantised copies."""
+    from florence_kit.memory import QUANT_BYTES
+
+    shape = Shape(768, 20, 16)
+    est = estimate(base, Setting("qlora", batch=1), shape, "cpu")
+    assert est.load == pytest.approx(4 * base.total + QUANT_BYTES * base.linear + 4 * (base.total - base.linear))
+    assert 1.1e9 < est.load < est.peak  # base: training at batch 1 still peaks above the load
+    large = sizes(load_config("large"))
+    big = estimate(large, Setting("qlora", batch=1), shape, "cpu")
+    assert big.peak == big.load > 4 * large.total  # large: the load is the peak
+    assert estimate(large, Setting("qlora", batch=1), shape, "cuda").load == 0  # the file is host memory
+    assert estimate(base, Setting("lora", batch=1), shape, "cpu").load == 0  # the mapped weights are the model's
+    config = load_config("large")
+    config.dtype = torch.bfloat16  # a bf16 checkpoint: half the file to map
+    half = sizes(config)
+    assert half.stored == 2 and estimate(half, Setting("qlora"), shape, "cpu").load < big.load
+
+
 def _checked_in_rows(mode_filter: object) -> list[dict]:
     rows = []
     for name in ("memory_base_cpu.jsonl", "memory_tiny_cpu.jsonl"):
@@ -186,20 +205,9 @@ def test_checked_in_measurements_are_within_15_percent():
     """The CPU measurements checked into benchmarks/ against the current model (re-measure when it changes)."""
     from benchmarks.memory import predict
 
-    rows = _checked_in_rows(lambda mode: mode != "qlora")
-    assert {r["model"] for r in rows} == {"base", "tiny"} and len({r["mode"] for r in rows}) >= 3
-    for row in rows:
-        ratio = row["measured"] / predict(row)
-        assert 0.85 <= ratio <= 1.15, (row, ratio)
-
-
-@pytest.mark.xfail(strict=True, reason="known gap: on CPU the bitsandbytes 4-bit path holds ~0.7 GB (base) that the "
-                   "model does not predict (measured/predicted 1.35-1.53); unexplained, see README")
-def test_checked_in_qlora_measurements_are_within_15_percent():
-    from benchmarks.memory import predict
-
-    rows = _checked_in_rows(lambda mode: mode == "qlora")
-    assert rows
+    rows = _checked_in_rows(lambda mode: True)
+    assert {r["model"] for r in rows} == {"base", "tiny"} and {"full", "frozen-encoder", "lora", "qlora"} <= {
+        r["mode"] for r in rows}
     for row in rows:
         ratio = row["measured"] / predict(row)
         assert 0.85 <= ratio <= 1.15, (row, ratio)
