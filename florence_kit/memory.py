@@ -227,8 +227,10 @@ def activations(s: Sizes, mode: str, shape: Shape, checkpointing: bool) -> tuple
 GIB = 1024**3
 LOW_PRECISION_ACT = 2.4  # bytes per activation element under bf16/fp16 autocast: matmul outputs are 2 bytes,
 # layer norms, softmax and the loss stay fp32 (autocast's fp32 list) — an estimate, not measured on a GPU.
-CPU_RUNTIME = 165e6  # measured: a tiny model's peak RSS minus its prediction (oneDNN/OpenMP buffers, autograd
-# engine, lazily imported modules: what the first training step adds to a process whatever the model size)
+CPU_RUNTIME = 40e6  # measured: a tiny model's peak RSS minus its prediction, 34-47 MB over the ten tiny rows of
+# every mode (oneDNN/OpenMP buffers, autograd engine: what the first training step adds to a process whatever the
+# model size). The baseline is taken after the model code (transformers, peft) is imported: that was 125 MB more
+# here before, when full mode counted transformers' ~120 MB of imports that lora's baseline (peft) already held.
 CUDA_CONTEXT = 0.75 * GIB  # CUDA context + kernels, outside torch's allocator (not measured here)
 CUDA_ALLOCATOR = 1.10  # caching-allocator fragmentation on top of live tensors (not measured here)
 QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + double-quantised absmax per 64-block
