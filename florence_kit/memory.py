@@ -319,9 +319,10 @@ def estimate(s: Sizes, setting: Setting, shape: Shape, device: str = "cpu") -> E
     if mode == "qlora" and device == "cpu":
         # from_pretrained memory-maps the checkpoint and quantising reads every Linear weight, so the whole file
         # is resident at once, next to the 4-bit weights and the unquantised weights that
-        # adapters.own_unquantized_weights copies out of the mapping before it closes. Measured on base: this
-        # (1.26 GB) is the peak of a qlora run at batch 1. With the file mapped for the whole run instead, its
-        # pages stayed resident next to their 4-bit copies: the 0.7 GB that training used to show on top.
+        # adapters.own_unquantized_weights copies out of the mapping before it closes. At batch 1 this is the
+        # peak of a qlora run (measured 1.25 GB for base, 3.80 GB for large; predicted 1.21 and 3.77). With the
+        # file mapped for the whole run instead, its pages stayed resident next to their 4-bit copies: the
+        # 0.7 GB that training used to show on top.
         # (On a GPU the file is host memory; with lora/full the mapped weights are the model's own weights.)
         load = s.stored * s.total + QUANT_BYTES * s.linear + s.stored * (s.total - s.linear)
     if device == "cuda":
