@@ -65,6 +65,7 @@ class TrainConfig:
     # --- trainspeed ---
     cache_vision_features: bool = False
     vision_cache_dir: Path | None = None  # None: <output_dir>/vision_cache
+    compile: bool = False  # regional torch.compile of the DaViT blocks and BART layers (florence_kit/compiling.py)
     # --- run folder ---
     report_to: str = "none"
     push_to_hub: str | None = None
@@ -315,6 +316,10 @@ def train_loop(
         from florence_kit.checkpointing import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
+    if cfg.compile:  # --- trainspeed ---
+        from florence_kit.compiling import compile_regions
+
+        compile_regions(model)
     frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
     collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)

@@ -130,6 +130,10 @@ def finetune(
         Path | None, typer.Option(help="Where --cache-vision-features keeps features; default: <output-dir>/"
                                   "vision_cache. Shareable across runs of the same model.")
     ] = None,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile each DaViT block and BART layer (regional): the first "
+                           "step compiles (seconds to a minute), later steps run fused kernels.")
+    ] = False,
     # --- run folder ---
     config: Annotated[
         Path | None,
@@ -181,7 +185,7 @@ def finetune(
         tasks_dirs=list(tasks_dir or []), streaming=streaming, mix_weights=mix_weights,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
         optim=optim.value if optim else None,
-        cache_vision_features=cache_vision_features, vision_cache_dir=vision_cache_dir,
+        cache_vision_features=cache_vision_features, vision_cache_dir=vision_cache_dir, compile=compile,
         report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
         precision=precision.value, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         eval_every=eval_every, eval_max_samples=eval_max_samples, early_stopping_patience=early_stopping_patience,

@@ -1,0 +1,226 @@
+"""Model FLOPs utilisation of full fine-tuning, Florence-2-base-sized model at 768×768, on a CUDA GPU.
+
+    python -m benchmarks.train_mfu                        # bf16, batch 32: eager and regional torch.compile
+    python -m benchmarks.train_mfu --batch 16 --variants eager --end-to-end
+
+FLOPs are counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` records every matmul,
+convolution and attention kernel of one forward + backward (the optimizer's element-wise work is not
+model FLOPs). MFU = counted FLOPs per step × steps per second / the card's dense bf16 peak (989 TFLOP/s
+for an H100/H200 SXM; ``--peak-tflops`` for other cards).
+
+* ``model step``: florence-kit's step (``forward_loss`` under bf16 autocast, backward, gradient clipping,
+  AdamW) on a batch already on the GPU: what the model and the optimizer reach.
+* ``--end-to-end``: ``florence_kit.train.train_loop`` on rendered DocVQA pages (decode, processor,
+  collate in DataLoader workers, Accelerate bf16): what a user's run reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "T4": 65.0}
+
+
+def peak_tflops(name: str, override: float | None) -> float:
+    if override:
+        return override
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    raise SystemExit(f"unknown GPU '{name}': pass --peak-tflops (dense bf16)")
+
+
+DEVICE = "cuda"  # --smoke: "cpu" with the tiny model, to check this script without a GPU
+SIZE = {"model": "base", "image": 768}
+
+
+def build(compiled: bool) -> Any:
+    import torch
+    from transformers import Florence2ForConditionalGeneration
+
+    from florence_kit.memory import load_config
+
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(load_config(SIZE["model"])).to(DEVICE).train()
+    if compiled:
+        from florence_kit.compiling import compile_regions
+
+        compile_regions(model)
+    return model
+
+
+def count_flops(model: Any, batch: dict) -> float:
+    """FLOPs of one forward + backward, counted by torch's dispatcher (matmul, conv, attention)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from florence_kit.train import forward_loss
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = forward_loss(model, batch, False)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def model_step(variant: str, batch_size: int, steps: int, warmup: int) -> dict:
+    import torch
+
+    from benchmarks._measure import batch_for
+    from florence_kit.train import forward_loss, make_optimizer
+
+    model = build(variant == "compiled")
+    data = {k: v.to(DEVICE) for k, v in batch_for(model.config, batch_size, SIZE["image"], 20, 16).items()}
+    flops = count_flops(build(False) if variant == "compiled" else model, data)
+    optimizer = make_optimizer(model, 1e-5, 0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = forward_loss(model, data, False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync()
+    warm_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - begin)
+    step_s = statistics.median(times)
+    return {"what": f"model step, {variant}", "batch": batch_size, "step_s": step_s, "warmup_s": warm_s,
+            "samples_per_s": batch_size / step_s, "flops_per_step": flops, "achieved_tflops": flops / step_s / 1e12,
+            "peak_mem_gb": peak_memory()}
+
+
+def sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")
+
+
+def reset_memory() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def end_to_end(batch_size: int, steps: int, workers: int, compiled: bool) -> dict:
+    """florence-kit's own loop on rendered pages; steady-state time per step after two warm-up steps."""
+    import torch
+    from datasets import DatasetDict
+    from transformers import Florence2ForConditionalGeneration
+
+    import florence_kit.train as train
+    from benchmarks._measure import batch_for
+    from benchmarks.train_speed import BASE_IMAGE_SIZE, BASE_OVERRIDES
+    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.registry import get_task
+    from florence_kit.synthetic import render_docvqa
+    from florence_kit.tiny import build_processor, image_seq_length, tiny_config
+
+    base = SIZE["model"] == "base"
+    overrides, side = (BASE_OVERRIDES, BASE_IMAGE_SIZE) if base else ({}, SIZE["image"])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        processor = build_processor(side)
+        strides = overrides.get("vision_patch_stride", tiny_config().vision_config.patch_stride)
+        processor.image_processor.image_seq_length = image_seq_length(side, strides)
+        processor.image_seq_length = processor.image_processor.image_seq_length
+        docs = max(2, batch_size * (steps + 2) // 2)
+        DatasetDict({"train": render_docvqa(docs, 0, n_fields=2, image_size=side)}).save_to_disk(str(root / "data"))
+        torch.manual_seed(0)
+        model = Florence2ForConditionalGeneration(tiny_config(**overrides))
+        flops_model = Florence2ForConditionalGeneration(tiny_config(**overrides)).to(DEVICE).train()
+        sample = {k: v.to(DEVICE) for k, v in batch_for(flops_model.config, batch_size, side, 20, 16).items()}
+        flops = count_flops(flops_model, sample)  # same shapes as the loop's batches, give or take the text
+        del flops_model, sample
+        task = get_task("docvqa")
+        dataset = TaskDataset(load_split(task, str(root / "data"), "train"), task, with_target=True)
+        stamps: list[float] = []
+
+        def on_step(step: int, total: int, loss: float, lr: float) -> None:
+            sync()
+            stamps.append(time.perf_counter())
+
+        cfg = train.TrainConfig(task="docvqa", model="-", output_dir=root / "run", mode="full",
+                                max_steps=steps + 2, batch_size=batch_size, lr=1e-5, log_every=10**6,
+                                num_workers=workers, precision="bf16" if DEVICE == "cuda" else "fp32",
+                                compile=compiled)
+        (root / "run").mkdir()
+        train.train_loop(model, processor, dataset, cfg, root / "run" / "metrics.jsonl", on_step=on_step)
+    step_s = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+    return {"what": f"train_loop end to end, {workers} workers" + (", compiled" if compiled else ""),
+            "batch": batch_size, "step_s": step_s, "samples_per_s": batch_size / step_s, "flops_per_step": flops,
+            "achieved_tflops": flops / step_s / 1e12, "peak_mem_gb": peak_memory()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default="eager,compiled", help="model-step variants: eager, compiled")
+    p.add_argument("--end-to-end", action="store_true", help="also time florence-kit's train_loop on pages")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--peak-tflops", type=float)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model: check the script runs (no MFU meaning)")
+    args = p.parse_args(argv)
+    global DEVICE
+    if args.smoke:
+        DEVICE, SIZE["model"], SIZE["image"] = "cpu", "tiny", 128
+    elif not torch.cuda.is_available():
+        raise SystemExit("benchmarks.train_mfu needs a CUDA GPU (or --smoke)")
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    peak = peak_tflops(name, args.peak_tflops or (1.0 if args.smoke else None))
+    rows = []
+    for variant in [v for v in args.variants.split(",") if v]:
+        rows.append(model_step(variant, args.batch, args.steps, args.warmup))
+        print(json.dumps(rows[-1]), flush=True)
+        reset_memory()
+    if args.end_to_end:
+        for compiled in (False, True) if "compiled" in args.variants else (False,):
+            rows.append(end_to_end(args.batch, args.steps, args.workers, compiled))
+            print(json.dumps(rows[-1]), flush=True)
+            reset_memory()
+    for r in rows:
+        r.update(gpu=name, peak_tflops=peak, mfu=r["achieved_tflops"] / peak)
+    print(f"\n{name}, bf16 autocast, Florence-2-base-sized random model, 768×768, full fine-tuning\n")
+    print("| what | batch | s/step | samples/s | TFLOP/step | TFLOP/s | MFU | peak GB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['what']} | {r['batch']} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} "
+              f"| {r['flops_per_step'] / 1e12:.2f} | {r['achieved_tflops']:.0f} | {r['mfu']:.1%} "
+              f"| {r['peak_mem_gb']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
