@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="CUDA only")
     parser.add_argument("--out", type=Path, help="append each measurement to this JSONL file")
-    parser.add_argument("--from-json", type=Path, help="print the table of saved measurements, measure nothing")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="print the table of saved measurements (one or more JSONL files), measure nothing")
     args = parser.parse_args(argv)
     if args.from_json:
-        rows = [json.loads(line) for line in args.from_json.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for path in args.from_json for line in path.read_text().splitlines() if line.strip()]
         print(table(rows))
         return
     defaults = DEFAULTS.get(args.model, DEFAULTS["base"])

@@ -197,7 +197,7 @@ def test_qlora_on_cpu_peaks_at_the_load_when_the_checkpoint_outweighs_training(b
 
 def _checked_in_rows(mode_filter: object) -> list[dict]:
     rows = []
-    for name in ("memory_base_cpu.jsonl", "memory_tiny_cpu.jsonl"):
+    for name in ("memory_base_cpu.jsonl", "memory_tiny_cpu.jsonl", "memory_large_cpu.jsonl"):
         rows += [json.loads(line) for line in (ROOT / "benchmarks" / name).read_text().splitlines()]
     return [r for r in rows if mode_filter(r["mode"])]
 
@@ -207,7 +207,7 @@ def test_checked_in_measurements_are_within_15_percent():
     from benchmarks.memory import predict
 
     rows = _checked_in_rows(lambda mode: True)
-    assert {r["model"] for r in rows} == {"base", "tiny"} and {"full", "frozen-encoder", "lora", "qlora"} <= {
+    assert {r["model"] for r in rows} == {"base", "tiny", "large"} and {"full", "frozen-encoder", "lora", "qlora"} <= {
         r["mode"] for r in rows}
     for row in rows:
         ratio = row["measured"] / predict(row)
