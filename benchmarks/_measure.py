@@ -68,17 +68,16 @@ def _quantized(config, cuda: bool = False):
     """4-bit NF4 Linear layers (bitsandbytes) in place of the language model's Linear layers."""
     import tempfile
 
-    from transformers import BitsAndBytesConfig, Florence2ForConditionalGeneration
+    from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.adapters import own_unquantized_weights
+    from florence_kit.adapters import own_unquantized_weights, quantization_config
 
     with tempfile.TemporaryDirectory() as tmp:
         Florence2ForConditionalGeneration(config).save_pretrained(tmp)
         if not cuda:  # a user's run starts from a checkpoint: writing this one (fp32 model built) is not measured
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")  # resets VmHWM to the current resident set
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   llm_int8_skip_modules=["model.multi_modal_projector", "lm_head"])
+        quant = quantization_config()  # what a user's qlora run loads with (compute dtype follows the device)
         placement = {"device_map": {"": 0}} if cuda else {}  # quantised while moved to the GPU, as a user's run
         model = Florence2ForConditionalGeneration.from_pretrained(tmp, quantization_config=quant, **placement)
         own_unquantized_weights(model)  # as florence_kit.adapters.load_quantized: the checkpoint is unmapped
@@ -92,6 +91,7 @@ def batch_for(config, batch: int, image_size: int, prompt: int, target: int) -> 
 
     n_img = image_tokens(config, image_size)
     ids = torch.randint(5, 1000, (batch, n_img + prompt + 2))
+    ids[ids == config.image_token_id] = 4  # a random text token must not be an image token (tiny: id 261)
     ids[:, 1 : n_img + 1] = config.image_token_id
     return {
         "input_ids": ids,

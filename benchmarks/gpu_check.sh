@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # What only a CUDA GPU can show, in one short run (a lent GPU is rare: everything in one call).
 #   bash benchmarks/gpu_check.sh [precision|memory|mfu ...]     (default: all three; results under $OUT)
+#   MEMORY_MODES="qlora" MFU_ARGS="--variants eager" bash benchmarks/gpu_check.sh memory mfu   (a subset)
+# Logs go to $OUT/logs.txt (one file: the device tool returns few files), results to $OUT/*.json[l].
 # 1. precision/quantisation paths end to end on the tiny model: the demo under --precision auto (bf16),
 #    fp16 with loss scaling, qlora (4-bit NF4 on CUDA) + paged 8-bit AdamW, lora + 8-bit AdamW; each run
 #    trained, saved, reloaded by `eval`.
@@ -33,15 +35,16 @@ for part in $PARTS; do
   case $part in
   precision)
     start=$SECONDS
-    timeout 120 $FK demo --quiet --output-dir /tmp/demo > "$OUT/demo.log" 2>&1; echo "demo rc=$? ($((SECONDS - start)) s)"
-    grep -iE "anls|precision|loss" "$OUT/demo.log" | tail -6
-    for spec in "fp16 full adamw" "bf16 qlora paged-adamw8bit" "fp16 lora adamw8bit"; do
+    timeout 120 $FK demo --quiet --output-dir /tmp/demo >> "$OUT/logs.txt" 2>&1; echo "demo rc=$? ($((SECONDS - start)) s)"
+    cp /tmp/demo/demo.json "$OUT/demo.json" 2>/dev/null; tr -d '\n' < /tmp/demo/demo.json 2>/dev/null | cut -c1-400; echo
+    IFS=';' read -ra RUNS <<< "${PRECISION_RUNS:-fp16 full adamw;bf16 qlora paged-adamw8bit;fp16 lora adamw8bit}"
+    for spec in "${RUNS[@]}"; do
       set -- $spec
       run=/tmp/run-$1-$2
       start=$SECONDS
       timeout 60 $FK finetune docvqa --model /tmp/demo/model-init --dataset /tmp/demo/data --precision "$1" \
         --mode "$2" --optim "$3" --max-steps 150 --batch-size 16 --lr 1e-3 --output-dir "$run" --quiet \
-        > "$OUT/finetune-$1-$2.log" 2>&1
+        >> "$OUT/logs.txt" 2>&1
       echo "finetune $spec rc=$? ($((SECONDS - start)) s)"
       python3 - "$run" <<'EOF'
 import json, sys
@@ -51,19 +54,20 @@ skipped = [r for r in rows if r.get("skipped")]
 print(f"  loss first {losses[0]:.3f} last {losses[-1]:.3f}, logged {len(losses)}, skipped steps {len(skipped)}")
 EOF
       timeout 45 $FK eval docvqa --model "$run" --dataset /tmp/demo/data --output-dir "$run-eval" --max-samples 64 \
-        > "$OUT/eval-$1-$2.log" 2>&1
+        >> "$OUT/logs.txt" 2>&1
       echo "  eval rc=$? $(cat "$run-eval/metrics.json" 2>/dev/null | tr -d '\n ' | cut -c1-160)"
     done
     ;;
   memory)
     timeout 170 python3 -m benchmarks.memory --model base --device cuda --precision bf16 --batches 1 8 \
-      --modes full full+ckpt frozen-encoder lora qlora --out "$OUT/memory_base_cuda.jsonl" 2>"$OUT/memory.err"
-    echo "memory rc=$?"; tail -3 "$OUT/memory.err"
+      --modes ${MEMORY_MODES:-full full+ckpt frozen-encoder lora qlora} --out "$OUT/memory_base_cuda.jsonl" \
+      2>>"$OUT/logs.txt"
+    echo "memory rc=$?"; cat "$OUT/memory_base_cuda.jsonl"
     ;;
   mfu)
-    timeout 240 python3 -m benchmarks.train_mfu --batch 32 --steps 8 --end-to-end --json "$OUT/mfu.json" \
-      > "$OUT/mfu.log" 2>&1
-    echo "mfu rc=$?"; grep -v "^{" "$OUT/mfu.log" | grep -vi warn | tail -12
+    timeout 240 python3 -m benchmarks.train_mfu --batch 32 --steps 8 --end-to-end ${MFU_ARGS:-} --json "$OUT/mfu.json" \
+      2>>"$OUT/logs.txt"
+    echo "mfu rc=$?"
     ;;
   esac
 done

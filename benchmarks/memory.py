@@ -67,6 +67,7 @@ def table(rows: list[dict]) -> str:
         pred = predict(r)
         meas = r.get("measured")
         ratio = f"{meas / pred:.2f}" if meas else r.get("error", "")
+        ratio += f" ({r['note']})" if r.get("note") else ""
         lines.append(
             f"| {r['model']} | {_device(r)} | {r['mode']} | {'on' if r.get('checkpointing') else 'off'} "
             f"| {r['batch']} | {pred / 1e9:.2f} | {meas / 1e9 if meas else float('nan'):.2f} | {ratio} |"

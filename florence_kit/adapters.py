@@ -53,7 +53,12 @@ def quantization_config() -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    from florence_kit.precision import device_facts
+
+    # the dtype the 4-bit layers compute in follows the run's autocast: bf16 where the GPU has it natively,
+    # fp16 on older GPUs (a T4 answers torch.cuda.is_bf16_supported() with True, but only emulates bf16)
+    facts = device_facts()
+    compute = torch.bfloat16 if facts.bf16 else torch.float16 if facts.cuda else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

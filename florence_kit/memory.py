@@ -187,20 +187,25 @@ def _stage_tokens(s: Sizes, image_size: int) -> list[int]:
     return out
 
 
-def activations(s: Sizes, mode: str, shape: Shape, checkpointing: bool) -> tuple[float, float]:
+def activations(
+    s: Sizes, mode: str, shape: Shape, checkpointing: bool, fused_attention: bool = False
+) -> tuple[float, float]:
     """(kept, transient) fp32 elements per sample.
 
     ``kept`` lives from the forward to the backward; ``transient`` is the largest extra live at once on top
-    of it (with checkpointing: one layer recomputed during the backward).
+    of it (with checkpointing: one layer recomputed during the backward). ``fused_attention``: SDPA runs a
+    flash / memory-efficient kernel (CUDA), which keeps one log-sum-exp per query row instead of the
+    heads × tokens² probabilities, dropout mask and attention mask the CPU path keeps.
     """
+    attn = 0 if fused_attention else ATTN
     tokens = _stage_tokens(s, shape.image_size)
     enc_t = tokens[-1] + 1 + shape.prompt + 2
     dec_t = shape.target
     d, h = s.d_model, s.heads
     lang = "lora" if mode in ("lora", "qlora") else "full"
-    enc_layer = enc_t * (ENCODER[lang] * d + FFN * s.ffn) + ATTN * h * enc_t**2
+    enc_layer = enc_t * (ENCODER[lang] * d + FFN * s.ffn) + attn * h * enc_t**2
     dec_layer = dec_t * (DECODER[lang] * d + FFN * s.ffn) + CROSS_KV[lang] * enc_t * d
-    dec_layer += ATTN * h * (dec_t * enc_t + dec_t**2)
+    dec_layer += attn * h * (dec_t * enc_t + dec_t**2)
     head = dec_t * s.vocab + 2 * enc_t * d  # logits kept by the loss; embeddings, masks
     projector = PROJECTOR * tokens[-1] * s.embed_dim[-1]
     blocks = [VISION_BLOCK * n * c for n, c in zip(tokens, s.embed_dim, strict=True)]
@@ -225,14 +230,16 @@ def activations(s: Sizes, mode: str, shape: Shape, checkpointing: bool) -> tuple
 # Peak memory of one training step
 
 GIB = 1024**3
-LOW_PRECISION_ACT = 2.4  # bytes per activation element under bf16/fp16 autocast: matmul outputs are 2 bytes,
-# layer norms, softmax and the loss stay fp32 (autocast's fp32 list) — an estimate, not measured on a GPU.
+LOW_PRECISION_ACT = 2.1  # bytes per activation element under bf16/fp16 autocast: matmul outputs are 2 bytes,
+# layer norms, softmax and the loss stay fp32 (autocast's fp32 list), dropout masks 1 byte. Measured on an
+# H200 (benchmarks/memory_base_cuda.jsonl): the per-sample slope of 5 modes at batch 1 and 8 gives 1.6-2.3.
 CPU_RUNTIME = 40e6  # measured: a tiny model's peak RSS minus its prediction, 34-47 MB over the ten tiny rows of
 # every mode (oneDNN/OpenMP buffers, autograd engine: what the first training step adds to a process whatever the
 # model size). The baseline is taken after the model code (transformers, peft) is imported: that was 125 MB more
 # here before, when full mode counted transformers' ~120 MB of imports that lora's baseline (peft) already held.
-CUDA_CONTEXT = 0.75 * GIB  # CUDA context + kernels, outside torch's allocator (not measured here)
-CUDA_ALLOCATOR = 1.10  # caching-allocator fragmentation on top of live tensors (not measured here)
+CUDA_CONTEXT = 0.75 * GIB  # CUDA context + kernels + cuBLAS workspace, outside torch's allocator: measured
+# 0.81 GB on an H200 (torch 2.11, CUDA 13), 0.94 GB with bitsandbytes' kernels loaded
+CUDA_ALLOCATOR = 1.10  # caching-allocator reserve over the peak of live tensors: measured 1.01-1.17 on an H200
 QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + double-quantised absmax per 64-block
 HEADROOM = 0.95  # plan to use at most this share of the memory
 
@@ -308,7 +315,7 @@ def estimate(s: Sizes, setting: Setting, shape: Shape, device: str = "cpu") -> E
     early_grads = 4.0 * (n_train - (s.vision if mode == "full" else 0))
     if mode in ("full", "frozen-encoder"):  # tied LM head: its gradient is a second vocab × d matrix, summed
         early_grads += 4.0 * s.vocab * s.d_model  # into the embedding's during the backward
-    kept, transient = activations(s, mode, shape, setting.checkpointing)
+    kept, transient = activations(s, mode, shape, setting.checkpointing, fused_attention=device == "cuda")
     act_bytes = LOW_PRECISION_ACT if low else 4.0
     per_sample = (kept + transient) * act_bytes
     fixed_fb = weights + state + early_grads

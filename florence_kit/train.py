@@ -65,6 +65,10 @@ class TrainConfig:
     # --- trainspeed ---
     cache_vision_features: bool = False
     vision_cache_dir: Path | None = None  # None: <output_dir>/vision_cache
+    prepare_data: bool = False  # decode/resize each distinct image once, tokenise once (florence_kit/prepared.py)
+    prepare_dir: Path | None = None  # None: <output_dir>/prepared
+    group_by_image: bool = False  # a page's questions in one batch (with --cache-vision-features: one DaViT pass)
+    group_by_length: bool = False  # batches of similar length (needs --prepare-data)
     compile: bool = False  # regional torch.compile of the DaViT blocks and BART layers (florence_kit/compiling.py)
     # --- run folder ---
     report_to: str = "none"
@@ -229,6 +233,27 @@ class EpochShuffle:
         return iter(order.tolist())
 
 
+def make_sampler(dataset: Any, cfg: TrainConfig) -> Any:
+    """The epoch order: a plain shuffle, or grouped by page (``--group-by-image``) or length (``--group-by-length``)."""
+    if cfg.group_by_image and cfg.group_by_length:
+        raise UserError("choose one of --group-by-image and --group-by-length")
+    if cfg.group_by_length:
+        from florence_kit.prepared import LengthGroups
+
+        if not hasattr(dataset, "lengths"):
+            raise UserError("--group-by-length needs --prepare-data (the lengths come from its tokenisation)")
+        return LengthGroups(dataset.lengths(), cfg.batch_size, cfg.seed)
+    if cfg.group_by_image:
+        from florence_kit.prepared import PageGroups, image_keys
+
+        if hasattr(dataset, "image_of"):
+            return PageGroups(dataset.image_of(), cfg.seed)
+        keys = image_keys(dataset)
+        index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        return PageGroups([index[k] for k in keys], cfg.seed)
+    return EpochShuffle(len(dataset), cfg.seed)
+
+
 def multi_process_cpu() -> bool:
     """Started by torchrun / accelerate launch on a machine without CUDA.
 
@@ -322,8 +347,17 @@ def train_loop(
         compile_regions(model)
     frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
-    collator = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
-    sampler = EpochShuffle(len(dataset), cfg.seed)
+    collator: Any = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
+    if cfg.prepare_data:  # --- trainspeed: decode and resize once, tokenise once ---
+        from florence_kit.prepared import PreparedCollator, PreparedDataset
+
+        where = cfg.prepare_dir or Path(cfg.output_dir) / "prepared"
+        if accelerator.num_processes > 1:
+            where = where / f"process-{accelerator.process_index}"
+        dataset = PreparedDataset(dataset, processor, where, workers=cfg.num_workers, max_length=max_positions(
+            model.config), truncate=collate_truncate, print_fn=print if accelerator.is_main_process else None)
+        collator = PreparedCollator(processor, dataset.pixels)
+    sampler = make_sampler(dataset, cfg)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds from here, not from the global RNG

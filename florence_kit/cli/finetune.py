@@ -130,6 +130,20 @@ def finetune(
         Path | None, typer.Option(help="Where --cache-vision-features keeps features; default: <output-dir>/"
                                   "vision_cache. Shareable across runs of the same model.")
     ] = None,
+    prepare_data: Annotated[
+        bool, typer.Option(help="Decode and resize each distinct image once (worker processes, uint8 on disk) and "
+                           "tokenise once, instead of running the processor on every batch of every epoch.")
+    ] = False,
+    prepare_dir: Annotated[
+        Path | None, typer.Option(help="Where --prepare-data keeps its resized pixels; default: <output-dir>/prepared.")
+    ] = None,
+    group_by_image: Annotated[
+        bool, typer.Option(help="Put the questions of one page in one batch (with --cache-vision-features the page "
+                           "goes through the vision tower once, even in the first epoch).")
+    ] = False,
+    group_by_length: Annotated[
+        bool, typer.Option(help="Batches of similar length, less padding (needs --prepare-data).")
+    ] = False,
     compile: Annotated[
         bool, typer.Option("--compile", help="torch.compile each DaViT block and BART layer (regional): the first "
                            "step compiles (seconds to a minute), later steps run fused kernels.")
@@ -186,6 +200,8 @@ def finetune(
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
         optim=optim.value if optim else None,
         cache_vision_features=cache_vision_features, vision_cache_dir=vision_cache_dir, compile=compile,
+        prepare_data=prepare_data, prepare_dir=prepare_dir, group_by_image=group_by_image,
+        group_by_length=group_by_length,
         report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
         precision=precision.value, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         eval_every=eval_every, eval_max_samples=eval_max_samples, early_stopping_patience=early_stopping_patience,

@@ -1,0 +1,163 @@
+"""--prepare-data: each page decoded and resized once, text tokenised once, batches equal to the processor's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from florence_kit.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_dir, docvqa_dir):
+    from transformers import AutoProcessor
+
+    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.registry import get_task
+
+    task = get_task("docvqa")
+    dataset = TaskDataset(load_split(task, str(docvqa_dir), "train"), task, with_target=True)
+    return AutoProcessor.from_pretrained(tiny_dir), dataset
+
+
+def _prepared(parts, tmp_path: Path, workers: int = 2, skip: bool = False):
+    from florence_kit.prepared import PreparedDataset
+    from florence_kit.runfolder import ImageGuard
+
+    processor, dataset = parts
+    rows = ImageGuard(dataset, list(range(len(dataset))), skip=skip)
+    return rows, PreparedDataset(rows, processor, tmp_path / "prepared", workers=workers)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_equal_the_processors(parts, tmp_path, workers):
+    import torch
+
+    from florence_kit.collate import Collator
+    from florence_kit.prepared import PreparedCollator
+
+    processor, dataset = parts
+    _, prepared = _prepared(parts, tmp_path, workers)
+    fast, slow = PreparedCollator(processor, prepared.pixels), Collator(processor, max_length=1024)
+    for batch in ([0, 1, 2, 3, 4, 5, 6, 7], [23, 5, 11], [9]):
+        mine, theirs = fast([prepared[i] for i in batch]), slow([dataset[i] for i in batch])
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            assert mine[key].dtype == theirs[key].dtype, key
+            assert torch.equal(mine[key], theirs[key]), key  # bit-identical, pixels included
+
+
+def test_each_page_is_decoded_once(parts, tmp_path, monkeypatch):
+    import datasets
+
+    import florence_kit.prepared as prepared_module
+
+    processor, dataset = parts
+    pages = len(set(dataset.ds["docId"]))
+    calls = {"n": 0}
+    original = prepared_module.resized
+
+    def counting(image_processor, image):
+        calls["n"] += 1
+        return original(image_processor, image)
+
+    monkeypatch.setattr(prepared_module, "resized", counting)
+    _, prepared = _prepared(parts, tmp_path, workers=1)
+    assert isinstance(dataset.ds.features["image"], datasets.Image)
+    assert len(prepared) == len(dataset) == 2 * pages  # two questions per page
+    assert prepared.distinct_images == pages == calls["n"]
+    assert prepared.pixels.shape == (pages, 3, 128, 128)
+    shared = [prepared[i].image for i in range(len(prepared))]
+    assert sorted(shared.count(s) for s in set(shared)) == [2] * pages
+
+
+def test_page_groups_put_a_pages_questions_in_one_batch():
+    from florence_kit.prepared import PageGroups
+
+    image_of = [i // 4 for i in range(40)]  # 10 pages, 4 questions each
+    sampler = PageGroups(image_of, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(40))
+    for start in range(0, 40, 8):  # batches of 8 hold two whole pages
+        assert len({image_of[i] for i in first[start : start + 8]}) == 2
+    assert list(sampler) == first  # a function of (seed, epoch)
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(40))
+
+
+def test_length_groups_cut_padding():
+    import random
+
+    from florence_kit.prepared import LengthGroups
+    from florence_kit.train import EpochShuffle
+
+    lengths = [random.Random(i).randint(20, 120) for i in range(400)]
+
+    def padding(order: list[int], batch: int = 8) -> int:
+        chunks = [order[i : i + batch] for i in range(0, len(order), batch)]
+        return sum(max(lengths[i] for i in c) * len(c) - sum(lengths[i] for i in c) for c in chunks)
+
+    grouped = list(LengthGroups(lengths, 8, seed=0))
+    assert sorted(grouped) == list(range(400))
+    assert padding(grouped) < 0.25 * padding(list(EpochShuffle(400, 0)))
+
+
+def test_bad_image_fails_or_is_skipped(tmp_path, tiny_dir):
+    import datasets
+    from transformers import AutoProcessor
+
+    from florence_kit.data import TaskDataset
+    from florence_kit.prepared import PreparedDataset
+    from florence_kit.registry import get_task
+    from florence_kit.runfolder import ImageGuard
+    from florence_kit.synthetic import render_docvqa
+
+    ds = render_docvqa(3, 0, n_fields=2)
+    good = ds.cast_column("image", datasets.Image(decode=False))
+    rows = good.to_list()
+    rows[0]["image"] = {"bytes": b"not an image", "path": None}
+    bad = datasets.Dataset.from_list(rows, features=good.features).cast_column("image", datasets.Image())
+    task = get_task("docvqa")
+    dataset = TaskDataset(bad, task, with_target=True)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    with pytest.raises(UserError, match="row 0.*--skip-bad-images"):
+        PreparedDataset(ImageGuard(dataset, range(len(dataset)), skip=False), processor, tmp_path / "a", workers=2)
+    guard = ImageGuard(dataset, list(range(len(dataset))), skip=True)
+    prepared = PreparedDataset(guard, processor, tmp_path / "b", workers=2)
+    assert len(prepared) == len(dataset) - 1 and guard.skipped == [0]
+
+
+def _losses(tiny_dir, docvqa_dir, out: Path, **cfg_kw) -> list[float]:
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.registry import get_task
+    from florence_kit.runfolder import ImageGuard
+    from florence_kit.train import TrainConfig, train_loop
+
+    task = get_task("docvqa")
+    model = Florence2ForConditionalGeneration.from_pretrained(tiny_dir)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    dataset = TaskDataset(load_split(task, str(docvqa_dir), "train"), task, with_target=True)
+    out.mkdir(parents=True)
+    cfg = TrainConfig(task="docvqa", model=str(tiny_dir), output_dir=out, batch_size=8, lr=1e-3, max_steps=5,
+                      log_every=100, **cfg_kw)
+    losses: list[float] = []
+    train_loop(model, processor, ImageGuard(dataset, range(len(dataset)), skip=False), cfg, out / "metrics.jsonl",
+               on_step=lambda step, total, loss, lr: losses.append(loss))
+    return losses
+
+
+def test_prepared_training_gives_identical_losses(tiny_dir, docvqa_dir, tmp_path):
+    plain = _losses(tiny_dir, docvqa_dir, tmp_path / "plain")
+    prepared = _losses(tiny_dir, docvqa_dir, tmp_path / "prepared", prepare_data=True)
+    assert len(plain) == 5 and prepared == plain  # same batches, same order: the same run, bit for bit
+    grouped = _losses(tiny_dir, docvqa_dir, tmp_path / "grouped", prepare_data=True, group_by_image=True,
+                      mode="frozen-encoder", cache_vision_features=True)
+    assert len(grouped) == 5 and all(x == x for x in grouped)
+
+
+def test_group_by_length_needs_prepared_data(tiny_dir, docvqa_dir, tmp_path):
+    with pytest.raises(UserError, match="--prepare-data"):
+        _losses(tiny_dir, docvqa_dir, tmp_path / "x", group_by_length=True)
