@@ -360,6 +360,7 @@ def train_loop(
     sampler = make_sampler(dataset, cfg)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: the host-to-GPU copy runs asynchronously
         generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds from here, not from the global RNG
     )
     loader = accelerator.prepare(loader)  # first: its per-process length sets the schedule
