@@ -24,13 +24,16 @@ def regions(model: Any) -> list[Any]:
     ]
 
 
-def compile_regions(model: Any, dynamic: bool | None = None) -> int:
+def compile_regions(model: Any) -> int:
     """``module.compile()`` every repeated block in place; returns how many were compiled.
 
-    ``dynamic=None`` lets torch mark a dimension dynamic after it has seen it change once (text lengths
-    vary between batches), instead of recompiling for every length.
+    DaViT blocks compile with static shapes: an image's size is fixed by the processor, so each of the four
+    stages has one shape (four graphs), and dynamic shapes there trip over the channel attention's
+    token-count head size (one lent H200 spent minutes recompiling them). BART layers compile with
+    ``dynamic=None``: text lengths vary between batches, and torch marks the length dynamic after it has
+    seen it change once instead of compiling one graph per length.
     """
     blocks = regions(model)
     for block in blocks:
-        block.compile(dynamic=dynamic)
+        block.compile(dynamic=False if type(block).__name__ == VISION_BLOCK_CLASS else None)
     return len(blocks)

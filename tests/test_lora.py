@@ -340,3 +340,16 @@ def test_4bit_load_keeps_no_tensor_in_the_mapped_checkpoint(tiny_dir, monkeypatc
             assert torch.equal(param, model.get_parameter(name)), name
     assert model.lm_head.weight is model.get_input_embeddings().weight
     assert any(type(p).__name__ == "Params4bit" for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "dtype"),
+    [(False, False, torch.float32), (True, False, torch.float16), (True, True, torch.bfloat16)],
+    ids=["cpu", "t4", "a100"],
+)
+def test_4bit_layers_compute_in_the_runs_precision(monkeypatch, cuda, bf16, dtype):
+    """bf16 where the GPU has it natively, fp16 on a T4 (whose is_bf16_supported() says True: emulation)."""
+    import florence_kit.precision as precision
+
+    monkeypatch.setattr(precision, "device_facts", lambda: precision.DeviceFacts(cuda=cuda, bf16=bf16))
+    assert adapters.quantization_config().bnb_4bit_compute_dtype == dtype
