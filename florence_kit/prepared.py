@@ -23,6 +23,7 @@ tower once, even in the first epoch.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -130,6 +131,28 @@ def resized(image_processor: Any, image: Any) -> np.ndarray:
     return np.rint(pixels).clip(0, 255).astype(np.uint8) if pixels.dtype != np.uint8 else pixels
 
 
+def source_fingerprint(dataset: Any, keys: list[str]) -> str:
+    """Empty when every key hashes image content; else the dataset's own fingerprint(s) (row-number keys
+    say nothing about the pixels), or a fresh random value when there is none: then nothing is reused."""
+    if not any(k.startswith(("row-", "example-")) or "-row-" in k for k in keys):
+        return ""
+    parts = getattr(dataset, "parts", [dataset])
+    prints = [getattr(getattr(part, "ds", None), "_fingerprint", None) for part in parts]
+    return "|".join(prints) if all(prints) else os.urandom(8).hex()
+
+
+def store_name(keys: list[str], image_processor: Any, shape: tuple[int, ...], source: str = "") -> str:
+    """Name of a pixel store: the distinct images in slot order + the image pipeline's settings + the shape.
+
+    Runs over the same data with the same processor (a sweep over learning rates, a resumed run) find the
+    store of an earlier run under a shared ``--prepare-dir`` and skip the decoding entirely.
+    """
+    digest = hashlib.blake2b(digest_size=12)
+    settings = [keys, image_processor.to_dict(), list(shape), source]
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return f"pixels-{digest.hexdigest()}"
+
+
 def pixel_shape(image_processor: Any) -> tuple[int, int]:
     size = image_processor.size
     height = getattr(size, "height", None) or size["height"]
@@ -172,23 +195,15 @@ class PreparedDataset:
         height, width = pixel_shape(processor.image_processor)
         shape = (len(first), 3, height, width)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        path = cache_dir / "pixels.u8"
-        np.memmap(path, dtype=np.uint8, mode="w+", shape=shape).flush()  # allocate (sparse) before workers write
-        jobs = [(index, slot) for slot, index in enumerate(first)]
-        workers = workers or (os.cpu_count() or 1)
-        if workers > 1 and len(jobs) > 1:
-            import multiprocessing
-
-            chunk = max(1, math.ceil(len(jobs) / (workers * 4)))
-            pieces = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
-            context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(dataset, processor.image_processor, str(path), shape)) as pool:
-                bad = [b for part in pool.map(_resize_into, pieces) for b in part]
+        name = store_name(list(slots), processor.image_processor, shape, source_fingerprint(dataset, list(slots)))
+        path, done = cache_dir / f"{name}.u8", cache_dir / f"{name}.json"
+        if done.is_file():  # the same images through the same image pipeline: an earlier run's store
+            bad = [(int(slot), str(message)) for slot, message in json.loads(done.read_text())["bad"]]
+            reused = True
         else:
-            _init_worker(dataset, processor.image_processor, str(path), shape)
-            bad = _resize_into(jobs)
-            _WORKER.clear()
+            bad = self._fill(dataset, processor, path, shape, first, workers)
+            done.write_text(json.dumps({"bad": bad, "images": len(first)}))  # written last: the store is complete
+            reused = False
         if bad and not skip:
             slot, message = min(bad)
             raise UserError(f"{message}, or pass --skip-bad-images to skip such rows")
@@ -206,8 +221,31 @@ class PreparedDataset:
         self.pixels = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
         self.distinct_images = len(first)
         if print_fn:
-            print_fn(f"prepared {len(self.examples)} examples: {len(first)} distinct images decoded and resized "
-                     f"once ({path.stat().st_size / 1e6:.0f} MB under {cache_dir}), text tokenised once")
+            how = "read back from an earlier run's store" if reused else "decoded and resized once"
+            print_fn(f"prepared {len(self.examples)} examples: {len(first)} distinct images {how} "
+                     f"({path.stat().st_size / 1e6:.0f} MB under {cache_dir}), text tokenised once")
+
+    @staticmethod
+    def _fill(dataset: Any, processor: Any, path: Path, shape: tuple[int, ...], first: list[int],
+              workers: int) -> list[tuple[int, str]]:
+        """Decode and resize each distinct image into the store, in a process pool; returns unreadable slots."""
+        np.memmap(path, dtype=np.uint8, mode="w+", shape=shape).flush()  # allocate (sparse) before workers write
+        jobs = [(index, slot) for slot, index in enumerate(first)]
+        workers = workers or (os.cpu_count() or 1)
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+
+            chunk = max(1, math.ceil(len(jobs) / (workers * 4)))
+            pieces = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(dataset, processor.image_processor, str(path), shape)) as pool:
+                return [b for part in pool.map(_resize_into, pieces) for b in part]
+        _init_worker(dataset, processor.image_processor, str(path), shape)
+        try:
+            return _resize_into(jobs)
+        finally:
+            _WORKER.clear()
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -161,3 +161,27 @@ def test_prepared_training_gives_identical_losses(tiny_dir, docvqa_dir, tmp_path
 def test_group_by_length_needs_prepared_data(tiny_dir, docvqa_dir, tmp_path):
     with pytest.raises(UserError, match="--prepare-data"):
         _losses(tiny_dir, docvqa_dir, tmp_path / "x", group_by_length=True)
+
+
+def test_a_shared_prepare_dir_is_reused_by_the_next_run(parts, tmp_path, monkeypatch):
+    import numpy as np
+
+    import florence_kit.prepared as prepared_module
+
+    _, first = _prepared(parts, tmp_path, workers=1)
+    calls = {"n": 0}
+    original = prepared_module.resized
+
+    def counting(image_processor, image):
+        calls["n"] += 1
+        return original(image_processor, image)
+
+    monkeypatch.setattr(prepared_module, "resized", counting)
+    _, second = _prepared(parts, tmp_path, workers=1)  # same data, same processor, same folder
+    assert calls["n"] == 0 and np.array_equal(np.asarray(second.pixels), np.asarray(first.pixels))
+    assert len(list((tmp_path / "prepared").glob("pixels-*.u8"))) == 1
+    # an unfinished store (no completion record) is filled again, never trusted
+    for record in (tmp_path / "prepared").glob("pixels-*.json"):
+        record.unlink()
+    _, third = _prepared(parts, tmp_path, workers=1)
+    assert calls["n"] == third.distinct_images > 0

@@ -135,7 +135,8 @@ def finetune(
                            "tokenise once, instead of running the processor on every batch of every epoch.")
     ] = False,
     prepare_dir: Annotated[
-        Path | None, typer.Option(help="Where --prepare-data keeps its resized pixels; default: <output-dir>/prepared.")
+        Path | None, typer.Option(help="Where --prepare-data keeps its resized pixels; default: <output-dir>/prepared. "
+                                  "Shareable: a later run over the same images reads the store back.")
     ] = None,
     group_by_image: Annotated[
         bool, typer.Option(help="Put the questions of one page in one batch (with --cache-vision-features the page "
