@@ -126,5 +126,9 @@ def check_options(cfg: Any) -> None:
         raise UserError(f"--epochs must be positive, got {cfg.epochs}")
     if not cfg.lr >= 0:  # 0 is allowed: a run that only evaluates (--eval-every) or checks the pipeline
         raise UserError(f"--lr cannot be negative, got {cfg.lr}")
+    if getattr(cfg, "group_by_length", False) and not getattr(cfg, "prepare_data", False):
+        raise UserError("--group-by-length needs --prepare-data (the lengths come from its tokenisation)")
+    if getattr(cfg, "group_by_length", False) and getattr(cfg, "group_by_image", False):
+        raise UserError("choose one of --group-by-image and --group-by-length")
     if not cfg.task:
         raise UserError("no task: pass TASK (see `florence-kit tasks list`) or a --config file with 'task:'")

@@ -185,3 +185,23 @@ def test_a_shared_prepare_dir_is_reused_by_the_next_run(parts, tmp_path, monkeyp
         record.unlink()
     _, third = _prepared(parts, tmp_path, workers=1)
     assert calls["n"] == third.distinct_images > 0
+
+
+def test_cli_prepare_data_and_grouping(tiny_dir, docvqa_dir, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from florence_kit.cli import app
+
+    runner = CliRunner()
+    base = ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir), "--max-steps", "2",
+            "--batch-size", "4", "--quiet"]
+    out = tmp_path / "run"
+    result = runner.invoke(app, [*base, "--output-dir", str(out), "--prepare-data", "--group-by-length"])
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["prepare_data"] is True and config["group_by_length"] is True
+    assert len(list((out / "prepared").glob("pixels-*.u8"))) == 1
+    refused = runner.invoke(app, [*base, "--output-dir", str(tmp_path / "no"), "--group-by-length"])
+    assert refused.exit_code == 2 and "--prepare-data" in refused.output
+    assert not (tmp_path / "no").exists()  # refused before anything was written
