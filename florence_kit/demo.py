@@ -102,6 +102,7 @@ def run_demo(out: Path, seed: int, recipe: DemoRecipe, quiet: bool, print_fn: An
         task="docvqa", model=str(init_dir), dataset=str(data_dir), output_dir=out / "finetuned",
         max_steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
         schedule=recipe.schedule, weight_decay=recipe.weight_decay, seed=seed, overwrite=True, log_every=25,
+        prepare_data=True,  # pages decoded and resized once: the same batches, the same result, faster
     )
     trained = finetune(cfg, quiet=quiet, print_fn=print_fn)
     after = run_eval(out / "finetuned", "eval-after")
