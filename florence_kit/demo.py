@@ -7,6 +7,7 @@ trainer, the evaluator), so a demo that works is evidence the pipeline works.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,7 @@ def run_demo(out: Path, seed: int, recipe: DemoRecipe, quiet: bool, print_fn: An
         prepare_data=True,  # pages decoded and resized once: the same batches, the same result, faster
     )
     trained = finetune(cfg, quiet=quiet, print_fn=print_fn)
+    shutil.rmtree(out / "finetuned" / "prepared", ignore_errors=True)  # 200 MB of resized pages, used up
     after = run_eval(out / "finetuned", "eval-after")
     summary = {
         "seed": seed,
