@@ -30,6 +30,22 @@ def _prepared(parts, tmp_path: Path, workers: int = 2, skip: bool = False):
     return rows, PreparedDataset(rows, processor, tmp_path / "prepared", workers=workers)
 
 
+@pytest.fixture()
+def decodes(monkeypatch) -> dict:
+    """Counts the images the preparation pass decodes and resizes (in this process: workers=1)."""
+    import florence_kit.prepared as prepared_module
+
+    calls = {"n": 0}
+    original = prepared_module.resized
+
+    def counting(image_processor, image):
+        calls["n"] += 1
+        return original(image_processor, image)
+
+    monkeypatch.setattr(prepared_module, "resized", counting)
+    return calls
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_batches_equal_the_processors(parts, tmp_path, workers):
     import torch
@@ -48,21 +64,12 @@ def test_batches_equal_the_processors(parts, tmp_path, workers):
             assert torch.equal(mine[key], theirs[key]), key  # bit-identical, pixels included
 
 
-def test_each_page_is_decoded_once(parts, tmp_path, monkeypatch):
+def test_each_page_is_decoded_once(parts, tmp_path, decodes):
     import datasets
-
-    import florence_kit.prepared as prepared_module
 
     processor, dataset = parts
     pages = len(set(dataset.ds["docId"]))
-    calls = {"n": 0}
-    original = prepared_module.resized
-
-    def counting(image_processor, image):
-        calls["n"] += 1
-        return original(image_processor, image)
-
-    monkeypatch.setattr(prepared_module, "resized", counting)
+    calls = decodes
     _, prepared = _prepared(parts, tmp_path, workers=1)
     assert isinstance(dataset.ds.features["image"], datasets.Image)
     assert len(prepared) == len(dataset) == 2 * pages  # two questions per page
@@ -163,20 +170,12 @@ def test_group_by_length_needs_prepared_data(tiny_dir, docvqa_dir, tmp_path):
         _losses(tiny_dir, docvqa_dir, tmp_path / "x", group_by_length=True)
 
 
-def test_a_shared_prepare_dir_is_reused_by_the_next_run(parts, tmp_path, monkeypatch):
+def test_a_shared_prepare_dir_is_reused_by_the_next_run(parts, tmp_path, decodes):
     import numpy as np
 
-    import florence_kit.prepared as prepared_module
-
     _, first = _prepared(parts, tmp_path, workers=1)
-    calls = {"n": 0}
-    original = prepared_module.resized
-
-    def counting(image_processor, image):
-        calls["n"] += 1
-        return original(image_processor, image)
-
-    monkeypatch.setattr(prepared_module, "resized", counting)
+    calls = decodes
+    calls["n"] = 0
     _, second = _prepared(parts, tmp_path, workers=1)  # same data, same processor, same folder
     assert calls["n"] == 0 and np.array_equal(np.asarray(second.pixels), np.asarray(first.pixels))
     assert len(list((tmp_path / "prepared").glob("pixels-*.u8"))) == 1
