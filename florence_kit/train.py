@@ -348,8 +348,9 @@ def train_loop(
     frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
     collator: Any = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
+    normalizer: Any = None  # --prepare-data: uint8 pixels arrive and are normalised here (PixelNormalizer)
     if cfg.prepare_data:  # --- trainspeed: decode and resize once, tokenise once ---
-        from florence_kit.prepared import PreparedCollator, PreparedDataset
+        from florence_kit.prepared import PixelNormalizer, PreparedCollator, PreparedDataset
 
         where = cfg.prepare_dir or Path(cfg.output_dir) / "prepared"
         if accelerator.num_processes > 1:
@@ -357,6 +358,11 @@ def train_loop(
         dataset = PreparedDataset(dataset, processor, where, workers=cfg.num_workers, max_length=max_positions(
             model.config), truncate=collate_truncate, print_fn=print if accelerator.is_main_process else None)
         collator = PreparedCollator(processor, dataset.pixels)
+        normalizer = PixelNormalizer(processor.image_processor)
+        if normalizer.matches(collator, dataset.pixels[:1]):  # uint8 batches, normalised on the device
+            collator = PreparedCollator(processor, dataset.pixels, uint8_pixels=True)
+        else:
+            normalizer = None
     sampler = make_sampler(dataset, cfg)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
@@ -399,6 +405,8 @@ def train_loop(
         tokens = accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "sum")
         loss_sum = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(group):
+            if normalizer is not None:
+                batch = {**batch, "pixel_values": normalizer(batch["pixel_values"])}
             sync = accelerator.no_sync(model) if i < len(group) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 loss = forward_loss(model, batch, frozen_vision, num_items=tokens, feature_cache=feature_cache)

@@ -156,9 +156,38 @@ def _losses(tiny_dir, docvqa_dir, out: Path, **cfg_kw) -> list[float]:
     return losses
 
 
-def test_prepared_training_gives_identical_losses(tiny_dir, docvqa_dir, tmp_path):
+def test_uint8_batches_normalised_on_the_device_equal_the_processors(parts, tmp_path):
+    import numpy as np
+    import torch
+
+    from florence_kit.prepared import PixelNormalizer, PreparedCollator
+
+    processor, _ = parts
+    _, prepared = _prepared(parts, tmp_path, workers=1)
+    normalizer = PixelNormalizer(processor.image_processor)
+    assert normalizer.matches(PreparedCollator(processor, prepared.pixels), prepared.pixels[:4])
+    batch = [prepared[i] for i in range(6)]
+    raw = PreparedCollator(processor, prepared.pixels, uint8_pixels=True)(batch)
+    done = PreparedCollator(processor, prepared.pixels)(batch)
+    assert raw["pixel_values"].dtype == torch.uint8  # a quarter of the bytes on their way to the GPU
+    assert torch.equal(normalizer(raw["pixel_values"]), done["pixel_values"])
+    assert np.array_equal(raw["input_ids"], done["input_ids"])
+
+
+def test_prepared_training_gives_identical_losses(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
+    from florence_kit.prepared import PixelNormalizer
+
     plain = _losses(tiny_dir, docvqa_dir, tmp_path / "plain")
+    calls = {"n": 0}
+    original = PixelNormalizer.__call__
+
+    def counting(self, pixels):
+        calls["n"] += 1
+        return original(self, pixels)
+
+    monkeypatch.setattr(PixelNormalizer, "__call__", counting)
     prepared = _losses(tiny_dir, docvqa_dir, tmp_path / "prepared", prepare_data=True)
+    assert calls["n"] >= 5  # the training batches came as uint8 and were normalised in the step
     assert len(plain) == 5 and prepared == plain  # same batches, same order: the same run, bit for bit
     grouped = _losses(tiny_dir, docvqa_dir, tmp_path / "grouped", prepare_data=True, group_by_image=True,
                       mode="frozen-encoder", cache_vision_features=True)
