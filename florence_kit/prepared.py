@@ -334,6 +334,22 @@ class PreparedCollator:
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "labels": labels}
 
 
+def prepare_training_data(
+    rows: Any, processor: Any, where: Path, *, workers: int, max_length: int, truncate: bool, print_fn: Any = None,
+) -> tuple[PreparedDataset, PreparedCollator, PixelNormalizer | None]:
+    """``--prepare-data`` for the train loop: the prepared rows, their collator, and the device-side normaliser.
+
+    Batches travel as uint8 when :class:`PixelNormalizer` reproduces the processor's arithmetic exactly (checked
+    on the first image); otherwise the collator normalises on the CPU and the normaliser is None.
+    """
+    dataset = PreparedDataset(rows, processor, where, workers=workers, max_length=max_length, truncate=truncate,
+                              print_fn=print_fn)
+    normalizer = PixelNormalizer(processor.image_processor)
+    if normalizer.matches(PreparedCollator(processor, dataset.pixels), dataset.pixels[:1]):
+        return dataset, PreparedCollator(processor, dataset.pixels, uint8_pixels=True), normalizer
+    return dataset, PreparedCollator(processor, dataset.pixels), None
+
+
 # ---------------------------------------------------------------------------------------------- samplers
 
 

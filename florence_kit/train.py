@@ -350,19 +350,15 @@ def train_loop(
     collator: Any = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
     normalizer: Any = None  # --prepare-data: uint8 pixels arrive and are normalised here (PixelNormalizer)
     if cfg.prepare_data:  # --- trainspeed: decode and resize once, tokenise once ---
-        from florence_kit.prepared import PixelNormalizer, PreparedCollator, PreparedDataset
+        from florence_kit.prepared import prepare_training_data
 
         where = cfg.prepare_dir or Path(cfg.output_dir) / "prepared"
         if accelerator.num_processes > 1:
             where = where / f"process-{accelerator.process_index}"
-        dataset = PreparedDataset(dataset, processor, where, workers=cfg.num_workers, max_length=max_positions(
-            model.config), truncate=collate_truncate, print_fn=print if accelerator.is_main_process else None)
-        collator = PreparedCollator(processor, dataset.pixels)
-        normalizer = PixelNormalizer(processor.image_processor)
-        if normalizer.matches(collator, dataset.pixels[:1]):  # uint8 batches, normalised on the device
-            collator = PreparedCollator(processor, dataset.pixels, uint8_pixels=True)
-        else:
-            normalizer = None
+        dataset, collator, normalizer = prepare_training_data(
+            dataset, processor, where, workers=cfg.num_workers, max_length=max_positions(model.config),
+            truncate=collate_truncate, print_fn=print if accelerator.is_main_process else None,
+        )
     sampler = make_sampler(dataset, cfg)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
