@@ -51,6 +51,7 @@ def build(compiled: bool) -> Any:
     if compiled:
         from florence_kit.compiling import compile_regions
 
+        torch._dynamo.reset()  # each variant compiles its own graphs (no recompile-limit carried between them)
         compile_regions(model)
     return model
 
@@ -70,16 +71,54 @@ def count_flops(model: Any, batch: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def model_step(variant: str, batch_size: int, steps: int, warmup: int) -> dict:
+FLAGS = {
+    "compiled": "regional torch.compile (florence_kit/compiling.py, as --compile)",
+    "fused": "AdamW(fused=True) instead of the product's foreach",
+    "cudnn": "torch.backends.cudnn.benchmark = True (image size is fixed: convolution algorithms tuned once)",
+    "mathred": "allow_fp16_bf16_reduction_math_sdp(True): the math SDPA kernel (the channel attention's "
+               "token-count head size) keeps bf16 instead of upcasting to fp32",
+    "tf32": "TF32 for the fp32 matmuls left under autocast",
+}
+
+
+def parse_variant(variant: str) -> set[str]:
+    flags = set(variant.split("+")) - {"eager"}
+    unknown = flags - set(FLAGS)
+    if unknown:
+        raise SystemExit(f"unknown variant flag(s) {sorted(unknown)}: use eager or compiled, plus {sorted(FLAGS)}")
+    return flags
+
+
+def apply_flags(flags: set[str]) -> None:
+    import torch
+
+    torch.backends.cudnn.benchmark = "cudnn" in flags
+    torch.backends.cuda.matmul.allow_tf32 = "tf32" in flags
+    torch.backends.cudnn.allow_tf32 = "tf32" in flags
+    if hasattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp"):
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp("mathred" in flags)
+
+
+_FLOPS: dict[int, float] = {}
+
+
+def model_step(variant: str, batch_size: int, steps: int, warmup: int, profile: bool = False) -> dict:
     import torch
 
     from benchmarks._measure import batch_for
     from florence_kit.train import forward_loss, make_optimizer
 
-    model = build(variant == "compiled")
+    flags = parse_variant(variant)
+    apply_flags(flags)
+    model = build("compiled" in flags)
     data = {k: v.to(DEVICE) for k, v in batch_for(model.config, batch_size, SIZE["image"], 20, 16).items()}
-    flops = count_flops(build(False) if variant == "compiled" else model, data)
-    optimizer = make_optimizer(model, 1e-5, 0.0)
+    if batch_size not in _FLOPS:  # counted eagerly: the compiled graph does the same matmuls
+        _FLOPS[batch_size] = count_flops(build(False) if "compiled" in flags else model, data)
+    flops = _FLOPS[batch_size]
+    if "fused" in flags:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    else:
+        optimizer = make_optimizer(model, 1e-5, 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
@@ -102,9 +141,49 @@ def model_step(variant: str, batch_size: int, steps: int, warmup: int) -> dict:
         sync()
         times.append(time.perf_counter() - begin)
     step_s = statistics.median(times)
-    return {"what": f"model step, {variant}", "batch": batch_size, "step_s": step_s, "warmup_s": warm_s,
-            "samples_per_s": batch_size / step_s, "flops_per_step": flops, "achieved_tflops": flops / step_s / 1e12,
-            "peak_mem_gb": peak_memory()}
+    row = {"what": f"model step, {variant}", "batch": batch_size, "step_s": step_s, "warmup_s": warm_s,
+           "samples_per_s": batch_size / step_s, "flops_per_step": flops, "achieved_tflops": flops / step_s / 1e12,
+           "peak_mem_gb": peak_memory()}
+    if profile:
+        row["tower_share"] = tower_share(model, data, step_s)
+        print_profile(step, variant, batch_size)
+    return row
+
+
+def tower_share(model: Any, data: dict, step_s: float) -> float:
+    """Fraction of a step spent in the DaViT tower's forward + backward (timed alone, same batch)."""
+    import torch
+
+    pixels = data["pixel_values"]
+
+    def tower() -> None:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            features = model.model.get_image_features(pixels)
+        features = features if torch.is_tensor(features) else features[0]
+        features.float().sum().backward()
+
+    tower()
+    sync()
+    begin = time.perf_counter()
+    for _ in range(3):
+        tower()
+    sync()
+    model.zero_grad(set_to_none=True)
+    return (time.perf_counter() - begin) / 3 / step_s
+
+
+def print_profile(step: Any, variant: str, batch_size: int) -> None:
+    """The kernels that take the GPU's time, two steps under torch.profiler (to stdout: the run's log)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync()
+    key = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    print(f"\n# profile: {variant}, batch {batch_size}, two steps")
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), flush=True)
 
 
 def sync() -> None:
@@ -185,8 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default="eager,compiled", help="model-step variants: eager, compiled")
+    p.add_argument("--variants", default="eager,compiled",
+                   help="model-step variants, comma-separated: eager or compiled, plus flags joined by '+' "
+                        "(e.g. compiled+cudnn): " + "; ".join(f"{k}: {v}" for k, v in FLAGS.items()))
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes for the model-step variants (default --batch)")
+    p.add_argument("--profile", action="store_true", help="also print each variant's top kernels and tower share")
     p.add_argument("--end-to-end", action="store_true", help="also time florence-kit's train_loop on pages")
+    p.add_argument("--e2e-variants", default="eager,compiled", help="--end-to-end loops: eager, compiled")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--json", type=Path)
@@ -200,12 +284,16 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
     peak = peak_tflops(name, args.peak_tflops or (1.0 if args.smoke else None))
     rows = []
-    for variant in [v for v in args.variants.split(",") if v]:
-        rows.append(model_step(variant, args.batch, args.steps, args.warmup))
-        print(json.dumps(rows[-1]), flush=True)
-        reset_memory()
+    for batch in args.batches or [args.batch]:
+        for variant in [v for v in args.variants.split(",") if v]:
+            rows.append(model_step(variant, batch, args.steps, args.warmup, args.profile))
+            print(json.dumps(rows[-1]), flush=True)
+            reset_memory()
+            if args.json:  # written as it goes: a run cut short still leaves its rows
+                args.json.write_text(json.dumps(rows, indent=1))
     if args.end_to_end:
-        for compiled in (False, True) if "compiled" in args.variants else (False,):
+        apply_flags(set())
+        for compiled in [v == "compiled" for v in args.e2e_variants.split(",") if v]:
             rows.append(end_to_end(args.batch, args.steps, args.workers, compiled))
             print(json.dumps(rows[-1]), flush=True)
             reset_memory()

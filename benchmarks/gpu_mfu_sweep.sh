@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Where full fine-tuning's GPU time goes and what raises MFU: one short run for a lent GPU (session 4).
+#   bash benchmarks/gpu_mfu_sweep.sh          (results and logs under $OUT)
+# Eager variants first (seconds each, profiled: top kernels + the DaViT tower's share of a step), then
+# regional torch.compile at batch 32 and 64, then florence-kit's own train_loop compiled, end to end.
+# Each part has its own timeout so that a slow compile leaves the earlier rows intact.
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_DATASETS_DISABLE_PROGRESS_BARS=1
+OUT=${OUT:-/tmp/gpu_mfu}
+mkdir -p "$OUT"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+MFU=${MFU:-python3 -m benchmarks.train_mfu --steps 6 --warmup 2}
+part() {  # name timeout args...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" $MFU "$@" --json "$OUT/mfu_$name.json" > "$OUT/log_$name.txt" 2>&1
+  echo "== $name rc=$? ($((SECONDS - start)) s)"
+  grep -E '^\{"what"' "$OUT/log_$name.txt" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    what, batch, step, rate, tf = r["what"], r["batch"], r["step_s"], r["samples_per_s"], r["achieved_tflops"]
+    t, w, peak = r.get("tower_share"), r.get("warmup_s", 0), r["peak_mem_gb"]
+    tower = "" if t is None else f", tower {t:.0%} of the step"
+    print(f"  {what} b{batch}: {step:.3f} s/step, {rate:.0f} samples/s, {tf:.0f} TFLOP/s = {tf / 989.4:.1%} of 989"
+          f"{tower}, warm-up {w:.0f} s, peak {peak:.0f} GB")'
+}
+part eager 100 --batches 32 --profile --variants eager,eager+cudnn,eager+mathred,eager+fused,eager+cudnn+mathred+fused+tf32
+part compiled32 200 --batches 32 --profile --variants compiled,compiled+cudnn+mathred+fused
+part b64 110 --batches 64 --variants eager+cudnn+mathred+fused,compiled+cudnn+mathred+fused
+part e2e 130 --variants "" --end-to-end --e2e-variants compiled --batch 32
