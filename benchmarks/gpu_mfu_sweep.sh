@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where full fine-tuning's GPU time goes and what raises MFU: one short run for a lent GPU (session 4).
-#   bash benchmarks/gpu_mfu_sweep.sh          (results and logs under $OUT)
+#   bash benchmarks/gpu_mfu_sweep.sh [1|2]    (which run; results and logs under $OUT)
 # Eager variants first (seconds each, profiled: top kernels + the DaViT tower's share of a step), then
 # regional torch.compile at batch 32 and 64, then florence-kit's own train_loop compiled, end to end.
 # Each part has its own timeout so that a slow compile leaves the earlier rows intact.
@@ -32,7 +32,13 @@ for line in sys.stdin:
     print(f"  {what} b{batch}: {step:.3f} s/step, {rate:.0f} samples/s, {tf:.0f} TFLOP/s = {tf / 989.4:.1%} of 989"
           f"{tower}, warm-up {w:.0f} s, peak {peak:.0f} GB")'
 }
-part eager 100 --batches 32 --profile --variants eager,eager+cudnn,eager+mathred,eager+fused,eager+cudnn+mathred+fused+tf32
-part compiled32 200 --batches 32 --profile --variants compiled,compiled+cudnn+mathred+fused
-part b64 110 --batches 64 --variants eager+cudnn+mathred+fused,compiled+cudnn+mathred+fused
-part e2e 130 --variants "" --end-to-end --e2e-variants compiled --batch 32
+if [ "${1:-1}" = 1 ]; then  # session 4, first run: flags, compile, batch 64, end to end
+  part eager 100 --batches 32 --profile --variants eager,eager+cudnn,eager+mathred,eager+fused,eager+cudnn+mathred+fused+tf32
+  part compiled32 200 --batches 32 --profile --variants compiled,compiled+cudnn+mathred+fused
+  part b64 110 --batches 64 --variants eager+cudnn+mathred+fused,compiled+cudnn+mathred+fused
+  part e2e 130 --variants "" --end-to-end --e2e-variants compiled --batch 32
+else  # second run: what the first run's profile pointed at (eager patch embeddings, attention kernels)
+  part sdpa 160 --batches 32 --profile \
+    --variants compiled+cudnn+mathred,compiled+cudnn+mathred+embeds,compiled+cudnn+mathred+nocudnnsdp
+  part visioneager 140 --batches 32 --profile --variants compiled+cudnn+mathred+embeds+visioneager
+fi

@@ -40,7 +40,7 @@ DEVICE = "cuda"  # --smoke: "cpu" with the tiny model, to check this script with
 SIZE = {"model": "base", "image": 768}
 
 
-def build(compiled: bool) -> Any:
+def build(compiled: bool, flags: set[str] = frozenset()) -> Any:
     import torch
     from transformers import Florence2ForConditionalGeneration
 
@@ -48,11 +48,17 @@ def build(compiled: bool) -> Any:
 
     torch.manual_seed(0)
     model = Florence2ForConditionalGeneration(load_config(SIZE["model"])).to(DEVICE).train()
+    if "visioneager" in flags:  # the attention modules read their (shared) vision config at every call
+        model.model.vision_tower.config._attn_implementation = "eager"
     if compiled:
         from florence_kit.compiling import compile_regions
 
         torch._dynamo.reset()  # each variant compiles its own graphs (no recompile-limit carried between them)
         compile_regions(model)
+        if "embeds" in flags:
+            for module in model.modules():
+                if type(module).__name__ == "Florence2VisionConvEmbed":
+                    module.compile(dynamic=False)
     return model
 
 
@@ -78,6 +84,9 @@ FLAGS = {
     "mathred": "allow_fp16_bf16_reduction_math_sdp(True): the math SDPA kernel (the channel attention's "
                "token-count head size) keeps bf16 instead of upcasting to fp32",
     "tf32": "TF32 for the fp32 matmuls left under autocast",
+    "embeds": "also compile DaViT's four patch embeddings (conv + layer norm + permutes)",
+    "visioneager": "DaViT attention as plain matmul + softmax (fused by inductor) instead of SDPA",
+    "nocudnnsdp": "torch.backends.cuda.enable_cudnn_sdp(False): SDPA picks flash / mem-efficient kernels",
 }
 
 
@@ -95,6 +104,7 @@ def apply_flags(flags: set[str]) -> None:
     torch.backends.cudnn.benchmark = "cudnn" in flags
     torch.backends.cuda.matmul.allow_tf32 = "tf32" in flags
     torch.backends.cudnn.allow_tf32 = "tf32" in flags
+    torch.backends.cuda.enable_cudnn_sdp("nocudnnsdp" not in flags)
     if hasattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp"):
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp("mathred" in flags)
 
@@ -110,7 +120,7 @@ def model_step(variant: str, batch_size: int, steps: int, warmup: int, profile: 
 
     flags = parse_variant(variant)
     apply_flags(flags)
-    model = build("compiled" in flags)
+    model = build("compiled" in flags, flags)
     data = {k: v.to(DEVICE) for k, v in batch_for(model.config, batch_size, SIZE["image"], 20, 16).items()}
     if batch_size not in _FLOPS:  # counted eagerly: the compiled graph does the same matmuls
         _FLOPS[batch_size] = count_flops(build(False) if "compiled" in flags else model, data)
@@ -177,13 +187,15 @@ def print_profile(step: Any, variant: str, batch_size: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(2):
             step()
         sync()
     key = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
     print(f"\n# profile: {variant}, batch {batch_size}, two steps")
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), flush=True)
+    print(prof.key_averages(group_by_input_shape=True).table(  # which tensors the copies and norms move
+        sort_by=key, row_limit=25, max_name_column_width=40, max_shapes_column_width=90), flush=True)
 
 
 def sync() -> None:
