@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where full fine-tuning's GPU time goes and what raises MFU: one short run for a lent GPU (session 4).
-#   bash benchmarks/gpu_mfu_sweep.sh [1|2]    (which run; results and logs under $OUT)
+#   bash benchmarks/gpu_mfu_sweep.sh [1|2|3]  (which run: 1 and 2 were session 4's, 3 is next; results under $OUT)
 # Eager variants first (seconds each, profiled: top kernels + the DaViT tower's share of a step), then
 # regional torch.compile at batch 32 and 64, then florence-kit's own train_loop compiled, end to end.
 # Each part has its own timeout so that a slow compile leaves the earlier rows intact.
@@ -16,6 +16,7 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)'
 MFU=${MFU:-python3 -m benchmarks.train_mfu --steps 6 --warmup 2}
 part() {  # name timeout args...
   local name=$1 limit=$2; shift 2
@@ -37,8 +38,13 @@ if [ "${1:-1}" = 1 ]; then  # session 4, first run: flags, compile, batch 64, en
   part compiled32 200 --batches 32 --profile --variants compiled,compiled+cudnn+mathred+fused
   part b64 110 --batches 64 --variants eager+cudnn+mathred+fused,compiled+cudnn+mathred+fused
   part e2e 130 --variants "" --end-to-end --e2e-variants compiled --batch 32
-else  # second run: what the first run's profile pointed at (eager patch embeddings, attention kernels)
+elif [ "$1" = 2 ]; then  # second run: what the first run's profile pointed at (eager patch embeddings, attention kernels)
   part sdpa 160 --batches 32 --profile \
     --variants compiled+cudnn+mathred,compiled+cudnn+mathred+embeds,compiled+cudnn+mathred+nocudnnsdp
   part visioneager 140 --batches 32 --profile --variants compiled+cudnn+mathred+embeds+visioneager
+else  # next GPU session: one variant per process (a compile is ~90 s; run 2's second variant never started)
+  part embeds 130 --batches 32 --profile --variants compiled+cudnn+mathred+embeds
+  part tower 170 --batches 32 --profile --variants compiled+cudnn+mathred+tower
+  part nocudnnsdp 130 --batches 32 --variants compiled+cudnn+mathred+nocudnnsdp
+  part b48 130 --batches 48 --variants compiled+cudnn+mathred
 fi

@@ -51,10 +51,16 @@ def build(compiled: bool, flags: set[str] = frozenset()) -> Any:
     if "visioneager" in flags:  # the attention modules read their (shared) vision config at every call
         model.model.vision_tower.config._attn_implementation = "eager"
     if compiled:
-        from florence_kit.compiling import compile_regions
+        from florence_kit.compiling import VISION_BLOCK_CLASS, compile_regions, regions
 
         torch._dynamo.reset()  # each variant compiles its own graphs (no recompile-limit carried between them)
-        compile_regions(model)
+        if "tower" in flags:
+            for block in regions(model):
+                if type(block).__name__ != VISION_BLOCK_CLASS:
+                    block.compile(dynamic=None)
+            model.model.vision_tower.compile(dynamic=False)
+        else:
+            compile_regions(model)
         if "embeds" in flags:
             for module in model.modules():
                 if type(module).__name__ == "Florence2VisionConvEmbed":
@@ -86,6 +92,8 @@ FLAGS = {
     "tf32": "TF32 for the fp32 matmuls left under autocast",
     "embeds": "also compile DaViT's four patch embeddings (conv + layer norm + permutes)",
     "visioneager": "DaViT attention as plain matmul + softmax (fused by inductor) instead of SDPA",
+    "tower": "compile the whole DaViT tower as one static graph (no per-block boundaries: no tangent copies "
+             "between blocks, fusion across them) instead of block by block; BART layers stay regional",
     "nocudnnsdp": "torch.backends.cuda.enable_cudnn_sdp(False): SDPA picks flash / mem-efficient kernels",
 }
 
@@ -103,10 +111,29 @@ def apply_flags(flags: set[str]) -> None:
 
     torch.backends.cudnn.benchmark = "cudnn" in flags
     torch.backends.cuda.matmul.allow_tf32 = "tf32" in flags
-    torch.backends.cudnn.allow_tf32 = "tf32" in flags
     torch.backends.cuda.enable_cudnn_sdp("nocudnnsdp" not in flags)
     if hasattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp"):
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp("mathred" in flags)
+
+
+def backend_state() -> tuple:
+    """torch's backend switches that ``apply_flags`` sets, to put back afterwards (tests run in one process)."""
+    import torch
+
+    cuda = torch.backends.cuda
+    allowed = getattr(cuda, "fp16_bf16_reduction_math_sdp_allowed", None)
+    math = allowed() if allowed else None
+    return torch.backends.cudnn.benchmark, cuda.matmul.allow_tf32, cuda.cudnn_sdp_enabled(), math
+
+
+def restore_backend(state: tuple) -> None:
+    import torch
+
+    cuda = torch.backends.cuda
+    torch.backends.cudnn.benchmark, cuda.matmul.allow_tf32 = state[0], state[1]
+    cuda.enable_cudnn_sdp(state[2])
+    if state[3] is not None:
+        cuda.allow_fp16_bf16_reduction_math_sdp(state[3])
 
 
 _FLOPS: dict[int, float] = {}
@@ -269,6 +296,23 @@ def end_to_end(batch_size: int, steps: int, workers: int, compiled: bool) -> dic
             "achieved_tflops": flops / step_s / 1e12, "peak_mem_gb": peak_memory()}
 
 
+def run_all(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The model-step variants at each batch size, then the end-to-end loops; rows appended as they finish."""
+    for batch in args.batches or [args.batch]:
+        for variant in [v for v in args.variants.split(",") if v]:
+            rows.append(model_step(variant, batch, args.steps, args.warmup, args.profile))
+            print(json.dumps(rows[-1]), flush=True)
+            reset_memory()
+            if args.json:  # written as it goes: a run cut short still leaves its rows
+                args.json.write_text(json.dumps(rows, indent=1))
+    if args.end_to_end:
+        apply_flags(set())
+        for compiled in [v == "compiled" for v in args.e2e_variants.split(",") if v]:
+            rows.append(end_to_end(args.batch, args.steps, args.workers, compiled))
+            print(json.dumps(rows[-1]), flush=True)
+            reset_memory()
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -295,20 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("benchmarks.train_mfu needs a CUDA GPU (or --smoke)")
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
     peak = peak_tflops(name, args.peak_tflops or (1.0 if args.smoke else None))
-    rows = []
-    for batch in args.batches or [args.batch]:
-        for variant in [v for v in args.variants.split(",") if v]:
-            rows.append(model_step(variant, batch, args.steps, args.warmup, args.profile))
-            print(json.dumps(rows[-1]), flush=True)
-            reset_memory()
-            if args.json:  # written as it goes: a run cut short still leaves its rows
-                args.json.write_text(json.dumps(rows, indent=1))
-    if args.end_to_end:
-        apply_flags(set())
-        for compiled in [v == "compiled" for v in args.e2e_variants.split(",") if v]:
-            rows.append(end_to_end(args.batch, args.steps, args.workers, compiled))
-            print(json.dumps(rows[-1]), flush=True)
-            reset_memory()
+    rows: list[dict] = []
+    state = backend_state()
+    try:
+        run_all(args, rows)
+    finally:
+        restore_backend(state)
     for r in rows:
         r.update(gpu=name, peak_tflops=peak, mfu=r["achieved_tflops"] / peak)
     print(f"\n{name}, bf16 autocast, Florence-2-base-sized random model, 768×768, full fine-tuning\n")
