@@ -22,6 +22,7 @@ tower once, even in the first epoch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -153,6 +154,27 @@ def store_name(keys: list[str], image_processor: Any, shape: tuple[int, ...], so
     return f"pixels-{digest.hexdigest()}"
 
 
+@contextlib.contextmanager
+def store_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) held while a store is looked up and filled.
+
+    Runs sharing a ``--prepare-dir`` (a sweep started in parallel) then fill each store once: the second
+    waits and reads the first one's back. Where ``fcntl`` is missing (Windows) there is no lock; the
+    rename in :meth:`PreparedDataset._fill` still keeps every store whole.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def pixel_shape(image_processor: Any) -> tuple[int, int]:
     size = image_processor.size
     height = getattr(size, "height", None) or size["height"]
@@ -197,13 +219,14 @@ class PreparedDataset:
         cache_dir.mkdir(parents=True, exist_ok=True)
         name = store_name(list(slots), processor.image_processor, shape, source_fingerprint(dataset, list(slots)))
         path, done = cache_dir / f"{name}.u8", cache_dir / f"{name}.json"
-        if done.is_file():  # the same images through the same image pipeline: an earlier run's store
-            bad = [(int(slot), str(message)) for slot, message in json.loads(done.read_text())["bad"]]
-            reused = True
-        else:
-            bad = self._fill(dataset, processor, path, shape, first, workers)
-            done.write_text(json.dumps({"bad": bad, "images": len(first)}))  # written last: the store is complete
-            reused = False
+        with store_lock(cache_dir / f"{name}.lock"):  # a second run filling the same store waits, then reuses it
+            if done.is_file():  # the same images through the same image pipeline: an earlier run's store
+                bad = [(int(slot), str(message)) for slot, message in json.loads(done.read_text())["bad"]]
+                reused = True
+            else:
+                bad = self._fill(dataset, processor, path, shape, first, workers)
+                done.write_text(json.dumps({"bad": bad, "images": len(first)}))  # last: the store is complete
+                reused = False
         if bad and not skip:
             slot, message = min(bad)
             raise UserError(f"{message}, or pass --skip-bad-images to skip such rows")
@@ -228,7 +251,22 @@ class PreparedDataset:
     @staticmethod
     def _fill(dataset: Any, processor: Any, path: Path, shape: tuple[int, ...], first: list[int],
               workers: int) -> list[tuple[int, str]]:
-        """Decode and resize each distinct image into the store, in a process pool; returns unreadable slots."""
+        """Decode and resize each distinct image into the store, in a process pool; returns unreadable slots.
+
+        Filled under a private name and renamed into place when full: a run still reading an older store of
+        that name keeps its pages, and an interrupted fill leaves no half-written store behind.
+        """
+        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+        try:
+            bad = PreparedDataset._fill_file(dataset, processor, partial, shape, first, workers)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return bad
+
+    @staticmethod
+    def _fill_file(dataset: Any, processor: Any, path: Path, shape: tuple[int, ...], first: list[int],
+                   workers: int) -> list[tuple[int, str]]:
         np.memmap(path, dtype=np.uint8, mode="w+", shape=shape).flush()  # allocate (sparse) before workers write
         jobs = [(index, slot) for slot, index in enumerate(first)]
         workers = workers or (os.cpu_count() or 1)

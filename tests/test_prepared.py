@@ -233,3 +233,49 @@ def test_cli_prepare_data_and_grouping(tiny_dir, docvqa_dir, tmp_path):
     refused = runner.invoke(app, [*base, "--output-dir", str(tmp_path / "no"), "--group-by-length"])
     assert refused.exit_code == 2 and "--prepare-data" in refused.output
     assert not (tmp_path / "no").exists()  # refused before anything was written
+
+
+def test_an_interrupted_refill_leaves_a_readers_store_whole(parts, tmp_path, monkeypatch):
+    """A run reading a store keeps its pages while another run refills that store and is interrupted."""
+    import numpy as np
+
+    import florence_kit.prepared as prepared
+
+    _, reader = _prepared(parts, tmp_path, workers=1)
+    pages = np.array(reader.pixels)
+    assert pages.any()
+    for record in (tmp_path / "prepared").glob("pixels-*.json"):
+        record.unlink()  # the next run must fill the store again
+
+    def interrupted(jobs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepared, "_resize_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _prepared(parts, tmp_path, workers=1)
+    assert np.array_equal(np.asarray(reader.pixels), pages)  # the reader's mapping still holds its pages
+    assert not list((tmp_path / "prepared").glob("*.partial-*"))  # nothing half-written left behind
+    assert not list((tmp_path / "prepared").glob("pixels-*.json"))  # and nothing marked complete
+
+
+def test_a_run_waits_for_a_store_being_filled_then_reuses_it(parts, tmp_path, decodes):
+    import threading
+    import time
+
+    from florence_kit.prepared import store_lock
+
+    _prepared(parts, tmp_path, workers=1)
+    (record,) = (tmp_path / "prepared").glob("pixels-*.json")
+    (lock,) = (tmp_path / "prepared").glob("pixels-*.lock")
+    saved = record.read_text()
+    record.unlink()
+    decodes["n"] = 0
+    done: list = []
+    with store_lock(lock):  # another run is filling this store
+        waiter = threading.Thread(target=lambda: done.append(_prepared(parts, tmp_path, workers=1)))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and not done  # it waits instead of filling the same store a second time
+        record.write_text(saved)  # the other run completes its store
+    waiter.join(timeout=60)
+    assert done and decodes["n"] == 0  # read back, not decoded again
