@@ -312,7 +312,8 @@ def train_loop(
     """Train ``model`` in place on ``dataset`` (examples); returns (optimizer steps, last loss).
 
     ``evaluator(unwrapped_model) -> (metric name, value)`` runs on the main process every ``cfg.eval_every``
-    steps (higher is better), and ``on_best(unwrapped_model, step, value)`` when the value improved;
+    steps, and ``on_best(unwrapped_model, step, value)`` when the value improved (up, or down for a metric
+    registered ``higher_is_better=False`` such as CER);
     ``resume_from`` is a checkpoint folder; pass ``state`` to read the run's counters afterwards.
     """
     import torch
@@ -455,7 +456,10 @@ def train_loop(
         result = [evaluator(accelerator.unwrap_model(model)) if accelerator.is_main_process else None]
         name, value = broadcast_object_list(result)[0] if accelerator.num_processes > 1 else result[0]
         set_train_mode()
-        improved = state.best_metric is None or value > state.best_metric
+        from florence_kit.metrics import get_metric
+
+        better = (lambda a, b: a > b) if get_metric(name).higher_is_better else (lambda a, b: a < b)
+        improved = state.best_metric is None or better(value, state.best_metric)
         if improved:
             state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
             if on_best is not None and accelerator.is_main_process:

@@ -183,3 +183,27 @@ def test_epoch_order_is_the_shuffled_dataloaders_rebuilt_from_the_seed():
         sampler.set_epoch(epoch)
         assert list(sampler) == expected[epoch]
     assert expected[0] != expected[1]
+
+
+def test_eval_every_keeps_the_lowest_error_rate_as_best(tiny_dir, docvqa_dir, tmp_path):
+    """CER/WER are lower-is-better: the best model is the lowest one, and patience counts from it."""
+    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.model import load_model
+    from florence_kit.registry import get_task
+    from florence_kit.train import TrainState, train_loop
+
+    model, processor = load_model(str(tiny_dir))
+    task = get_task("docvqa")
+    dataset = TaskDataset(load_split(task, str(docvqa_dir), "train"), task, with_target=True)
+    scores = iter([0.5, 0.3, 0.4, 0.35, 0.2])
+    best_calls: list[tuple[int, float]] = []
+    cfg = _cfg(tiny_dir, docvqa_dir, tmp_path / "run", max_steps=5, lr=0.0, save_every=0, eval_every=1,
+               early_stopping_patience=2)
+    cfg.output_dir.mkdir(parents=True)
+    state = TrainState()
+    train_loop(model, processor, dataset, cfg, cfg.output_dir / "metrics.jsonl",
+               evaluator=lambda _: ("cer", next(scores)), on_best=lambda _, step, v: best_calls.append((step, v)),
+               state=state)
+    assert best_calls == [(1, 0.5), (2, 0.3)]  # 0.4 and 0.35 are worse than 0.3
+    assert state.best_step == 2 and state.best_metric == 0.3 and state.stopped_early  # stopped at step 4
+    assert state.step == 4
