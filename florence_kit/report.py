@@ -173,7 +173,7 @@ h1{font-size:1.5em;margin-bottom:4px}h2{font-size:1.2em;margin-top:28px;border-b
 table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #d0d7de;padding:4px 8px;vertical-align:top;
 text-align:left}th{background:#f6f8fa}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-.up{color:#1a7f37}.down{color:#cf222e}
+.better{color:#1a7f37}.worse{color:#cf222e}
 .plots img{margin:4px 12px 4px 0;border:1px solid #d0d7de}
 #examples th.sortable{cursor:pointer;user-select:none}#examples th.sortable:after{content:" \\2195";color:#8c959f}
 #examples img{max-width:160px;max-height:160px}
@@ -218,9 +218,27 @@ def _question(prompt: str) -> str:
     return re.sub(r"^<[A-Za-z0-9_]+>", "", prompt or "").strip() or prompt
 
 
-def _score_class(score: Any) -> str:
+def higher_is_better(metrics: dict[str, Any], key: str) -> bool:
+    """A metric's direction: eval's metrics.json records it for the task's metric; others from the registry.
+
+    CER and WER are error rates: a drop is the improvement and the worst examples are the highest.
+    Names the registry does not know (a plugin's metric in a process without the plugin) count as higher-better.
+    """
+    if key == metrics.get("metric") and isinstance(metrics.get("higher_is_better"), bool):
+        return metrics["higher_is_better"]
+    from florence_kit.metrics import get_metric
+
+    try:
+        return get_metric(key).higher_is_better
+    except KeyError:
+        return True
+
+
+def _score_class(score: Any, higher_better: bool = True) -> str:
     if not isinstance(score, (int, float)):
         return ""
+    if not higher_better:  # an error rate per example: 0 is perfect
+        return "score-good" if score <= 0 else "score-mid" if score < 0.5 else "score-bad"
     return "score-bad" if score < 0.5 else "score-mid" if score < 1 else "score-good"
 
 
@@ -255,7 +273,8 @@ def _summary_table(inputs: ReportInputs) -> str:
             before, after = pair[0].metrics.get(key), pair[1].metrics.get(key)
             if isinstance(before, float) and isinstance(after, float):
                 delta = after - before
-                cls = "up" if delta > 0 else "down" if delta < 0 else ""
+                gain = delta if higher_is_better(pair[1].metrics, key) else -delta
+                cls = "better" if gain > 0 else "worse" if gain < 0 else ""
                 cells += f'<td class="num {cls}">{delta:+.4f}</td>'
             else:
                 cells += "<td></td>"
@@ -263,9 +282,12 @@ def _summary_table(inputs: ReportInputs) -> str:
     return f'<table id="summary"><tr><th>metric</th>{head}</tr>{"".join(rows)}</table>'
 
 
-def _sort_key(rec: dict[str, Any]) -> tuple[int, float]:
+def _sort_key(rec: dict[str, Any], higher_better: bool = True) -> tuple[int, float]:
+    """Worst first: the lowest scores, or the highest error rates; unscored rows last."""
     score = rec.get("score")
-    return (0, float(score)) if isinstance(score, (int, float)) else (1, 0.0)
+    if not isinstance(score, (int, float)):
+        return (1, 0.0)
+    return (0, float(score) if higher_better else -float(score))
 
 
 def _examples_table(inputs: ReportInputs, max_examples: int) -> tuple[str, int, int]:
@@ -277,10 +299,11 @@ def _examples_table(inputs: ReportInputs, max_examples: int) -> tuple[str, int, 
     before_by_id = {}
     if pair:
         before_by_id = {str(r.get("id", i)): r for i, r in enumerate(pair[0].records)}
-    records = sorted(enumerate(run.records), key=lambda ir: _sort_key(ir[1]))[:max_examples]
+    up = higher_is_better(run.metrics, str(run.metrics.get("metric", "")))
+    records = sorted(enumerate(run.records), key=lambda ir: _sort_key(ir[1], up))[:max_examples]
     head = ['<th class="sortable">#</th>', "<th>image</th>", '<th class="sortable">question</th>',
             '<th class="sortable">prediction</th>', "<th>references</th>",
-            '<th class="sortable" data-dir="asc">score</th>']
+            f'<th class="sortable" data-dir="{"asc" if up else "desc"}">score</th>']
     if pair:
         head += ['<th class="sortable">prediction before</th>', '<th class="sortable">score before</th>']
     rows = []
@@ -295,7 +318,7 @@ def _examples_table(inputs: ReportInputs, max_examples: int) -> tuple[str, int, 
             f'<td data-sort="{_e(question)}">{_e(question)}</td>',
             f'<td data-sort="{_e(rec.get("prediction", ""))}">{_e(rec.get("prediction", ""))}</td>',
             f"<td>{refs}</td>",
-            f'<td class="num {_score_class(score)}" data-sort="{score_sort}">{_e(_fmt(score))}</td>',
+            f'<td class="num {_score_class(score, up)}" data-sort="{score_sort}">{_e(_fmt(score))}</td>',
         ]
         if pair:
             old = before_by_id.get(str(rec.get("id", index)), {})
@@ -303,7 +326,7 @@ def _examples_table(inputs: ReportInputs, max_examples: int) -> tuple[str, int, 
             old_sort = f"{old_score:.6f}" if isinstance(old_score, (int, float)) else ""
             cells += [
                 f'<td data-sort="{_e(old.get("prediction", ""))}">{_e(old.get("prediction", "–"))}</td>',
-                f'<td class="num {_score_class(old_score)}" data-sort="{old_sort}">{_e(_fmt(old_score))}</td>',
+                f'<td class="num {_score_class(old_score, up)}" data-sort="{old_sort}">{_e(_fmt(old_score))}</td>',
             ]
         rows.append(f'<tr class="example">{"".join(cells)}</tr>')
     table = (f'<table id="examples"><thead><tr>{"".join(head)}</tr></thead>'
@@ -342,7 +365,9 @@ def render_html(inputs: ReportInputs, max_examples: int = DEFAULT_MAX_EXAMPLES) 
     table, shown_n, total = _examples_table(inputs, max_examples)
     if table:
         run = inputs.primary()
-        note = f"the {shown_n} lowest-scoring of {total}" if shown_n < total else f"all {total}"
+        up = higher_is_better(run.metrics, str(run.metrics.get("metric", ""))) if run else True
+        worst = "lowest" if up else "highest"
+        note = f"the {shown_n} {worst}-scoring of {total}" if shown_n < total else f"all {total}"
         parts += [f"<h2>Examples ({_e(run.label) if run else ''})</h2>",
                   f'<p class="meta">{note}, worst first; click a column header to sort.</p>', table]
     body = "\n".join(parts)

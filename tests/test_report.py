@@ -113,6 +113,28 @@ def test_report_sorts_worst_first_and_caps_the_rows(tmp_path: Path) -> None:
     assert "Training" not in text and "no thumbnail" in text  # an eval folder alone: no curves, no images
 
 
+def test_error_rates_count_down_as_better_and_list_the_highest_first(tmp_path: Path) -> None:
+    """OCR's CER/WER: a drop is green, the worst examples are the highest error rates."""
+    run = tmp_path / "run"
+    for label, cer, wer, scores in (("eval-before", 0.6, 0.8, [0.9, 0.4, 0.6]), ("eval-after", 0.2, 0.3,
+                                                                                  [0.0, 0.5, 0.1])):
+        folder = run / label
+        folder.mkdir(parents=True)
+        records = [{"id": f"p{i}", "prompt": "<OCR>", "prediction": "x", "references": ["y"], "score": score}
+                   for i, score in enumerate(scores)]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (folder / "metrics.json").write_text(json.dumps({"metric": "cer", "cer": cer, "wer": wer, "n": 3,
+                                                         "n_scored": 3, "higher_is_better": False}))
+    _invoke("report", run, "--max-examples", "2")
+    text = (run / "report.html").read_text()
+    assert re.search(r'<tr><th>cer</th>.*?<td class="num better">-0\.4000</td>', text)
+    assert re.search(r'<tr><th>wer</th>.*?<td class="num better">-0\.5000</td>', text)  # from the registry
+    ids = re.findall(r'<tr class="example"><td class="num" data-sort="\d+">(p\d)</td>', text)
+    assert ids == ["p1", "p2"]  # 0.5 then 0.1: the highest error rates first
+    assert "the 2 highest-scoring of 3" in text and 'data-dir="desc">score' in text
+    assert 'class="num score-bad" data-sort="0.500000"' in text  # per-example colour follows the direction
+
+
 def test_training_plots_include_every_logged_eval_metric() -> None:
     from florence_kit.report import training_plots
 
