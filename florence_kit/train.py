@@ -308,6 +308,7 @@ def train_loop(
     on_best: Callable[[Any, int, float], None] | None = None,
     resume_from: Path | None = None,
     state: TrainState | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> tuple[int, float]:
     """Train ``model`` in place on ``dataset`` (examples); returns (optimizer steps, last loss).
 
@@ -315,6 +316,8 @@ def train_loop(
     steps, and ``on_best(unwrapped_model, step, value)`` when the value improved (up, or down for a metric
     registered ``higher_is_better=False`` such as CER);
     ``resume_from`` is a checkpoint folder; pass ``state`` to read the run's counters afterwards.
+    ``stop_requested()`` (Ctrl-C seen) is asked after every step; under DDP the processes agree on it, so
+    all of them stop after the same step and :class:`~florence_kit.runfolder.StepInterrupt` is raised on each.
     """
     import torch
     from accelerate.utils import broadcast_object_list, set_seed
@@ -324,6 +327,7 @@ def train_loop(
     from florence_kit.adapters import default_optim
     from florence_kit.collate import IGNORE_INDEX, Collator, max_positions
     from florence_kit.modes import apply_mode, component, frozen_components
+    from florence_kit.runfolder import StepInterrupt
 
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
@@ -450,6 +454,14 @@ def train_loop(
                 "or check the data"
             )
 
+    def stop_agreed(requested: bool) -> bool:
+        """Any process asking to stop stops all of them after this step (a SIGINT reaches each on its own time:
+        one stopping alone would leave the others waiting in the next step's gradient all-reduce)."""
+        if accelerator.num_processes == 1:
+            return requested
+        votes = accelerator.reduce(torch.tensor(float(requested), device=accelerator.device), "sum")
+        return float(votes) > 0
+
     def run_eval() -> None:
         """Score on the main process, share the score, keep the best model, and decide on early stopping."""
         assert evaluator is not None
@@ -494,6 +506,8 @@ def train_loop(
                 record(loss, lr)
                 if on_step:
                     on_step(state.step, total, last_loss, lr)
+                if stop_requested is not None and stop_agreed(stop_requested()):
+                    raise StepInterrupt(state.step, total)
                 if evaluator and cfg.eval_every and state.step % cfg.eval_every == 0:
                     run_eval()
                 if state.batch >= len(loader):  # epoch done: the position is the next one's start
@@ -712,16 +726,12 @@ def finetune(
     with StepProgress(f"fine-tuning {task.name} ({cfg.mode})", samples_per_step, quiet or not main,
                       log_every=cfg.log_every, print_fn=say) as bar, stop_at_step_end() as stop:
 
-        def on_step(step: int, total: int, loss: float, lr: float) -> None:
-            bar.update(step, total, loss, lr)
-            if stop.requested:
-                raise StepInterrupt(step, total)
-
         try:
             steps, loss = train_loop(
                 model, processor, rows, cfg, log_path,
-                on_step=on_step, collate_truncate=cfg.too_long == "truncate",
+                on_step=bar.update, collate_truncate=cfg.too_long == "truncate",
                 evaluator=evaluator, on_best=on_best, resume_from=resume_from, state=state,
+                stop_requested=lambda: stop.requested,
             )
         except StepInterrupt as exc:
             interrupted = exc

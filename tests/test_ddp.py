@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -57,3 +58,56 @@ def test_two_process_ddp_equals_one_process(tiny_dir, docvqa_dir, tmp_path):
     for record in ddp_log:
         assert abs(record["loss"] - one_log[record["step"]]["loss"]) < 1e-4
         assert record["samples"] == one_log[record["step"]]["samples"]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environ:
+        if entry.startswith(b"RANK="):
+            return int(entry[5:])
+    return None
+
+
+def test_ctrl_c_reaching_one_ddp_process_stops_all_after_the_same_step(tiny_dir, docvqa_dir, tmp_path):
+    """A SIGINT that reaches one process only (each gets its own, at its own moment): all processes agree
+    to stop after the same step, the model at that step is saved, one message, exit code 130 from each."""
+    import contextlib
+    import signal
+    import time
+
+    import pytest
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc to find the rank-1 process")
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "florence_kit.cli", "finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
+              "--max-steps", "100000", "--batch-size", "2", "--quiet", "--output-dir", str(out)]
+    proc = subprocess.Popen(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        log = out / "metrics.jsonl"
+        while not (log.is_file() and log.read_text().strip()):  # step 1 logged: both processes are training
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        (rank1,) = [pid for pid in children if _rank_of(pid) == 1]
+        os.kill(rank1, signal.SIGINT)  # rank 1 only: rank 0 learns of it through the agreement
+        stdout, stderr = proc.communicate(timeout=120)  # a process stopping alone leaves the other one hanging
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers, whatever happened
+    # the first process to exit with 130 makes torchrun's agent SIGTERM the other one: both are past the save
+    assert "exitcode  : 130" in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "interrupted (Ctrl-C) at step" in errors[0], stderr[-3000:]
+    import yaml
+
+    run = yaml.safe_load((out / "config.yaml").read_text())["run"]
+    assert run["interrupted_at_step"] >= 1 and run["steps"] == run["interrupted_at_step"]
+    load_file(str(out / "model.safetensors"))  # whole and readable

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from florence_kit.errors import UserError
+from florence_kit.errors import RunInterrupted, UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console()
@@ -52,6 +52,8 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
+            if isinstance(exc, RunInterrupted) and os.environ.get("RANK", "0") != "0":
+                raise typer.Exit(exc.exit_code) from None  # every DDP process stops at the same step: one says so
             # escaped: a message such as "pip install 'florence-kit[ui]'" is not Rich markup
             err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
