@@ -11,18 +11,10 @@
 #    florence-kit's train_loop end to end.
 # On a machine without the project's pure-Python dependencies, carry wheels in .whl/ (installed below).
 set -u
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PARTS=${*:-precision memory mfu}
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source benchmarks/gpu_env.sh
 python3 - <<'EOF'
 import accelerate, bitsandbytes, datasets, peft, torch, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(),

@@ -5,17 +5,9 @@
 # regional torch.compile at batch 32 and 64, then florence-kit's own train_loop compiled, end to end.
 # Each part has its own timeout so that a slow compile leaves the earlier rows intact.
 set -u
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/gpu_mfu}
 mkdir -p "$OUT"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source benchmarks/gpu_env.sh
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)'
 MFU=${MFU:-python3 -m benchmarks.train_mfu --steps 6 --warmup 2}
 part() {  # name timeout args...
