@@ -34,9 +34,12 @@ elif [ "$1" = 2 ]; then  # second run: what the first run's profile pointed at (
   part sdpa 160 --batches 32 --profile \
     --variants compiled+cudnn+mathred,compiled+cudnn+mathred+embeds,compiled+cudnn+mathred+nocudnnsdp
   part visioneager 140 --batches 32 --profile --variants compiled+cudnn+mathred+embeds+visioneager
-else  # next GPU session: one variant per process (a compile is ~90 s; run 2's second variant never started)
-  part embeds 130 --batches 32 --profile --variants compiled+cudnn+mathred+embeds
+else  # next GPU session (~9 min): one variant per process (a compile is ~90 s; run 2's second one never started)
+  part embeds 120 --batches 32 --profile --variants compiled+cudnn+mathred+embeds
   part tower 170 --batches 32 --profile --variants compiled+cudnn+mathred+tower
-  part nocudnnsdp 130 --batches 32 --variants compiled+cudnn+mathred+nocudnnsdp
-  part b48 130 --batches 48 --variants compiled+cudnn+mathred
+  part nocudnnsdp 120 --batches 32 --variants compiled+cudnn+mathred+nocudnnsdp
+  # the two CUDA qlora memory rows were measured before the 4-bit compute dtype followed the device
+  timeout 100 python3 -m benchmarks.memory --model base --device cuda --precision bf16 --batches 1 8 --modes qlora \
+    --out "$OUT/memory_qlora_cuda.jsonl" > "$OUT/log_memory.txt" 2>&1
+  echo "== memory qlora rc=$?"; cat "$OUT/memory_qlora_cuda.jsonl"
 fi
