@@ -113,6 +113,7 @@ def _resize_into(jobs: list[tuple[int, int]]) -> list[tuple[int, str]]:
     Returns the (slot, message) of images that could not be read.
     """
     from florence_kit.errors import BadImageError
+    from florence_kit.runfolder import image_file
 
     dataset, image_processor, store = _WORKER["dataset"], _WORKER["image_processor"], _WORKER["store"]
     bad = []
@@ -120,7 +121,8 @@ def _resize_into(jobs: list[tuple[int, int]]) -> list[tuple[int, str]]:
         try:
             store[slot] = resized(image_processor, dataset[index].image)
         except BadImageError as exc:
-            bad.append((slot, str(exc)))
+            where = image_file(dataset, index)  # named as the per-batch path names it
+            bad.append((slot, f"{exc}{f' (file {where})' if where else ''}"))
     store.flush()
     return bad
 

@@ -123,12 +123,12 @@ def test_bad_image_fails_or_is_skipped(tmp_path, tiny_dir):
     ds = render_docvqa(3, 0, n_fields=2)
     good = ds.cast_column("image", datasets.Image(decode=False))
     rows = good.to_list()
-    rows[0]["image"] = {"bytes": b"not an image", "path": None}
+    rows[0]["image"] = {"bytes": b"not an image", "path": "scans/page-0.png"}
     bad = datasets.Dataset.from_list(rows, features=good.features).cast_column("image", datasets.Image())
     task = get_task("docvqa")
     dataset = TaskDataset(bad, task, with_target=True)
     processor = AutoProcessor.from_pretrained(tiny_dir)
-    with pytest.raises(UserError, match="row 0.*--skip-bad-images"):
+    with pytest.raises(UserError, match=r"row 0.*\(file scans/page-0\.png\).*--skip-bad-images"):
         PreparedDataset(ImageGuard(dataset, range(len(dataset)), skip=False), processor, tmp_path / "a", workers=2)
     guard = ImageGuard(dataset, list(range(len(dataset))), skip=True)
     prepared = PreparedDataset(guard, processor, tmp_path / "b", workers=2)
