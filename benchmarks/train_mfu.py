@@ -2,6 +2,13 @@
 
     python -m benchmarks.train_mfu                        # bf16, batch 32: eager and regional torch.compile
     python -m benchmarks.train_mfu --batch 16 --variants eager --end-to-end
+    python -m benchmarks.train_mfu --batches 32 64 --variants compiled,compiled+tower+cudnn --profile
+    python -m benchmarks.train_mfu --smoke                # CPU, tiny model: the script runs (no MFU meaning)
+
+A variant is ``eager`` or ``compiled`` plus flags joined by ``+`` (``FLAGS`` below: backend switches, what
+gets compiled, which attention kernel); ``--profile`` adds each variant's top kernels (also grouped by input
+shape) and the DaViT tower's share of a step. ``benchmarks/gpu_mfu_sweep.sh`` holds the runs made on lent
+GPUs; results in ``benchmarks/train_mfu_h200.json`` and the README.
 
 FLOPs are counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` records every matmul,
 convolution and attention kernel of one forward + backward (the optimizer's element-wise work is not
