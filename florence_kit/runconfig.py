@@ -124,7 +124,8 @@ def check_options(cfg: Any) -> None:
             raise UserError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
     if not cfg.epochs > 0:
         raise UserError(f"--epochs must be positive, got {cfg.epochs}")
-    if not cfg.lr >= 0:  # 0 is allowed: a run that only evaluates (--eval-every) or checks the pipeline
+    # None: the mode's default; 0 is allowed: a run that only evaluates (--eval-every) or checks the pipeline
+    if cfg.lr is not None and not cfg.lr >= 0:
         raise UserError(f"--lr cannot be negative, got {cfg.lr}")
     if getattr(cfg, "group_by_length", False) and not getattr(cfg, "prepare_data", False):
         raise UserError("--group-by-length needs --prepare-data (the lengths come from its tokenisation)")

@@ -41,7 +41,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-5
+    lr: float | None = None  # None: the mode's default (modes.DEFAULT_LR)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "linear"
@@ -326,7 +326,7 @@ def train_loop(
     from florence_kit import checkpoints
     from florence_kit.adapters import default_optim
     from florence_kit.collate import IGNORE_INDEX, Collator, max_positions
-    from florence_kit.modes import apply_mode, component, frozen_components
+    from florence_kit.modes import apply_mode, component, frozen_components, learning_rate
     from florence_kit.runfolder import StepInterrupt
 
     if cfg.schedule not in SCHEDULES:
@@ -351,7 +351,8 @@ def train_loop(
 
         compile_regions(model)
     frozen_vision = "vision" in frozen_components(cfg.mode, cfg.lora_vision)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim or default_optim(cfg.mode))
+    optimizer = make_optimizer(model, learning_rate(cfg.lr, cfg.mode), cfg.weight_decay,
+                               cfg.optim or default_optim(cfg.mode))
     collator: Any = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
     normalizer: Any = None  # --prepare-data: uint8 pixels arrive and are normalised here (PixelNormalizer)
     if cfg.prepare_data:  # --- trainspeed: decode and resize once, tokenise once ---
@@ -633,7 +634,15 @@ def finetune(
     from florence_kit.hub import check_can_push, push_run
     from florence_kit.mixing import training_data
     from florence_kit.model import load_model, save_checkpoint
-    from florence_kit.modes import ADAPTER_MODES, Mode, apply_mode, frozen_components, summary, trainable_counts
+    from florence_kit.modes import (
+        ADAPTER_MODES,
+        Mode,
+        apply_mode,
+        frozen_components,
+        learning_rate,
+        summary,
+        trainable_counts,
+    )
     from florence_kit.precision import device_facts, resolve_precision
     from florence_kit.progress import StepProgress
     from florence_kit.region_data import with_box_format
@@ -661,7 +670,8 @@ def finetune(
     if cfg.cache_vision_features and "vision" not in frozen_components(cfg.mode, cfg.lora_vision):
         raise UserError("--cache-vision-features needs a frozen vision tower: use --mode frozen-encoder, "
                         "lora or qlora (without --lora-vision)")  # checked before anything is written
-    chosen_optim, cfg = cfg.optim, replace(cfg, optim=optim)  # config.yaml records the optimizer that ran
+    chosen_optim, chosen_lr = cfg.optim, cfg.lr
+    cfg = replace(cfg, optim=optim, lr=learning_rate(cfg.lr, cfg.mode))  # config.yaml records what ran
     # the model before the data: a bad --model (or a mode this machine cannot run) fails in seconds
     model, processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
     task = training_data(tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
@@ -693,6 +703,8 @@ def finetune(
     say(summary(counts))
     if not chosen_optim and optim != "adamw":
         say(f"optimizer: {optim} (the {cfg.mode} default on this machine; paged needs CUDA)")
+    if chosen_lr is None and Mode(cfg.mode) in ADAPTER_MODES:
+        say(f"learning rate: {cfg.lr:g} (the {cfg.mode} default; --lr to change)")
     log_path = out / "metrics.jsonl"
     run_info: dict[str, Any] = {"task_origin": task.origin, "examples": len(report.keep),
                                 "dropped": len(report.too_long), **({"mix": task.mix} if task.mix else {})}

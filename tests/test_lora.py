@@ -353,3 +353,22 @@ def test_4bit_layers_compute_in_the_runs_precision(monkeypatch, cuda, bf16, dtyp
 
     monkeypatch.setattr(precision, "device_facts", lambda: precision.DeviceFacts(cuda=cuda, bf16=bf16))
     assert adapters.quantization_config().bnb_4bit_compute_dtype == dtype
+
+
+@pytest.mark.parametrize(("mode", "args", "expected"), [
+    ("lora", [], 1e-4),  # LoRA's low-rank updates need ~10x full fine-tuning's rate
+    ("full", [], 1e-5),
+    ("lora", ["--lr", "3e-4"], 3e-4),  # an explicit rate wins
+])
+def test_default_learning_rate_follows_the_mode(tiny_dir, docvqa_dir, tmp_path, mode, args, expected):
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir), "--output-dir", str(out),
+        "--mode", mode, "--max-steps", "1", "--batch-size", "2", "--max-samples", "2", "--schedule", "constant",
+        "--quiet", *args,
+    ])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == expected  # recorded: --config repeats it
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] == pytest.approx(expected)  # the rate the optimizer ran at
+    assert ("learning rate: 0.0001 (the lora default" in result.output) == (mode == "lora" and not args)

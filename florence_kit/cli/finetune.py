@@ -63,7 +63,10 @@ def finetune(
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 8,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-5,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate. Default: 1e-5 (full, frozen-encoder), 1e-4 (lora, qlora)."),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms/biases).")] = 0.0,
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 0,
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay after warmup.")] = Schedule.linear,
