@@ -13,7 +13,7 @@ import base64
 import html
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,10 @@ class ReportInputs:
             return by_label["before"], by_label["after"]
         return None
 
+    def several_tasks(self) -> bool:
+        """A several-task eval folder (``eval a,b``): one column and one example table per task."""
+        return len({e.metrics.get("task") for e in self.evals}) > 1
+
     def primary(self) -> EvalRun | None:
         """The evaluation whose examples are listed: the 'after' one when there is a before/after pair."""
         pair = self.before_after()
@@ -76,6 +80,21 @@ def read_eval(eval_dir: Path) -> EvalRun:
     return EvalRun(_label(eval_dir), eval_dir, metrics, read_predictions(eval_dir / "predictions.jsonl"))
 
 
+def summary_folders(source: Path) -> list[tuple[str, str]]:
+    """(task, folder) pairs of a several-task eval's summary.json."""
+    path = source / "summary.json"
+    try:
+        tasks = json.loads(path.read_text())["tasks"]
+        pairs = [(name, entry["folder"]) for name, entry in tasks.items()]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path}: not a summary written by `florence-kit eval`; rerun it") from None
+    missing = [folder for _, folder in pairs if not (source / folder / "predictions.jsonl").is_file()]
+    if missing:
+        raise UserError(f"{path} names {', '.join(missing)} but no predictions.jsonl is there; "
+                        "rerun `florence-kit eval`")
+    return pairs
+
+
 def read_train_log(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl lines; a torn last line (run interrupted mid-write) is skipped, not fatal."""
     rows = []
@@ -99,6 +118,8 @@ def find_inputs(source: Path) -> ReportInputs:
     candidates = [source, *sorted(p for p in source.iterdir() if p.is_dir())]
     eval_dirs = [p for p in candidates if (p / "predictions.jsonl").is_file()]
     inputs.evals = [read_eval(p) for p in eval_dirs]
+    if (source / "summary.json").is_file():  # `eval a,b`: one folder per task, named in summary.json
+        inputs.evals = [replace(read_eval(source / folder), label=name) for name, folder in summary_folders(source)]
     order = {"before": 0, "after": 2}
     inputs.evals.sort(key=lambda e: order.get(e.label, 1))
     train_dir = next((p for p in candidates if (p / "metrics.jsonl").is_file()), None)
@@ -175,16 +196,16 @@ text-align:left}th{background:#f6f8fa}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .better{color:#1a7f37}.worse{color:#cf222e}
 .plots img{margin:4px 12px 4px 0;border:1px solid #d0d7de}
-#examples th.sortable{cursor:pointer;user-select:none}#examples th.sortable:after{content:" \\2195";color:#8c959f}
-#examples img{max-width:160px;max-height:160px}
+.examples th.sortable{cursor:pointer;user-select:none}.examples th.sortable:after{content:" \\2195";color:#8c959f}
+.examples img{max-width:160px;max-height:160px}
 .score-bad{background:#ffebe9}.score-mid{background:#fff8c5}.score-good{background:#dafbe1}
 code{background:#f6f8fa;padding:1px 4px}
 """
 
 SORT_JS = """
-document.querySelectorAll('#examples th.sortable').forEach(function (th, _) {
+document.querySelectorAll('table.examples th.sortable').forEach(function (th, _) {
   th.addEventListener('click', function () {
-    var table = document.getElementById('examples'), body = table.tBodies[0];
+    var table = th.closest('table'), body = table.tBodies[0];
     var col = th.cellIndex, asc = th.dataset.dir !== 'asc';
     table.querySelectorAll('th').forEach(function (h) { delete h.dataset.dir; });
     th.dataset.dir = asc ? 'asc' : 'desc';
@@ -290,12 +311,10 @@ def _sort_key(rec: dict[str, Any], higher_better: bool = True) -> tuple[int, flo
     return (0, float(score) if higher_better else -float(score))
 
 
-def _examples_table(inputs: ReportInputs, max_examples: int) -> tuple[str, int, int]:
-    """The worst ``max_examples`` rows of the primary evaluation; returns (html, shown, total)."""
-    run = inputs.primary()
-    if run is None:
-        return "", 0, 0
-    pair = inputs.before_after()
+def _examples_table(
+    run: EvalRun, pair: tuple[EvalRun, EvalRun] | None, max_examples: int, table_id: str = "examples"
+) -> tuple[str, int, int]:
+    """The worst ``max_examples`` rows of ``run`` (beside its 'before' run); returns (html, shown, total)."""
     before_by_id = {}
     if pair:
         before_by_id = {str(r.get("id", i)): r for i, r in enumerate(pair[0].records)}
@@ -329,7 +348,7 @@ def _examples_table(inputs: ReportInputs, max_examples: int) -> tuple[str, int, 
                 f'<td class="num {_score_class(old_score, up)}" data-sort="{old_sort}">{_e(_fmt(old_score))}</td>',
             ]
         rows.append(f'<tr class="example">{"".join(cells)}</tr>')
-    table = (f'<table id="examples"><thead><tr>{"".join(head)}</tr></thead>'
+    table = (f'<table id="{table_id}" class="examples"><thead><tr>{"".join(head)}</tr></thead>'
              f'<tbody>{"".join(rows)}</tbody></table>')
     return table, len(records), len(run.records)
 
@@ -346,6 +365,8 @@ def render_html(inputs: ReportInputs, max_examples: int = DEFAULT_MAX_EXAMPLES) 
     if inputs.evals:
         task = next((r.metrics.get("task") for r in inputs.evals if r.metrics.get("task")), "")
         heading = "Before / after fine-tuning" if inputs.before_after() else "Metrics"
+        if inputs.several_tasks():
+            task, heading = "", f"Metrics of {len(inputs.evals)} tasks"
         parts += [f"<h2>{heading}{' — ' + _e(task) if task else ''}</h2>", _summary_table(inputs)]
         parts.append('<p class="meta">' + ", ".join(
             f"{_e(r.label)}: <code>{_e(r.path)}</code>" for r in inputs.evals) + "</p>")
@@ -362,13 +383,14 @@ def render_html(inputs: ReportInputs, max_examples: int = DEFAULT_MAX_EXAMPLES) 
             ) + "</div>")
         else:
             parts.append('<p class="meta">metrics.jsonl has no logged steps yet.</p>')
-    table, shown_n, total = _examples_table(inputs, max_examples)
-    if table:
-        run = inputs.primary()
-        up = higher_is_better(run.metrics, str(run.metrics.get("metric", ""))) if run else True
+    listed = inputs.evals if inputs.several_tasks() else [run for run in [inputs.primary()] if run]
+    for number, run in enumerate(listed):
+        pair = None if inputs.several_tasks() else inputs.before_after()
+        table, shown_n, total = _examples_table(run, pair, max_examples, "examples" + (f"-{number}" if number else ""))
+        up = higher_is_better(run.metrics, str(run.metrics.get("metric", "")))
         worst = "lowest" if up else "highest"
         note = f"the {shown_n} {worst}-scoring of {total}" if shown_n < total else f"all {total}"
-        parts += [f"<h2>Examples ({_e(run.label) if run else ''})</h2>",
+        parts += [f"<h2>Examples ({_e(run.label)})</h2>",
                   f'<p class="meta">{note}, worst first; click a column header to sort.</p>', table]
     body = "\n".join(parts)
     return (

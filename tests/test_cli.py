@@ -174,3 +174,46 @@ def test_missing_column_and_non_empty_output_dir(tiny_dir: Path, docvqa_splits, 
                                  "--output-dir", str(out), "--max-steps", "1"])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def _two_task_folder(tmp_path: Path, docvqa_dir: Path) -> Path:
+    """Two tasks of one group over the same local pages: different prompts, different metrics."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for name, prompt, metric in (("mine_anls", "<DocVQA>{question}", "anls"), ("mine_em", "{question}", "exact_match")):
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ngroup: mine\ndataset: {{path: {docvqa_dir}, eval_split: validation}}\n"
+            f"prompt: \"{prompt}\"\ntarget: \"{{answers[0]}}\"\nreferences: answers\nmetric: {metric}\n"
+        )
+    return folder
+
+
+def test_eval_of_a_group_scores_each_task_as_a_single_eval_would(
+    run_dir: Path, docvqa_dir: Path, tmp_path: Path
+) -> None:
+    tasks = _two_task_folder(tmp_path, docvqa_dir)
+    common = ["--model", str(run_dir), "--max-samples", "5", "--tasks-dir", str(tasks), "--quiet"]
+    result = runner.invoke(app, ["eval", "mine", "--output-dir", str(tmp_path / "both"), *common])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "both" / "summary.json").read_text())["tasks"]
+    assert list(summary) == ["mine_anls", "mine_em"]
+    assert summary["mine_em"]["metric"] == "exact_match" and summary["mine_anls"]["n"] == 5
+    for name in summary:  # each task's folder holds what `eval NAME` alone writes
+        alone = tmp_path / f"alone-{name}"
+        assert runner.invoke(app, ["eval", name, "--output-dir", str(alone), *common]).exit_code == 0
+        both = tmp_path / "both" / name
+        assert (both / "predictions.jsonl").read_text() == (alone / "predictions.jsonl").read_text()
+        assert json.loads((both / "metrics.json").read_text()) == json.loads((alone / "metrics.json").read_text())
+        metric = summary[name]["metric"]
+        assert summary[name]["value"] == json.loads((alone / "metrics.json").read_text())[metric]
+    prompts = {json.loads(line)["prompt"].startswith("<DocVQA>")
+               for name in summary for line in (tmp_path / "both" / name / "predictions.jsonl").open()}
+    assert prompts == {True, False}  # each task kept its own prompt
+
+
+def test_eval_of_several_tasks_refuses_one_dataset(run_dir: Path, docvqa_dir: Path, tmp_path: Path) -> None:
+    tasks = _two_task_folder(tmp_path, docvqa_dir)
+    result = runner.invoke(app, ["eval", "mine_anls,mine_em", "--model", str(run_dir), "--dataset", str(docvqa_dir),
+                                 "--tasks-dir", str(tasks), "--output-dir", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--dataset names one task's data" in result.output
+    assert not (tmp_path / "x").exists()

@@ -166,3 +166,46 @@ def test_report_on_a_folder_without_results_exits_2(tmp_path: Path, make, messag
     result = runner.invoke(app, ["report", str(make(tmp_path))])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "report.html").exists()
+
+
+def _task_folder(folder: Path, task: str, metric: str, scores: list[float], higher_is_better: bool) -> dict:
+    folder.mkdir(parents=True)
+    records = [{"id": f"{task}-{i}", "prompt": f"q{i}", "prediction": f"p{i}", "references": ["r"], "score": s}
+               for i, s in enumerate(scores)]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics = {"metric": metric, "n": len(scores), "n_scored": len(scores), metric: sum(scores) / len(scores),
+               "higher_is_better": higher_is_better, "task": task}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+def test_report_of_a_several_task_eval_has_a_column_and_a_sortable_table_per_task(tmp_path: Path) -> None:
+    from browser import open_page
+
+    from florence_kit.evaluate import write_summary
+
+    root = tmp_path / "eval"  # what `eval grp` writes: grp/a/, grp/b/ (task names hold a slash) + summary.json
+    scored = {"grp/a": _task_folder(root / "grp" / "a", "grp/a", "anls", [0.9, 0.1, 0.5], True),
+              "grp/b": _task_folder(root / "grp" / "b", "grp/b", "cer", [0.2, 0.7, 0.0, 0.4], False)}
+    write_summary(scored, root)
+    _invoke("report", root)
+    with open_page((root / "report.html").as_uri()) as (page, log):
+        assert page.locator("#summary tr").first.inner_text().split() == ["metric", "grp/a", "grp/b"]  # no "change"
+        assert "Metrics of 2 tasks" in page.locator("h2").all_inner_texts()
+        assert page.locator("h2", has_text="Examples").all_inner_texts() == ["Examples (grp/a)", "Examples (grp/b)"]
+
+        def ids(table: int) -> list[str]:
+            return page.locator(f"table.examples >> nth={table}").locator("tbody tr td:nth-child(1)").all_inner_texts()
+
+        assert ids(0) == ["grp/a-1", "grp/a-2", "grp/a-0"]  # ANLS: lowest first
+        assert ids(1) == ["grp/b-1", "grp/b-3", "grp/b-0", "grp/b-2"]  # CER: highest first
+        page.locator("table.examples >> nth=1").locator("thead th", has_text="#").click()
+        assert ids(1) == ["grp/b-0", "grp/b-1", "grp/b-2", "grp/b-3"]  # the clicked table sorts
+        assert ids(0) == ["grp/a-1", "grp/a-2", "grp/a-0"]  # the other does not
+    assert log.errors == [], log
+
+
+def test_report_of_a_summary_naming_a_missing_folder_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "summary.json").write_text(json.dumps({"tasks": {"a": {"folder": "a"}}}))
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "names a but no predictions.jsonl" in result.output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,9 +31,15 @@ def _print_metrics(metrics: dict) -> None:
 
 @user_errors
 def eval_(
-    task: Annotated[str, typer.Argument(help="Task name (see `florence-kit tasks list`).")],
+    task: Annotated[
+        str,
+        typer.Argument(help="Task name, a comma list of tasks or a group (e.g. cauldron); see `florence-kit tasks "
+                       "list`. Several tasks: each is scored into OUTPUT_DIR/<task>/, with OUTPUT_DIR/summary.json."),
+    ],
     model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
-    dataset: Annotated[str | None, typer.Option(help="Hub id or local data; default: the task's.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Hub id or local data; default: the task's (one task only).")
+    ] = None,
     split: Annotated[str | None, typer.Option(help="Split to score; default: the task's eval split.")] = None,
     output_dir: Annotated[Path, typer.Option(help="Where predictions.jsonl and metrics.json go.")] = Path(
         "runs/eval"
@@ -60,22 +66,46 @@ def eval_(
 ) -> None:
     """Generate answers for a task's eval split and score them with the task's metric.
 
-    Example: florence-kit eval docvqa --model runs/finetune --output-dir runs/eval
+    Examples:
+
+      florence-kit eval docvqa --model runs/finetune --output-dir runs/eval
+
+      florence-kit eval cauldron/ai2d,cauldron/chartqa --model runs/mix --split "train[:500]" --output-dir runs/eval
     """
     from florence_kit.data import cap_rows, load_split
-    from florence_kit.evaluate import evaluate, write_results
+    from florence_kit.errors import UserError
+    from florence_kit.evaluate import evaluate, write_results, write_summary
     from florence_kit.model import load_model
     from florence_kit.region_data import with_box_format
-    from florence_kit.registry import get_task
+    from florence_kit.registry import resolve_tasks
 
-    spec = with_box_format(get_task(task, tasks_dir or []), box_format.value if box_format else None)
-    data = cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
+    specs = [with_box_format(s, box_format.value if box_format else None) for s in resolve_tasks(task, tasks_dir or [])]
+    if dataset and len(specs) > 1:
+        raise UserError(f"--dataset names one task's data, but '{task}' is {len(specs)} tasks: evaluate them one at "
+                        "a time with --dataset, or without it each task reads its own source")
+
+    def split_of(spec: Any) -> Any:
+        rows = load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming)
+        return cap_rows(rows, max_samples)
+
+    first = split_of(specs[0])  # a bad dataset fails before the model is loaded
     net, processor = load_model(model)
-    result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
-                      max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers)
-    write_results(result, output_dir)
-    _print_metrics(result.metrics)
-    console.print(f"predictions: {output_dir / 'predictions.jsonl'}")
+    scored: dict[str, dict] = {}
+    for spec in specs:
+        data = first if spec is specs[0] else split_of(spec)
+        result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
+                          max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers)
+        folder = output_dir if len(specs) == 1 else output_dir / spec.name
+        write_results(result, folder)
+        _print_metrics(result.metrics)
+        scored[spec.name] = result.metrics
+        if len(specs) > 1:  # after every task: a failure later keeps what is done
+            write_summary(scored, output_dir)
+    if len(specs) == 1:
+        console.print(f"predictions: {output_dir / 'predictions.jsonl'}")
+    else:
+        summary = output_dir / "summary.json"
+        console.print(f"{len(specs)} tasks: predictions in {output_dir}/<task>/, scores in {summary}")
 
 
 @user_errors
