@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where full fine-tuning's GPU time goes and what raises MFU: one short run for a lent GPU (session 4).
-#   bash benchmarks/gpu_mfu_sweep.sh [1|2|3]  (which run: 1 and 2 were session 4's, 3 is next; results under $OUT)
+#   bash benchmarks/gpu_mfu_sweep.sh [1|2|3|4]  (1 and 2 were session 4's; 3 is next, then 4; results under $OUT)
 # Eager variants first (seconds each, profiled: top kernels + the DaViT tower's share of a step), then
 # regional torch.compile at batch 32 and 64, then florence-kit's own train_loop compiled, end to end.
 # Each part has its own timeout so that a slow compile leaves the earlier rows intact.
@@ -34,6 +34,9 @@ elif [ "$1" = 2 ]; then  # second run: what the first run's profile pointed at (
   part sdpa 160 --batches 32 --profile \
     --variants compiled+cudnn+mathred,compiled+cudnn+mathred+embeds,compiled+cudnn+mathred+nocudnnsdp
   part visioneager 140 --batches 32 --profile --variants compiled+cudnn+mathred+embeds+visioneager
+elif [ "$1" = 4 ]; then  # after 3 (~8 min): inductor's autotuned templates for DaViT, block by block and whole tower
+  part autotune 280 --batches 32 --variants compiled+cudnn+mathred+autotune
+  part towerautotune 280 --batches 32 --variants compiled+cudnn+mathred+tower+autotune
 else  # next GPU session (~9 min): one variant per process (a compile is ~90 s; run 2's second one never started)
   part embeds 120 --batches 32 --profile --variants compiled+cudnn+mathred+embeds
   part tower 170 --batches 32 --profile --variants compiled+cudnn+mathred+tower

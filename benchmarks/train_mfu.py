@@ -61,13 +61,17 @@ def build(compiled: bool, flags: set[str] = frozenset()) -> Any:
         from florence_kit.compiling import VISION_BLOCK_CLASS, compile_regions, regions
 
         torch._dynamo.reset()  # each variant compiles its own graphs (no recompile-limit carried between them)
-        if "tower" in flags:
+        if flags & {"tower", "autotune"}:
+            vision = {"dynamic": False, **({"mode": "max-autotune-no-cudagraphs"} if "autotune" in flags else {})}
             for block in regions(model):
                 if type(block).__name__ != VISION_BLOCK_CLASS:
                     block.compile(dynamic=None)
-            model.model.vision_tower.compile(dynamic=False)
+                elif "tower" not in flags:
+                    block.compile(**vision)
+            if "tower" in flags:
+                model.model.vision_tower.compile(**vision)
         else:
-            compile_regions(model)
+            compile_regions(model)  # what --compile does
         if "embeds" in flags:
             for module in model.modules():
                 if type(module).__name__ == "Florence2VisionConvEmbed":
@@ -101,6 +105,8 @@ FLAGS = {
     "visioneager": "DaViT attention as plain matmul + softmax (fused by inductor) instead of SDPA",
     "tower": "compile the whole DaViT tower as one static graph (no per-block boundaries: no tangent copies "
              "between blocks, fusion across them) instead of block by block; BART layers stay regional",
+    "autotune": "compile DaViT with mode='max-autotune-no-cudagraphs': inductor benchmarks Triton templates for "
+                "its matmuls (and convolutions) against cuBLAS/cuDNN and keeps the fastest (minutes to compile)",
     "nocudnnsdp": "torch.backends.cuda.enable_cudnn_sdp(False): SDPA picks flash / mem-efficient kernels",
 }
 

@@ -12,6 +12,7 @@ from benchmarks import train_mfu
 def test_variant_flags_parse_and_unknown_ones_are_refused() -> None:
     assert train_mfu.parse_variant("eager") == set()
     assert train_mfu.parse_variant("compiled+tower+cudnn") == {"compiled", "tower", "cudnn"}
+    assert train_mfu.parse_variant("compiled+autotune") == {"compiled", "autotune"}
     with pytest.raises(SystemExit, match="unknown variant flag"):
         train_mfu.parse_variant("compiled+turbo")
 
