@@ -147,8 +147,8 @@ def test_map_wrong_class_is_not_a_hit() -> None:
     refs = [_ref(["square"], A), _ref(["circle"], B)]
     preds = [_pred(["circle"], A), _pred(["circle"], B)]  # image 0: right box, wrong class
     _, total, details = get_metric("coco_map").compute_with_details(preds, refs)
-    # circle: 1 true box, 2 detections (score ties keep generation order: the false one comes first) ->
-    # precision at recall 1 is 1/2 -> AP 0.5 ; square: 0. mean over the two classes: 0.25
+    # circle: 1 true box, 2 detections with tied scores = one operating point: precision 1/2 at recall 1 ->
+    # AP 0.5 ; square: 0. mean over the two classes: 0.25
     assert details["ap_per_class"] == {"circle": pytest.approx(0.5, abs=0.01), "square": 0.0}
     assert total == pytest.approx(0.25, abs=0.01)
     # a single-class collapse (what other tools do) would call this perfect:
@@ -166,6 +166,54 @@ def test_map_one_images_error_moves_the_whole_set_score() -> None:
     assert get_metric("map_50").compute(one_missed, refs)[1] == pytest.approx(76 / 101, abs=1e-4)
     # a per-batch mean (batches of 2) would give (1 + 76/101... ) -- the whole-set value is what we report:
     assert get_metric("coco_map").compute(good, refs)[1] == pytest.approx(1.0)
+
+
+def test_map_does_not_depend_on_the_order_of_the_images() -> None:
+    refs = [_ref(["square"], A), _ref(["square"], A)]
+    preds = [_pred(["square"], A), _pred(["square"], B)]  # one hit, one miss: precision 1/2 at recall 1/2
+    forward = get_metric("coco_map").compute(preds, refs)[1]
+    backward = get_metric("coco_map").compute(preds[::-1], refs[::-1])[1]
+    # pycocotools' accumulate walks tied scores in image order: 51/101 forward, half that backward
+    assert forward == pytest.approx(0.5 * 51 / 101, abs=1e-9) and backward == pytest.approx(forward, abs=1e-9)
+
+
+def test_tied_precision_equals_pycocotools_when_scores_differ() -> None:
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("pycocotools")
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from florence_kit.metrics.regions import tied_precision
+
+    rng, compared = random.Random(0), 0
+    for _ in range(8):
+        anns, dets = [], []
+        for i in range(4):
+            for _ in range(rng.randint(0, 3)):
+                x, y, w, h = (rng.uniform(0, 60), rng.uniform(0, 60), rng.uniform(5, 40), rng.uniform(5, 40))
+                c = rng.randint(1, 3)
+                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "bbox": [x, y, w, h],
+                             "area": w * h, "iscrowd": 0})
+                for _ in range(rng.randint(0, 2)):  # none, one, or duplicates, sometimes of the wrong class
+                    dets.append({"image_id": i, "category_id": c if rng.random() < 0.8 else rng.randint(1, 3),
+                                 "bbox": [x + rng.uniform(-6, 6), y + rng.uniform(-6, 6), w, h], "score": rng.random()})
+        if not dets:  # loadRes refuses an empty list; _coco_eval answers that case before pycocotools
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO()
+            gt.dataset = {"images": [{"id": i, "width": 100, "height": 100} for i in range(4)], "annotations": anns,
+                          "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}
+            gt.createIndex()
+            evaluator = COCOeval(gt, gt.loadRes(dets), "bbox")
+            evaluator.evaluate()
+            ours = tied_precision(evaluator)
+            evaluator.accumulate()
+        assert np.array_equal(ours, evaluator.eval["precision"][:, :, :, 0, -1])
+        compared += 1
+    assert compared >= 6
 
 
 def test_map_counts_generated_names_outside_the_label_set() -> None:
