@@ -216,6 +216,15 @@ def test_tied_precision_equals_pycocotools_when_scores_differ() -> None:
     assert compared >= 6
 
 
+def test_non_ascii_class_names_are_scored() -> None:
+    labels = ["café", "信号灯"]
+    refs, preds = [_ref(labels, A + B)], [_pred(labels, A + B)]
+    _, total, details = get_metric("coco_map").compute_with_details(preds, refs)
+    assert total == pytest.approx(1.0) and details["unknown_labels"] == 0
+    assert get_metric("grounding_recall").compute(preds, refs)[1] == pytest.approx(1.0)
+    assert parse_boxes(preds[0], (100, 100))["labels"] == ["caf", ""]  # the processor's own reading, kept for predict
+
+
 def test_map_counts_generated_names_outside_the_label_set() -> None:
     refs = [_ref(["square"], A), _ref(["square"], B)]
     preds = [_pred(["square", "sqaure"], A + B), _pred(["sqaure"], B)]

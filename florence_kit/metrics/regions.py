@@ -4,7 +4,8 @@ A prediction is the generated text with its ``<loc_*>`` tokens; a reference is o
 ``{"size": [w, h], "labels": [...], "boxes": [[x1, y1, x2, y2], ...]}`` (``quads`` for OCR) in pixels,
 written by :mod:`florence_kit.region_data`. Predictions are parsed as the processor's
 ``post_process_generation`` parses them (:mod:`florence_kit.boxes`) against the reference's image size,
-so ``predictions.jsonl`` can be re-scored without a model.
+so ``predictions.jsonl`` can be re-scored without a model, except that labels keep their non-ASCII
+characters (the processor drops them, which would make "café" or "信号灯" an unknown class).
 
 mAP is computed ONCE over the whole evaluation set, per class, by pycocotools' ``COCOeval`` (the reference
 implementation; torchmetrics' wrapper needs torchvision, which would pull another torch build):
@@ -150,7 +151,7 @@ def _coco(predictions: tuple[str, ...], references: tuple[tuple[str, ...], ...])
     unknown: dict[str, int] = {}
     found, truth, per_sample = [], [], []
     for text, ref in zip(predictions, refs, strict=True):
-        parsed = parse_boxes(text, tuple(ref["size"]))
+        parsed = parse_boxes(text, tuple(ref["size"]), ascii_only=False)
         known = [(b, lab) for b, lab in zip(parsed["bboxes"], parsed["labels"], strict=True) if lab in index]
         for lab in parsed["labels"]:
             if lab not in index:
@@ -194,7 +195,7 @@ def grounding_recall(predictions: Sequence[str], references: Sequence[Sequence[s
     per_sample, correct, total = [], 0, 0
     for text, refs in zip(predictions, references, strict=True):
         ref = _reference(refs)
-        parsed = parse_boxes(text, tuple(ref["size"]))
+        parsed = parse_boxes(text, tuple(ref["size"]), ascii_only=False)
         first: dict[str, list[float]] = {}
         for box, label in zip(parsed["bboxes"], parsed["labels"], strict=True):
             first.setdefault(label.lower(), box)
@@ -215,7 +216,7 @@ def region_recall(predictions: Sequence[str], references: Sequence[Sequence[str]
     per_sample, hits_all, total = [], 0, 0
     for text, refs in zip(predictions, references, strict=True):
         ref = _reference(refs)
-        boxes = parse_boxes(text, tuple(ref["size"]))["bboxes"]
+        boxes = parse_boxes(text, tuple(ref["size"]), ascii_only=False)["bboxes"]
         hits = _match(boxes, ref["boxes"])
         per_sample.append(hits / len(ref["boxes"]) if ref["boxes"] else float(not boxes))
         hits_all, total = hits_all + hits, total + len(ref["boxes"])
