@@ -160,13 +160,25 @@ def label_names(features: Any, regions: dict[str, Any]) -> list[str] | None:
     return None
 
 
+def _check_keys(found: set[str], regions: dict[str, Any]) -> None:
+    """Objects without the task's box or class key: a clear error, where every target used to be silently empty."""
+    missing = [k for k in (regions["bbox"], regions["category"]) if k not in found]
+    if missing and found:
+        keys = ", ".join(sorted(found))
+        raise UserError(f"column '{regions['objects']}' has no {' or '.join(repr(k) for k in missing)} (its keys: "
+                        f"{keys}); name yours in a task file: regions: {{bbox: ..., category: ...}}")
+
+
 def _objects(value: Any, regions: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     """(boxes, categories) from a dict of lists (``datasets.Sequence``) or a list of dicts."""
     bkey, ckey = regions["bbox"], regions["category"]
     if value is None:
         return [], []
     if isinstance(value, dict):
+        _check_keys(set(value), regions)
         return list(value.get(bkey) or []), list(value.get(ckey) or [])
+    for o in value:
+        _check_keys(set(o) if isinstance(o, dict) else {"(not a mapping)"}, regions)
     return [o.get(bkey) for o in value], [o.get(ckey) for o in value]
 
 

@@ -295,6 +295,28 @@ def test_bad_boxes_are_clipped_or_dropped_and_counted() -> None:
     assert (counts.boxes, counts.clipped, counts.dropped, counts.unknown_class) == (6, 2, 4, 1)
 
 
+def test_objects_without_the_box_or_class_key_is_an_error(tiny_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from florence_kit.errors import UserError
+
+    regions, image = get_task("od").regions, Image.new("RGB", (100, 50))
+    for objects in ({"boxes": [[1, 2, 3, 4]], "label": ["cat"]}, [{"bbox": [1, 2, 3, 4], "label": "cat"}]):
+        with pytest.raises(UserError, match="column 'objects' has no 'category'|has no 'bbox' or 'category'"):
+            region_fields(regions, {"image": image, "objects": objects}, "image", None, RegionCounts())
+    empty = region_fields(regions, {"image": image, "objects": {"bbox": [], "category": []}}, "image", None,
+                          RegionCounts())
+    assert empty["target"] == ""  # an image without boxes is still fine
+    data = tmp_path / "d"
+    data.mkdir()
+    image.save(data / "a.png")
+    (data / "test.jsonl").write_text(json.dumps({"image": "a.png", "objects": {"boxes": [[1, 2, 3, 4]],
+                                                                                "label": ["cat"]}}) + "\n")
+    result = runner.invoke(app, ["eval", "od", "--dataset", str(data), "--model", str(tiny_dir),
+                                 "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "has no 'bbox' or 'category' (its keys: boxes, label)" in result.output
+
+
 def test_yolo_and_coco_bad_lines_do_not_crash(tmp_path: Path, scenes: dict) -> None:
     root = write_yolo({"train": scenes["train"][:3]}, tmp_path / "y")
     label = next((root / "labels" / "train").glob("*_001.txt"))
