@@ -294,6 +294,7 @@ def _find_image(root: Path, json_path: Path, file_name: str) -> Path | None:
 def load_coco(root: Path) -> Any:
     """A ``DatasetDict`` from a COCO folder: one split per annotation file (split from its name or folder)."""
     import datasets
+    from PIL import Image
 
     files = _coco_files(root)
     names = sorted({c["name"] for _, data in files for c in data["categories"]})
@@ -313,9 +314,12 @@ def load_coco(root: Path) -> Any:
             anns = [a for a in per_image.get(image["id"], [])
                     if a.get("category_id") in cat_name and a.get("bbox") and not a.get("iscrowd")]
             dropped += len(per_image.get(image["id"], [])) - len(anns)
+            width, height = int(image.get("width") or 0), int(image.get("height") or 0)
+            if not (width and height):  # some exporters leave them out: without them no target could be written
+                with Image.open(file) as im:  # reads the header only
+                    width, height = im.size
             splits.setdefault(split, []).append({
-                "image": str(file), "image_id": str(image["id"]),
-                "width": int(image.get("width") or 0), "height": int(image.get("height") or 0),
+                "image": str(file), "image_id": str(image["id"]), "width": width, "height": height,
                 "objects": {"bbox": [[float(v) for v in a["bbox"]][:4] for a in anns],
                             "category": [names.index(cat_name[a["category_id"]]) for a in anns]},
             })

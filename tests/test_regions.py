@@ -317,6 +317,23 @@ def test_objects_without_the_box_or_class_key_is_an_error(tiny_dir: Path, tmp_pa
     assert result.exit_code == 2 and "has no 'bbox' or 'category' (its keys: boxes, label)" in result.output
 
 
+def test_coco_images_without_width_and_height_are_measured(coco_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "no_sizes"
+    shutil.copytree(coco_dir, root)
+    for path in root.rglob("*.json"):
+        data = json.loads(path.read_text())
+        for image in data["images"]:
+            image.pop("width", None)
+            image.pop("height", None)
+        path.write_text(json.dumps(data))
+    full, bare = load_source(str(coco_dir))["train"], load_source(str(root))["train"]
+    assert bare["width"] == full["width"] and bare["height"] == full["height"]
+    texts = TaskDataset(bare, get_task("od"), with_target=True).texts()  # the length preflight reads no image
+    assert [t for _, _, t in texts] == [t for _, _, t in TaskDataset(full, get_task("od"), with_target=True).texts()]
+
+
 def test_yolo_and_coco_bad_lines_do_not_crash(tmp_path: Path, scenes: dict) -> None:
     root = write_yolo({"train": scenes["train"][:3]}, tmp_path / "y")
     label = next((root / "labels" / "train").glob("*_001.txt"))
