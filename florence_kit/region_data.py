@@ -291,10 +291,20 @@ def _find_image(root: Path, json_path: Path, file_name: str) -> Path | None:
     return None
 
 
+def _shown_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file as shown, from its header: EXIF orientations 5-8 (a phone held
+    upright) swap the stored sides, and ``datasets`` turns the image upright when it decodes it."""
+    from PIL import Image
+
+    with Image.open(path) as im:  # reads the header only
+        width, height = im.size
+        turned = im.getexif().get(0x0112) in {5, 6, 7, 8}
+    return (height, width) if turned else (width, height)
+
+
 def load_coco(root: Path) -> Any:
     """A ``DatasetDict`` from a COCO folder: one split per annotation file (split from its name or folder)."""
     import datasets
-    from PIL import Image
 
     files = _coco_files(root)
     names = sorted({c["name"] for _, data in files for c in data["categories"]})
@@ -316,8 +326,7 @@ def load_coco(root: Path) -> Any:
             dropped += len(per_image.get(image["id"], [])) - len(anns)
             width, height = int(image.get("width") or 0), int(image.get("height") or 0)
             if not (width and height):  # some exporters leave them out: without them no target could be written
-                with Image.open(file) as im:  # reads the header only
-                    width, height = im.size
+                width, height = _shown_size(file)
             splits.setdefault(split, []).append({
                 "image": str(file), "image_id": str(image["id"]), "width": width, "height": height,
                 "objects": {"bbox": [[float(v) for v in a["bbox"]][:4] for a in anns],
@@ -350,7 +359,6 @@ def _yolo_names(root: Path) -> list[str] | None:
 def load_yolo(root: Path) -> Any:
     """A ``DatasetDict`` from a YOLO folder (``images/<split>`` + ``labels/<split>``, or ``<split>/images``)."""
     import datasets
-    from PIL import Image
 
     names = _yolo_names(root)
     if names is None:
@@ -364,8 +372,7 @@ def load_yolo(root: Path) -> Any:
         k = len(parts) - 1 - parts[::-1].index("images")
         label_path = root.joinpath(*parts[:k], "labels", *parts[k + 1:]).with_suffix(".txt")
         split = _split_name(*(parts[k + 1:-1] + parts[:k]))
-        with Image.open(image_path) as im:  # reads the header only
-            width, height = im.size
+        width, height = _shown_size(image_path)  # YOLO's numbers are fractions of the upright image
         boxes, cats = [], []
         lines = label_path.read_text(encoding="utf-8").splitlines() if label_path.is_file() else []
         for line in lines:

@@ -334,6 +334,26 @@ def test_coco_images_without_width_and_height_are_measured(coco_dir: Path, tmp_p
     assert [t for _, _, t in texts] == [t for _, _, t in TaskDataset(full, get_task("od"), with_target=True).texts()]
 
 
+def test_yolo_fractions_are_of_the_upright_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "phone"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    image = Image.new("RGB", (200, 100), "white")  # stored 200 x 100 with orientation 6: shown 100 wide, 200 high
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(root / "images" / "train" / "a.jpg", exif=exif)
+    (root / "labels" / "train" / "a.txt").write_text("0 0.25 0.25 0.1 0.1\n")  # as Ultralytics reads it: upright
+    (root / "classes.txt").write_text("cat\n")
+    data = TaskDataset(load_source(str(root))["train"], get_task("od"), with_target=True)
+    example = data[0]
+    assert example.image.size == (100, 200)  # datasets turns it upright
+    assert json.loads(example.references[0])["boxes"] == [[20, 40, 30, 60]]
+    assert example.target == "cat<loc_200><loc_200><loc_300><loc_300>"
+    assert [t for _, _, t in data.texts()] == [example.target]  # the length preflight agrees
+
+
 def test_yolo_and_coco_bad_lines_do_not_crash(tmp_path: Path, scenes: dict) -> None:
     root = write_yolo({"train": scenes["train"][:3]}, tmp_path / "y")
     label = next((root / "labels" / "train").glob("*_001.txt"))
