@@ -66,9 +66,13 @@ def _clean(text: str) -> str:
     return text
 
 
-def parse_boxes(text: str, size: tuple[int, int], whole_pixels: bool = False) -> dict[str, list[Any]]:
+def parse_boxes(text: str, size: tuple[int, int], whole_pixels: bool = False,
+                ascii_only: bool = True) -> dict[str, list[Any]]:
     """``{"bboxes": [[x1, y1, x2, y2], ...], "labels": [...]}`` as ``post_process_generation`` gives for ``<OD>``,
-    ``<DENSE_REGION_CAPTION>`` and ``<CAPTION_TO_PHRASE_GROUNDING>``: one label may carry several boxes."""
+    ``<DENSE_REGION_CAPTION>`` and ``<CAPTION_TO_PHRASE_GROUNDING>``: one label may carry several boxes.
+
+    The processor drops every non-ASCII character of a label (``ascii_only``); metrics keep them, or a
+    perfect "café" (the reference's name) would be read as "caf", an unknown class."""
     width, height = size
     bboxes, labels = [], []
     for phrase in _PHRASE.findall(_clean(text)):
@@ -76,7 +80,8 @@ def parse_boxes(text: str, size: tuple[int, int], whole_pixels: bool = False) ->
         match = _LABEL.search(phrase)
         if not match:
             continue
-        label = match.group().strip().encode("ascii", "ignore").decode("ascii")
+        label = match.group().strip()
+        label = label.encode("ascii", "ignore").decode("ascii") if ascii_only else label
         for m in _BOX.finditer(phrase):
             q = [int(m.group(j)) for j in range(1, 5)]
             box = [dequantize(q[0], width), dequantize(q[1], height), dequantize(q[2], width), dequantize(q[3], height)]

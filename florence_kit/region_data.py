@@ -160,13 +160,25 @@ def label_names(features: Any, regions: dict[str, Any]) -> list[str] | None:
     return None
 
 
+def _check_keys(found: set[str], regions: dict[str, Any]) -> None:
+    """Objects without the task's box or class key: a clear error, where every target used to be silently empty."""
+    missing = [k for k in (regions["bbox"], regions["category"]) if k not in found]
+    if missing and found:
+        keys = ", ".join(sorted(found))
+        raise UserError(f"column '{regions['objects']}' has no {' or '.join(repr(k) for k in missing)} (its keys: "
+                        f"{keys}); name yours in a task file: regions: {{bbox: ..., category: ...}}")
+
+
 def _objects(value: Any, regions: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     """(boxes, categories) from a dict of lists (``datasets.Sequence``) or a list of dicts."""
     bkey, ckey = regions["bbox"], regions["category"]
     if value is None:
         return [], []
     if isinstance(value, dict):
+        _check_keys(set(value), regions)
         return list(value.get(bkey) or []), list(value.get(ckey) or [])
+    for o in value:
+        _check_keys(set(o) if isinstance(o, dict) else {"(not a mapping)"}, regions)
     return [o.get(bkey) for o in value], [o.get(ckey) for o in value]
 
 
@@ -279,6 +291,17 @@ def _find_image(root: Path, json_path: Path, file_name: str) -> Path | None:
     return None
 
 
+def _shown_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file as shown, from its header: EXIF orientations 5-8 (a phone held
+    upright) swap the stored sides, and ``datasets`` turns the image upright when it decodes it."""
+    from PIL import Image
+
+    with Image.open(path) as im:  # reads the header only
+        width, height = im.size
+        turned = im.getexif().get(0x0112) in {5, 6, 7, 8}
+    return (height, width) if turned else (width, height)
+
+
 def load_coco(root: Path) -> Any:
     """A ``DatasetDict`` from a COCO folder: one split per annotation file (split from its name or folder)."""
     import datasets
@@ -301,9 +324,11 @@ def load_coco(root: Path) -> Any:
             anns = [a for a in per_image.get(image["id"], [])
                     if a.get("category_id") in cat_name and a.get("bbox") and not a.get("iscrowd")]
             dropped += len(per_image.get(image["id"], [])) - len(anns)
+            width, height = int(image.get("width") or 0), int(image.get("height") or 0)
+            if not (width and height):  # some exporters leave them out: without them no target could be written
+                width, height = _shown_size(file)
             splits.setdefault(split, []).append({
-                "image": str(file), "image_id": str(image["id"]),
-                "width": int(image.get("width") or 0), "height": int(image.get("height") or 0),
+                "image": str(file), "image_id": str(image["id"]), "width": width, "height": height,
                 "objects": {"bbox": [[float(v) for v in a["bbox"]][:4] for a in anns],
                             "category": [names.index(cat_name[a["category_id"]]) for a in anns]},
             })
@@ -334,7 +359,6 @@ def _yolo_names(root: Path) -> list[str] | None:
 def load_yolo(root: Path) -> Any:
     """A ``DatasetDict`` from a YOLO folder (``images/<split>`` + ``labels/<split>``, or ``<split>/images``)."""
     import datasets
-    from PIL import Image
 
     names = _yolo_names(root)
     if names is None:
@@ -348,8 +372,7 @@ def load_yolo(root: Path) -> Any:
         k = len(parts) - 1 - parts[::-1].index("images")
         label_path = root.joinpath(*parts[:k], "labels", *parts[k + 1:]).with_suffix(".txt")
         split = _split_name(*(parts[k + 1:-1] + parts[:k]))
-        with Image.open(image_path) as im:  # reads the header only
-            width, height = im.size
+        width, height = _shown_size(image_path)  # YOLO's numbers are fractions of the upright image
         boxes, cats = [], []
         lines = label_path.read_text(encoding="utf-8").splitlines() if label_path.is_file() else []
         for line in lines:

@@ -147,8 +147,8 @@ def test_map_wrong_class_is_not_a_hit() -> None:
     refs = [_ref(["square"], A), _ref(["circle"], B)]
     preds = [_pred(["circle"], A), _pred(["circle"], B)]  # image 0: right box, wrong class
     _, total, details = get_metric("coco_map").compute_with_details(preds, refs)
-    # circle: 1 true box, 2 detections (score ties keep generation order: the false one comes first) ->
-    # precision at recall 1 is 1/2 -> AP 0.5 ; square: 0. mean over the two classes: 0.25
+    # circle: 1 true box, 2 detections with tied scores = one operating point: precision 1/2 at recall 1 ->
+    # AP 0.5 ; square: 0. mean over the two classes: 0.25
     assert details["ap_per_class"] == {"circle": pytest.approx(0.5, abs=0.01), "square": 0.0}
     assert total == pytest.approx(0.25, abs=0.01)
     # a single-class collapse (what other tools do) would call this perfect:
@@ -166,6 +166,63 @@ def test_map_one_images_error_moves_the_whole_set_score() -> None:
     assert get_metric("map_50").compute(one_missed, refs)[1] == pytest.approx(76 / 101, abs=1e-4)
     # a per-batch mean (batches of 2) would give (1 + 76/101... ) -- the whole-set value is what we report:
     assert get_metric("coco_map").compute(good, refs)[1] == pytest.approx(1.0)
+
+
+def test_map_does_not_depend_on_the_order_of_the_images() -> None:
+    refs = [_ref(["square"], A), _ref(["square"], A)]
+    preds = [_pred(["square"], A), _pred(["square"], B)]  # one hit, one miss: precision 1/2 at recall 1/2
+    forward = get_metric("coco_map").compute(preds, refs)[1]
+    backward = get_metric("coco_map").compute(preds[::-1], refs[::-1])[1]
+    # pycocotools' accumulate walks tied scores in image order: 51/101 forward, half that backward
+    assert forward == pytest.approx(0.5 * 51 / 101, abs=1e-9) and backward == pytest.approx(forward, abs=1e-9)
+
+
+def test_tied_precision_equals_pycocotools_when_scores_differ() -> None:
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("pycocotools")
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from florence_kit.metrics.regions import tied_precision
+
+    rng, compared = random.Random(0), 0
+    for _ in range(8):
+        anns, dets = [], []
+        for i in range(4):
+            for _ in range(rng.randint(0, 3)):
+                x, y, w, h = (rng.uniform(0, 60), rng.uniform(0, 60), rng.uniform(5, 40), rng.uniform(5, 40))
+                c = rng.randint(1, 3)
+                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "bbox": [x, y, w, h],
+                             "area": w * h, "iscrowd": 0})
+                for _ in range(rng.randint(0, 2)):  # none, one, or duplicates, sometimes of the wrong class
+                    dets.append({"image_id": i, "category_id": c if rng.random() < 0.8 else rng.randint(1, 3),
+                                 "bbox": [x + rng.uniform(-6, 6), y + rng.uniform(-6, 6), w, h], "score": rng.random()})
+        if not dets:  # loadRes refuses an empty list; _coco_eval answers that case before pycocotools
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO()
+            gt.dataset = {"images": [{"id": i, "width": 100, "height": 100} for i in range(4)], "annotations": anns,
+                          "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}
+            gt.createIndex()
+            evaluator = COCOeval(gt, gt.loadRes(dets), "bbox")
+            evaluator.evaluate()
+            ours = tied_precision(evaluator)
+            evaluator.accumulate()
+        assert np.array_equal(ours, evaluator.eval["precision"][:, :, :, 0, -1])
+        compared += 1
+    assert compared >= 6
+
+
+def test_non_ascii_class_names_are_scored() -> None:
+    labels = ["café", "信号灯"]
+    refs, preds = [_ref(labels, A + B)], [_pred(labels, A + B)]
+    _, total, details = get_metric("coco_map").compute_with_details(preds, refs)
+    assert total == pytest.approx(1.0) and details["unknown_labels"] == 0
+    assert get_metric("grounding_recall").compute(preds, refs)[1] == pytest.approx(1.0)
+    assert parse_boxes(preds[0], (100, 100))["labels"] == ["caf", ""]  # the processor's own reading, kept for predict
 
 
 def test_map_counts_generated_names_outside_the_label_set() -> None:
@@ -236,6 +293,65 @@ def test_bad_boxes_are_clipped_or_dropped_and_counted() -> None:
     ref = json.loads(fields["references"][0])
     assert ref["boxes"] == [[0, 0, 20, 15], [90, 40, 100, 50]] and ref["labels"] == ["a", "b"]
     assert (counts.boxes, counts.clipped, counts.dropped, counts.unknown_class) == (6, 2, 4, 1)
+
+
+def test_objects_without_the_box_or_class_key_is_an_error(tiny_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from florence_kit.errors import UserError
+
+    regions, image = get_task("od").regions, Image.new("RGB", (100, 50))
+    for objects in ({"boxes": [[1, 2, 3, 4]], "label": ["cat"]}, [{"bbox": [1, 2, 3, 4], "label": "cat"}]):
+        with pytest.raises(UserError, match="column 'objects' has no 'category'|has no 'bbox' or 'category'"):
+            region_fields(regions, {"image": image, "objects": objects}, "image", None, RegionCounts())
+    empty = region_fields(regions, {"image": image, "objects": {"bbox": [], "category": []}}, "image", None,
+                          RegionCounts())
+    assert empty["target"] == ""  # an image without boxes is still fine
+    data = tmp_path / "d"
+    data.mkdir()
+    image.save(data / "a.png")
+    (data / "test.jsonl").write_text(json.dumps({"image": "a.png", "objects": {"boxes": [[1, 2, 3, 4]],
+                                                                                "label": ["cat"]}}) + "\n")
+    result = runner.invoke(app, ["eval", "od", "--dataset", str(data), "--model", str(tiny_dir),
+                                 "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "has no 'bbox' or 'category' (its keys: boxes, label)" in result.output
+
+
+def test_coco_images_without_width_and_height_are_measured(coco_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "no_sizes"
+    shutil.copytree(coco_dir, root)
+    for path in root.rglob("*.json"):
+        data = json.loads(path.read_text())
+        for image in data["images"]:
+            image.pop("width", None)
+            image.pop("height", None)
+        path.write_text(json.dumps(data))
+    full, bare = load_source(str(coco_dir))["train"], load_source(str(root))["train"]
+    assert bare["width"] == full["width"] and bare["height"] == full["height"]
+    texts = TaskDataset(bare, get_task("od"), with_target=True).texts()  # the length preflight reads no image
+    assert [t for _, _, t in texts] == [t for _, _, t in TaskDataset(full, get_task("od"), with_target=True).texts()]
+
+
+def test_yolo_fractions_are_of_the_upright_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "phone"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    image = Image.new("RGB", (200, 100), "white")  # stored 200 x 100 with orientation 6: shown 100 wide, 200 high
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(root / "images" / "train" / "a.jpg", exif=exif)
+    (root / "labels" / "train" / "a.txt").write_text("0 0.25 0.25 0.1 0.1\n")  # as Ultralytics reads it: upright
+    (root / "classes.txt").write_text("cat\n")
+    data = TaskDataset(load_source(str(root))["train"], get_task("od"), with_target=True)
+    example = data[0]
+    assert example.image.size == (100, 200)  # datasets turns it upright
+    assert json.loads(example.references[0])["boxes"] == [[20, 40, 30, 60]]
+    assert example.target == "cat<loc_200><loc_200><loc_300><loc_300>"
+    assert [t for _, _, t in data.texts()] == [example.target]  # the length preflight agrees
 
 
 def test_yolo_and_coco_bad_lines_do_not_crash(tmp_path: Path, scenes: dict) -> None:

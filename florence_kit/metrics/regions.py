@@ -4,13 +4,18 @@ A prediction is the generated text with its ``<loc_*>`` tokens; a reference is o
 ``{"size": [w, h], "labels": [...], "boxes": [[x1, y1, x2, y2], ...]}`` (``quads`` for OCR) in pixels,
 written by :mod:`florence_kit.region_data`. Predictions are parsed as the processor's
 ``post_process_generation`` parses them (:mod:`florence_kit.boxes`) against the reference's image size,
-so ``predictions.jsonl`` can be re-scored without a model.
+so ``predictions.jsonl`` can be re-scored without a model, except that labels keep their non-ASCII
+characters (the processor drops them, which would make "café" or "信号灯" an unknown class).
 
 mAP is computed ONCE over the whole evaluation set, per class, by pycocotools' ``COCOeval`` (the reference
 implementation; torchmetrics' wrapper needs torchvision, which would pull another torch build):
 mAP@[.5:.95] is the task score, mAP@.5, mAP@.75 and per-class AP are its details. At most 100
 boxes per image count, as in COCO.
-Generated boxes carry no confidence, so each gets score 1 (COCO's stable sort keeps generation order).
+Generated boxes carry no confidence, so each gets score 1: within an image they are matched in generation
+order (COCO's stable sort), and across the set all of them form ONE operating point of the precision-recall
+curve (tied scores are one threshold, as in scikit-learn). pycocotools' own ``accumulate`` would walk the tied
+detections in image order, which makes the score depend on the order of the evaluation set (the same
+answers, reversed, could move a class's AP from 0.5 to 1); with distinct scores the two agree exactly.
 A generated class name that is not in the label set (every name in the references) cannot match any
 true box: it is counted and listed in the details, never silently dropped.
 """
@@ -98,14 +103,44 @@ def _coco_eval(sizes: list[list[int]], truth: list[tuple[list, list[int]]], foun
         gt.createIndex()
         evaluator = COCOeval(gt, gt.loadRes(dets), "bbox")
         evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    precision = evaluator.eval["precision"]  # [iou thresholds, recall points, classes, areas, max dets]
-    per_class = []
-    for k in range(n_classes):
-        p = precision[:, :, k, 0, -1]
-        per_class.append(float(np.mean(p[p > -1])) if (p > -1).any() else -1.0)
-    return [max(float(v), 0.0) for v in evaluator.stats[:3]], per_class
+    precision = tied_precision(evaluator)  # [iou thresholds, recall points, classes]
+
+    def mean(p: Any) -> float:
+        return float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
+
+    stats = [mean(precision), mean(precision[0]), mean(precision[5])]  # IoU .5:.95, .5 (index 0), .75 (index 5)
+    return [max(v, 0.0) for v in stats], [mean(precision[:, :, k]) for k in range(n_classes)]
+
+
+def tied_precision(evaluator: Any) -> Any:
+    """pycocotools' ``accumulate`` (area "all", 100 detections) with tied scores taken as one threshold.
+
+    Returns the interpolated precision ``[iou thresholds, recall points, classes]`` (-1: class without true
+    boxes). The curve gets a point only where the score changes, so the order of images no longer matters.
+    """
+    import numpy as np
+
+    params = evaluator.params
+    n_images, n_areas = len(params.imgIds), len(params.areaRng)
+    precision = -np.ones((len(params.iouThrs), len(params.recThrs), len(params.catIds)))
+    for k in range(len(params.catIds)):
+        evals = [e for e in evaluator.evalImgs[k * n_areas * n_images: k * n_areas * n_images + n_images] if e]
+        npig = sum(int(np.count_nonzero(e["gtIgnore"] == 0)) for e in evals)
+        if not evals or npig == 0:
+            continue
+        scores = np.concatenate([e["dtScores"] for e in evals])
+        order = np.argsort(-scores, kind="mergesort")
+        matched = np.concatenate([e["dtMatches"] for e in evals], axis=1)[:, order] > 0
+        ignored = np.concatenate([e["dtIgnore"] for e in evals], axis=1)[:, order] > 0
+        last_of_tie = np.r_[scores[order][1:] != scores[order][:-1], True] if len(order) else np.zeros(0, bool)
+        tp = np.cumsum(matched & ~ignored, axis=1)[:, last_of_tie].astype(float)
+        fp = np.cumsum(~matched & ~ignored, axis=1)[:, last_of_tie].astype(float)
+        for t in range(len(params.iouThrs)):
+            recall, prec = tp[t] / npig, tp[t] / (tp[t] + fp[t] + np.spacing(1))
+            prec = np.maximum.accumulate(prec[::-1])[::-1]  # interpolated: best precision at this recall or more
+            at = np.searchsorted(recall, params.recThrs, side="left")
+            precision[t, :, k] = np.where(at < len(prec), prec[np.minimum(at, len(prec) - 1)] if len(prec) else 0, 0)
+    return precision
 
 
 @functools.lru_cache(maxsize=4)
@@ -116,7 +151,7 @@ def _coco(predictions: tuple[str, ...], references: tuple[tuple[str, ...], ...])
     unknown: dict[str, int] = {}
     found, truth, per_sample = [], [], []
     for text, ref in zip(predictions, refs, strict=True):
-        parsed = parse_boxes(text, tuple(ref["size"]))
+        parsed = parse_boxes(text, tuple(ref["size"]), ascii_only=False)
         known = [(b, lab) for b, lab in zip(parsed["bboxes"], parsed["labels"], strict=True) if lab in index]
         for lab in parsed["labels"]:
             if lab not in index:
@@ -160,7 +195,7 @@ def grounding_recall(predictions: Sequence[str], references: Sequence[Sequence[s
     per_sample, correct, total = [], 0, 0
     for text, refs in zip(predictions, references, strict=True):
         ref = _reference(refs)
-        parsed = parse_boxes(text, tuple(ref["size"]))
+        parsed = parse_boxes(text, tuple(ref["size"]), ascii_only=False)
         first: dict[str, list[float]] = {}
         for box, label in zip(parsed["bboxes"], parsed["labels"], strict=True):
             first.setdefault(label.lower(), box)
@@ -181,7 +216,7 @@ def region_recall(predictions: Sequence[str], references: Sequence[Sequence[str]
     per_sample, hits_all, total = [], 0, 0
     for text, refs in zip(predictions, references, strict=True):
         ref = _reference(refs)
-        boxes = parse_boxes(text, tuple(ref["size"]))["bboxes"]
+        boxes = parse_boxes(text, tuple(ref["size"]), ascii_only=False)["bboxes"]
         hits = _match(boxes, ref["boxes"])
         per_sample.append(hits / len(ref["boxes"]) if ref["boxes"] else float(not boxes))
         hits_all, total = hits_all + hits, total + len(ref["boxes"])
