@@ -203,9 +203,11 @@ class PreparedDataset:
         prompts = [texts[i][0] for i in indices]
         ids = token_layout(processor, prompts)
         check_layout(processor, prompts[:4], ids[:4])
-        labels = processor.tokenizer([texts[i][1] for i in indices])["input_ids"]
-        if truncate and max_length:
-            ids, labels = [x[:max_length] for x in ids], [x[:max_length] for x in labels]
+        # truncated as the per-batch Collator truncates: the tokenizer keeps a long target's closing </s>
+        limits = {"truncation": True, "max_length": max_length} if truncate and max_length else {}
+        labels = processor.tokenizer([texts[i][1] for i in indices], **limits)["input_ids"]
+        if limits:
+            ids = [x[:max_length] for x in ids]  # as the processor cuts its (special-token-free) prompt text
         keys = image_keys(dataset)
         slots: dict[str, int] = {}
         first: list[int] = []  # a dataset index showing each distinct image

@@ -279,3 +279,25 @@ def test_a_run_waits_for_a_store_being_filled_then_reuses_it(parts, tmp_path, de
         record.write_text(saved)  # the other run completes its store
     waiter.join(timeout=60)
     assert done and decodes["n"] == 0  # read back, not decoded again
+
+
+def test_truncated_targets_keep_their_end_token_as_the_per_batch_path(parts, docvqa_splits, tmp_path):
+    """--too-long truncate: a target longer than the model's positions ends in </s> on both paths."""
+    import torch
+
+    from florence_kit.collate import Collator
+    from florence_kit.data import TaskDataset
+    from florence_kit.prepared import PreparedCollator, PreparedDataset
+
+    processor, dataset = parts
+    long = docvqa_splits["train"].select(range(3)).map(lambda r: {"answers": ["word " * 1100]})
+    examples = TaskDataset(long, dataset.task, with_target=True)
+    prepared = PreparedDataset(examples, processor, tmp_path / "prepared", workers=1, max_length=1024, truncate=True)
+    batch = [0, 1, 2]
+    mine = PreparedCollator(processor, prepared.pixels)([prepared[i] for i in batch])
+    theirs = Collator(processor, max_length=1024, truncate=True)([examples[i] for i in batch])
+    assert theirs["labels"].shape == (3, 1024)
+    assert theirs["labels"][:, -1].tolist() == [processor.tokenizer.eos_token_id] * 3
+    for key in theirs:
+        assert torch.equal(mine[key], theirs[key]), key
+
