@@ -233,6 +233,17 @@ class EpochShuffle:
         return iter(order.tolist())
 
 
+def training_image_keys(dataset: Any) -> list[str]:
+    """One image key per training position. The loop trains on an ImageGuard (kept rows of the examples):
+    its positions are ``indices`` into the examples, which alone know their images."""
+    from florence_kit.prepared import image_keys
+
+    if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
+        keys = image_keys(dataset.dataset)
+        return [keys[i] for i in dataset.indices]
+    return image_keys(dataset)
+
+
 def make_sampler(dataset: Any, cfg: TrainConfig) -> Any:
     """The epoch order: a plain shuffle, or grouped by page (``--group-by-image``) or length (``--group-by-length``)."""
     if cfg.group_by_image and cfg.group_by_length:
@@ -244,11 +255,11 @@ def make_sampler(dataset: Any, cfg: TrainConfig) -> Any:
             raise UserError("--group-by-length needs --prepare-data (the lengths come from its tokenisation)")
         return LengthGroups(dataset.lengths(), cfg.batch_size, cfg.seed)
     if cfg.group_by_image:
-        from florence_kit.prepared import PageGroups, image_keys
+        from florence_kit.prepared import PageGroups
 
         if hasattr(dataset, "image_of"):
             return PageGroups(dataset.image_of(), cfg.seed)
-        keys = image_keys(dataset)
+        keys = training_image_keys(dataset)
         index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
         return PageGroups([index[k] for k in keys], cfg.seed)
     return EpochShuffle(len(dataset), cfg.seed)

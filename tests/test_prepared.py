@@ -301,3 +301,19 @@ def test_truncated_targets_keep_their_end_token_as_the_per_batch_path(parts, doc
     for key in theirs:
         assert torch.equal(mine[key], theirs[key]), key
 
+
+def test_group_by_image_without_prepared_data_groups_the_training_rows(parts):
+    """The loop trains on an ImageGuard over the kept rows: its pages must still be grouped, every row once."""
+    from florence_kit.prepared import image_keys
+    from florence_kit.runfolder import ImageGuard
+    from florence_kit.train import TrainConfig, make_sampler
+
+    _, dataset = parts
+    kept = [i for i in range(len(dataset)) if i != 3]  # a row dropped by the length preflight
+    rows = ImageGuard(dataset, kept, skip=False)
+    order = list(make_sampler(rows, TrainConfig("docvqa", "m", Path("out"), group_by_image=True)))
+    assert sorted(order) == list(range(len(kept)))
+    keys = image_keys(dataset)
+    pages = [keys[kept[p]] for p in order]
+    runs = [k for n, k in enumerate(pages) if n == 0 or pages[n - 1] != k]
+    assert len(runs) == len(set(pages))  # each page's questions come together
