@@ -303,6 +303,9 @@ def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
         "too_long": cfg.too_long, "lora_r": cfg.lora_r, "lora_vision": cfg.lora_vision, "optim": cfg.optim,
         "mix_weights": cfg.mix_weights, "processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
+        # the sampler: another grouping deals the epoch's rest in another order (None for plain shuffling,
+        # so a checkpoint written before this key existed still resumes a plain run)
+        "data_order": "image" if cfg.group_by_image else "length" if cfg.group_by_length else None,
     }
 
 
