@@ -110,11 +110,16 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise UserError(describe_output_dir(out))
 
 
+# Options about the command and its output folder, not the training: config.yaml records them under ``run``
+PER_COMMAND: dict[str, Any] = {"resume": None, "overwrite": False}
+
+
 def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
     """Every resolved option at the top level (``--config`` reads it back), then ``versions`` and ``run``.
 
-    ``run`` records facts about this run (task origin, example counts, the git commit of the working
-    directory); ``versions`` the libraries and florence-kit's own commit. ``--config`` ignores both.
+    ``run`` records facts about this run (task origin, example counts, ``--resume``/``--overwrite`` if
+    given, the git commit of the working directory); ``versions`` the libraries and florence-kit's own
+    commit. ``--config`` ignores both.
     """
     import yaml
 
@@ -122,7 +127,9 @@ def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
     from florence_kit.versions import git_commit, versions
 
     data = options_dict(cfg)
-    data.update(versions=versions(), run={**extra, "git_commit": git_commit(Path.cwd())})
+    given = {k: data[k] for k, default in PER_COMMAND.items() if data[k] != default}
+    data.update(PER_COMMAND)  # --config RUN/config.yaml --output-dir NEW must not resume or overwrite anything
+    data.update(versions=versions(), run={**extra, **given, "git_commit": git_commit(Path.cwd())})
     tmp = out / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     tmp.replace(out / "config.yaml")
