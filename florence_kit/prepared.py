@@ -49,7 +49,7 @@ class PreparedExample:
 def image_keys(dataset: Any) -> list[str]:
     """One key per example of a TaskDataset (or a mix of them): examples with equal keys show the same image.
 
-    The key hashes the image column's encoded bytes (or file path) without decoding anything. Where the
+    The key hashes the image column's encoded bytes (or file path, size and mtime) without decoding anything. Where the
     column is not a plain ``datasets.Image`` (lists of images, exploded turns), the dataset row is the key:
     the turns of one row share their image.
     """
@@ -67,10 +67,20 @@ def image_keys(dataset: Any) -> list[str]:
         raw = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
         digests: dict[int, str] = {}
         for row, value in enumerate(raw[column]):
-            data = (value or {}).get("bytes") or str((value or {}).get("path")).encode()
+            data = (value or {}).get("bytes") or file_state((value or {}).get("path"))
             digests[row] = hashlib.blake2b(data, digest_size=16).hexdigest()
         return [digests[row] for row in rows]
     return [f"row-{row}" for row in rows]
+
+
+def file_state(path: str | None) -> bytes:
+    """An image stored as a file path: the path with the file's size and modification time, so a file replaced
+    under the same name (a page fixed after a bad-image error) gets a new key and is prepared again."""
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        stat = None
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode() if stat else str(path).encode()
 
 
 def token_layout(processor: Any, prompts: Sequence[str]) -> list[list[int]]:

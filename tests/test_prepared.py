@@ -317,3 +317,31 @@ def test_group_by_image_without_prepared_data_groups_the_training_rows(parts):
     pages = [keys[kept[p]] for p in order]
     runs = [k for n, k in enumerate(pages) if n == 0 or pages[n - 1] != k]
     assert len(runs) == len(set(pages))  # each page's questions come together
+
+
+def test_an_image_file_changed_in_place_is_prepared_again(tmp_path, tiny_dir):
+    """Images read from files (JSONL/parquet with paths): the store is keyed by the files' state too, so a page
+    fixed or replaced under the same name (as the bad-image message asks) is not served from the old store."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from florence_kit.data import TaskDataset
+    from florence_kit.prepared import PreparedDataset, resized
+    from florence_kit.registry import get_task
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for k in range(2):
+        Image.new("RGB", (64, 64), (40 * k, 0, 0)).save(pages / f"{k}.png")
+    rows = [{"image": str(pages / f"{k}.png"), "question": "q?", "answers": ["a"]} for k in range(2)]
+    ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+    dataset = TaskDataset(ds, get_task("docvqa"), with_target=True)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    before = PreparedDataset(dataset, processor, tmp_path / "shared", workers=1)
+    replacement = Image.new("RGB", (64, 64), (0, 200, 0))
+    replacement.save(pages / "1.png")  # same name, other pixels
+    after = PreparedDataset(dataset, processor, tmp_path / "shared", workers=1)
+    assert np.array_equal(after.pixels[after[1].image], resized(processor.image_processor, replacement))
+    assert not np.array_equal(before.pixels[before[1].image], after.pixels[after[1].image])
