@@ -521,9 +521,10 @@ def train_loop(
                     state.epoch, state.batch = state.epoch + 1, 0
                     break
                 state.batch += len(group)
+                lr = scheduler.get_last_lr()[0]  # this step's rate: train_step moves the schedule to the next one
                 loss = train_step(group)
                 state.step += 1
-                last_loss, lr = (loss if math.isfinite(loss) else last_loss), scheduler.get_last_lr()[0]
+                last_loss = loss if math.isfinite(loss) else last_loss
                 record(loss, lr)
                 if on_step:
                     on_step(state.step, total, last_loss, lr)
