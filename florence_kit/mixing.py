@@ -2,7 +2,7 @@
 
 A mix is one map-style dataset whose positions are drawn, with a fixed seed, from the tasks in
 proportion to their sampling weights; within a task, examples come in a shuffled order and repeat
-only once all have been seen. By default the weights are the tasks' sizes (every example about once
+only once all have been seen. By default the weights are the tasks' sizes (every example exactly once
 per epoch, the "examples-proportional" mix); ``--mix-weights`` sets them (``2,1`` in task order, or
 ``cauldron/ai2d=2,cauldron/chartqa=1``; tasks left out weigh 1), e.g. to up-sample a small task.
 The epoch length stays the total number of examples.
@@ -10,6 +10,7 @@ The epoch length stays the total number of examples.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,21 @@ def parse_weights(text: str | None, names: Sequence[str]) -> list[float] | None:
     return weights
 
 
+def allocate(total: int, weights: Sequence[float]) -> list[int]:
+    """Draws per task: ``total`` split in proportion to ``weights`` (largest remainder).
+
+    Counted, not drawn at random: a mix weighted by size then takes every example exactly once, where
+    independent random draws left some examples out of every epoch (the index is the same each epoch).
+    """
+    scale = total / sum(weights)
+    exact = [w * scale for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda k: counts[k] - exact[k])
+    for k in by_remainder[: total - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
 class MixedDataset:
     """Several task datasets sampled by weight into one map-style dataset of examples."""
 
@@ -55,9 +71,11 @@ class MixedDataset:
         if not any(live):
             raise UserError("every task in the mix is empty (or weighs 0)")
         orders = [rng.sample(range(n), n) for n in sizes]
+        sequence = [k for k, count in enumerate(allocate(sum(sizes), live)) for _ in range(count)]
+        rng.shuffle(sequence)  # the tasks interleaved at random; how many of each is fixed by the weights
         seen = [0] * len(self.parts)
         self.index: list[tuple[int, int]] = []
-        for part in rng.choices(range(len(self.parts)), weights=live, k=sum(sizes)):
+        for part in sequence:
             self.index.append((part, orders[part][seen[part] % sizes[part]]))
             seen[part] += 1
         self.counts = [sum(1 for p, _ in self.index if p == k) for k in range(len(self.parts))]

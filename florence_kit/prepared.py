@@ -49,7 +49,7 @@ class PreparedExample:
 def image_keys(dataset: Any) -> list[str]:
     """One key per example of a TaskDataset (or a mix of them): examples with equal keys show the same image.
 
-    The key hashes the image column's encoded bytes (or file path) without decoding anything. Where the
+    The key hashes the image column's encoded bytes (or file path, size and mtime) without decoding anything. Where the
     column is not a plain ``datasets.Image`` (lists of images, exploded turns), the dataset row is the key:
     the turns of one row share their image.
     """
@@ -67,10 +67,20 @@ def image_keys(dataset: Any) -> list[str]:
         raw = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
         digests: dict[int, str] = {}
         for row, value in enumerate(raw[column]):
-            data = (value or {}).get("bytes") or str((value or {}).get("path")).encode()
+            data = (value or {}).get("bytes") or file_state((value or {}).get("path"))
             digests[row] = hashlib.blake2b(data, digest_size=16).hexdigest()
         return [digests[row] for row in rows]
     return [f"row-{row}" for row in rows]
+
+
+def file_state(path: str | None) -> bytes:
+    """An image stored as a file path: the path with the file's size and modification time, so a file replaced
+    under the same name (a page fixed after a bad-image error) gets a new key and is prepared again."""
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        stat = None
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode() if stat else str(path).encode()
 
 
 def token_layout(processor: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -203,9 +213,11 @@ class PreparedDataset:
         prompts = [texts[i][0] for i in indices]
         ids = token_layout(processor, prompts)
         check_layout(processor, prompts[:4], ids[:4])
-        labels = processor.tokenizer([texts[i][1] for i in indices])["input_ids"]
-        if truncate and max_length:
-            ids, labels = [x[:max_length] for x in ids], [x[:max_length] for x in labels]
+        # truncated as the per-batch Collator truncates: the tokenizer keeps a long target's closing </s>
+        limits = {"truncation": True, "max_length": max_length} if truncate and max_length else {}
+        labels = processor.tokenizer([texts[i][1] for i in indices], **limits)["input_ids"]
+        if limits:
+            ids = [x[:max_length] for x in ids]  # as the processor cuts its (special-token-free) prompt text
         keys = image_keys(dataset)
         slots: dict[str, int] = {}
         first: list[int] = []  # a dataset index showing each distinct image

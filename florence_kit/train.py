@@ -110,11 +110,16 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise UserError(describe_output_dir(out))
 
 
+# Options about the command and its output folder, not the training: config.yaml records them under ``run``
+PER_COMMAND: dict[str, Any] = {"resume": None, "overwrite": False}
+
+
 def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
     """Every resolved option at the top level (``--config`` reads it back), then ``versions`` and ``run``.
 
-    ``run`` records facts about this run (task origin, example counts, the git commit of the working
-    directory); ``versions`` the libraries and florence-kit's own commit. ``--config`` ignores both.
+    ``run`` records facts about this run (task origin, example counts, ``--resume``/``--overwrite`` if
+    given, the git commit of the working directory); ``versions`` the libraries and florence-kit's own
+    commit. ``--config`` ignores both.
     """
     import yaml
 
@@ -122,7 +127,9 @@ def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
     from florence_kit.versions import git_commit, versions
 
     data = options_dict(cfg)
-    data.update(versions=versions(), run={**extra, "git_commit": git_commit(Path.cwd())})
+    given = {k: data[k] for k, default in PER_COMMAND.items() if data[k] != default}
+    data.update(PER_COMMAND)  # --config RUN/config.yaml --output-dir NEW must not resume or overwrite anything
+    data.update(versions=versions(), run={**extra, **given, "git_commit": git_commit(Path.cwd())})
     tmp = out / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     tmp.replace(out / "config.yaml")
@@ -233,6 +240,17 @@ class EpochShuffle:
         return iter(order.tolist())
 
 
+def training_image_keys(dataset: Any) -> list[str]:
+    """One image key per training position. The loop trains on an ImageGuard (kept rows of the examples):
+    its positions are ``indices`` into the examples, which alone know their images."""
+    from florence_kit.prepared import image_keys
+
+    if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
+        keys = image_keys(dataset.dataset)
+        return [keys[i] for i in dataset.indices]
+    return image_keys(dataset)
+
+
 def make_sampler(dataset: Any, cfg: TrainConfig) -> Any:
     """The epoch order: a plain shuffle, or grouped by page (``--group-by-image``) or length (``--group-by-length``)."""
     if cfg.group_by_image and cfg.group_by_length:
@@ -244,11 +262,11 @@ def make_sampler(dataset: Any, cfg: TrainConfig) -> Any:
             raise UserError("--group-by-length needs --prepare-data (the lengths come from its tokenisation)")
         return LengthGroups(dataset.lengths(), cfg.batch_size, cfg.seed)
     if cfg.group_by_image:
-        from florence_kit.prepared import PageGroups, image_keys
+        from florence_kit.prepared import PageGroups
 
         if hasattr(dataset, "image_of"):
             return PageGroups(dataset.image_of(), cfg.seed)
-        keys = image_keys(dataset)
+        keys = training_image_keys(dataset)
         index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
         return PageGroups([index[k] for k in keys], cfg.seed)
     return EpochShuffle(len(dataset), cfg.seed)
@@ -292,6 +310,9 @@ def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
         "too_long": cfg.too_long, "lora_r": cfg.lora_r, "lora_vision": cfg.lora_vision, "optim": cfg.optim,
         "mix_weights": cfg.mix_weights, "processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
+        # the sampler: another grouping deals the epoch's rest in another order (None for plain shuffling,
+        # so a checkpoint written before this key existed still resumes a plain run)
+        "data_order": "image" if cfg.group_by_image else "length" if cfg.group_by_length else None,
     }
 
 
@@ -501,9 +522,10 @@ def train_loop(
                     state.epoch, state.batch = state.epoch + 1, 0
                     break
                 state.batch += len(group)
+                lr = scheduler.get_last_lr()[0]  # this step's rate: train_step moves the schedule to the next one
                 loss = train_step(group)
                 state.step += 1
-                last_loss, lr = (loss if math.isfinite(loss) else last_loss), scheduler.get_last_lr()[0]
+                last_loss = loss if math.isfinite(loss) else last_loss
                 record(loss, lr)
                 if on_step:
                     on_step(state.step, total, last_loss, lr)

@@ -279,3 +279,69 @@ def test_a_run_waits_for_a_store_being_filled_then_reuses_it(parts, tmp_path, de
         record.write_text(saved)  # the other run completes its store
     waiter.join(timeout=60)
     assert done and decodes["n"] == 0  # read back, not decoded again
+
+
+def test_truncated_targets_keep_their_end_token_as_the_per_batch_path(parts, docvqa_splits, tmp_path):
+    """--too-long truncate: a target longer than the model's positions ends in </s> on both paths."""
+    import torch
+
+    from florence_kit.collate import Collator
+    from florence_kit.data import TaskDataset
+    from florence_kit.prepared import PreparedCollator, PreparedDataset
+
+    processor, dataset = parts
+    long = docvqa_splits["train"].select(range(3)).map(lambda r: {"answers": ["word " * 1100]})
+    examples = TaskDataset(long, dataset.task, with_target=True)
+    prepared = PreparedDataset(examples, processor, tmp_path / "prepared", workers=1, max_length=1024, truncate=True)
+    batch = [0, 1, 2]
+    mine = PreparedCollator(processor, prepared.pixels)([prepared[i] for i in batch])
+    theirs = Collator(processor, max_length=1024, truncate=True)([examples[i] for i in batch])
+    assert theirs["labels"].shape == (3, 1024)
+    assert theirs["labels"][:, -1].tolist() == [processor.tokenizer.eos_token_id] * 3
+    for key in theirs:
+        assert torch.equal(mine[key], theirs[key]), key
+
+
+def test_group_by_image_without_prepared_data_groups_the_training_rows(parts):
+    """The loop trains on an ImageGuard over the kept rows: its pages must still be grouped, every row once."""
+    from florence_kit.prepared import image_keys
+    from florence_kit.runfolder import ImageGuard
+    from florence_kit.train import TrainConfig, make_sampler
+
+    _, dataset = parts
+    kept = [i for i in range(len(dataset)) if i != 3]  # a row dropped by the length preflight
+    rows = ImageGuard(dataset, kept, skip=False)
+    order = list(make_sampler(rows, TrainConfig("docvqa", "m", Path("out"), group_by_image=True)))
+    assert sorted(order) == list(range(len(kept)))
+    keys = image_keys(dataset)
+    pages = [keys[kept[p]] for p in order]
+    runs = [k for n, k in enumerate(pages) if n == 0 or pages[n - 1] != k]
+    assert len(runs) == len(set(pages))  # each page's questions come together
+
+
+def test_an_image_file_changed_in_place_is_prepared_again(tmp_path, tiny_dir):
+    """Images read from files (JSONL/parquet with paths): the store is keyed by the files' state too, so a page
+    fixed or replaced under the same name (as the bad-image message asks) is not served from the old store."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from florence_kit.data import TaskDataset
+    from florence_kit.prepared import PreparedDataset, resized
+    from florence_kit.registry import get_task
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for k in range(2):
+        Image.new("RGB", (64, 64), (40 * k, 0, 0)).save(pages / f"{k}.png")
+    rows = [{"image": str(pages / f"{k}.png"), "question": "q?", "answers": ["a"]} for k in range(2)]
+    ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+    dataset = TaskDataset(ds, get_task("docvqa"), with_target=True)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    before = PreparedDataset(dataset, processor, tmp_path / "shared", workers=1)
+    replacement = Image.new("RGB", (64, 64), (0, 200, 0))
+    replacement.save(pages / "1.png")  # same name, other pixels
+    after = PreparedDataset(dataset, processor, tmp_path / "shared", workers=1)
+    assert np.array_equal(after.pixels[after[1].image], resized(processor.image_processor, replacement))
+    assert not np.array_equal(before.pixels[before[1].image], after.pixels[after[1].image])

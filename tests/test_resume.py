@@ -148,6 +148,9 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_dir, docvqa_
     with pytest.raises(UserError, match="batch_size: 2 → 4"):
         finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=4, grad_accum=1, batch_size=4, resume="latest"),
                  quiet=True, print_fn=lambda _: None)
+    with pytest.raises(UserError, match="data_order: None → 'image'"):  # another sampler: another epoch order
+        finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=4, grad_accum=1, group_by_image=True, resume="latest"),
+                 quiet=True, print_fn=lambda _: None)
     with pytest.raises(UserError, match="not a checkpoint folder"):
         finetune(_cfg(tiny_dir, docvqa_dir, out, resume=str(tmp_path)), quiet=True, print_fn=lambda _: None)
 
@@ -207,3 +210,26 @@ def test_eval_every_keeps_the_lowest_error_rate_as_best(tiny_dir, docvqa_dir, tm
     assert best_calls == [(1, 0.5), (2, 0.3)]  # 0.4 and 0.35 are worse than 0.3
     assert state.best_step == 2 and state.best_metric == 0.3 and state.stopped_early  # stopped at step 4
     assert state.step == 4
+
+
+def test_config_of_a_resumed_run_repeats_it_elsewhere(tiny_dir, docvqa_dir, tmp_path):
+    """``--config RUN/config.yaml --output-dir NEW`` after RUN was resumed (with --overwrite): a fresh run, not a
+    resume looking for checkpoints in NEW, nor one that overwrites NEW."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from florence_kit.cli import app
+
+    run, new = tmp_path / "run", tmp_path / "new"
+    finetune(_cfg(tiny_dir, docvqa_dir, run, max_steps=2, grad_accum=1, save_every=1), quiet=True,
+             print_fn=lambda _: None)
+    finetune(_cfg(tiny_dir, docvqa_dir, run, max_steps=3, grad_accum=1, save_every=1, resume="latest",
+                  overwrite=True), quiet=True, print_fn=lambda _: None)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["resume"], config["overwrite"]) == (None, False)
+    assert (config["run"]["resume"], config["run"]["overwrite"]) == ("latest", True)  # still on record
+    result = CliRunner().invoke(app, ["finetune", "--config", str(run / "config.yaml"), "--output-dir", str(new)])
+    assert result.exit_code == 0, result.output
+    assert (new / "model.safetensors").is_file() and "resuming" not in result.output
+    result = CliRunner().invoke(app, ["finetune", "--config", str(run / "config.yaml"), "--output-dir", str(new)])
+    assert result.exit_code != 0 and "--overwrite" in result.output  # NEW is not overwritten unasked

@@ -157,6 +157,22 @@ def test_mix_sampling_follows_the_weights(cauldron_dir: Path) -> None:
             parse_weights(bad, ["a", "b"])
 
 
+def test_mix_shares_follow_the_weights_exactly_and_by_size_use_every_example_once() -> None:
+    class Part:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __len__(self) -> int:
+            return self.n
+
+    for seed in range(5):  # random draws left a few examples of some task out of every epoch
+        by_size = MixedDataset([Part(1000), Part(100)], [1000, 100], seed=seed)
+        assert sorted(by_size.index) == [(0, i) for i in range(1000)] + [(1, i) for i in range(100)]
+        weighted = MixedDataset([Part(1000), Part(100)], [1, 3], seed=seed)
+        assert weighted.counts == [275, 825]  # 1:3 of 1100 positions, not 1:3 on average
+    assert [p for p, _ in by_size.index[:20]].count(1) < 20  # still interleaved
+
+
 def test_tasks_show_renders_a_cauldron_turn(cauldron_dir: Path) -> None:
     result = runner.invoke(app, ["tasks", "show", "cauldron/ai2d", "--dataset", str(cauldron_dir)],
                            terminal_width=250)

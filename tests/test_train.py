@@ -112,3 +112,27 @@ def test_warmup_schedules() -> None:
     lin = warmup_schedule("linear", 0, 10)
     assert lin(0) == 1.0 and lin(5) == pytest.approx(0.5) and lin(10) == 0.0
     assert warmup_schedule("constant", 2, 10)(7) == 1.0
+
+
+def test_logged_lr_is_the_one_each_step_trained_with(tiny_dir, docvqa_dir, docvqa_task, tmp_path, monkeypatch):
+    """metrics.jsonl and the progress line show step N's learning rate, not the next step's."""
+    import json
+
+    model, processor = load_model(str(tiny_dir))
+    dataset = TaskDataset(load_split(docvqa_task, str(docvqa_dir), "train"), docvqa_task, with_target=True)
+    cfg = TrainConfig(task="docvqa", model=str(tiny_dir), output_dir=tmp_path, max_steps=3, batch_size=4, lr=1e-3,
+                      warmup_steps=1, log_every=1)
+    seen: list[float] = []
+    used: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train_loop(model, processor, dataset, cfg, tmp_path / "metrics.jsonl",
+               on_step=lambda s, total, loss, lr: seen.append(lr))
+    logged = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert used == pytest.approx([5e-4, 1e-3, 5e-4])  # warmup 1/2, then linear decay over 2 steps
+    assert logged == pytest.approx(used) and seen == pytest.approx(used)
