@@ -303,7 +303,10 @@ def make_accelerator(precision: str, **kwargs: Any) -> Any:
 
 
 def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
-    """Settings a resume must share with the run that wrote the checkpoint (data order, shapes, precision)."""
+    """Settings a resume must share with the run that wrote the checkpoint (data order, shapes, precision,
+    optimizer). --max-steps / --epochs may change: a finished run can be extended."""
+    from florence_kit.modes import learning_rate
+
     return {
         "task": cfg.task, "model": cfg.model, "dataset": cfg.dataset, "mode": cfg.mode, "seed": cfg.seed,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_samples": cfg.max_samples,
@@ -313,6 +316,10 @@ def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
         # the sampler: another grouping deals the epoch's rest in another order (None for plain shuffling,
         # so a checkpoint written before this key existed still resumes a plain run)
         "data_order": "image" if cfg.group_by_image else "length" if cfg.group_by_length else None,
+        # the optimizer and schedule: Accelerate restores the saved rate and weight decay into the optimizer,
+        # so a changed --lr or --weight-decay would be ignored without a word
+        "lr": learning_rate(cfg.lr, cfg.mode), "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
+        "warmup_steps": cfg.warmup_steps,
     }
 
 

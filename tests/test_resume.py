@@ -151,8 +151,18 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_dir, docvqa_
     with pytest.raises(UserError, match="data_order: None → 'image'"):  # another sampler: another epoch order
         finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=4, grad_accum=1, group_by_image=True, resume="latest"),
                  quiet=True, print_fn=lambda _: None)
+    with pytest.raises(UserError, match="lr: 0.001 → 0.0001"):  # Accelerate would restore the old rate silently
+        finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=4, grad_accum=1, lr=1e-4, resume="latest"),
+                 quiet=True, print_fn=lambda _: None)
     with pytest.raises(UserError, match="not a checkpoint folder"):
         finetune(_cfg(tiny_dir, docvqa_dir, out, resume=str(tmp_path)), quiet=True, print_fn=lambda _: None)
+    state_file = out / "checkpoints" / "step-2" / "trainer_state.json"  # written before "lr" was fingerprinted
+    state = json.loads(state_file.read_text())
+    del state["fingerprint"]["lr"]
+    state_file.write_text(json.dumps(state))
+    result = finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=3, grad_accum=1, resume="latest"), quiet=True,
+                      print_fn=lambda _: None)
+    assert result.steps == 3
 
 
 def test_eval_every_keeps_best_and_stops_early(tiny_dir, docvqa_dir, tmp_path):
