@@ -66,6 +66,11 @@ def extra_dirs(tasks_dirs: Sequence[Path] = ()) -> list[Path]:
     return [*tasks_dirs, *env]
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two origins are one task file, however its folder was spelled."""
+    return Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
+
+
 def all_tasks(tasks_dirs: Sequence[Path] = ()) -> dict[str, TaskSpec]:
     """Every task by name. Two tasks with one name is an error naming both origins."""
     found: dict[str, TaskSpec] = {}
@@ -75,6 +80,8 @@ def all_tasks(tasks_dirs: Sequence[Path] = ()) -> dict[str, TaskSpec]:
     sources.append(_plugin_tasks(plugins))
     for source in sources:
         for spec in source:
+            if spec.name in found and _same_file(found[spec.name].origin, spec.origin):
+                continue  # one folder reached twice (--tasks-dir and the environment, or nested): one task
             if spec.name in found:
                 raise UserError(
                     f"task '{spec.name}' is defined twice: {found[spec.name].origin} and {spec.origin}; "

@@ -100,3 +100,15 @@ def test_tasks_show_renders_one_example(docvqa_dir: Path, docvqa_splits) -> None
     row = docvqa_splits["train"][0]
     assert f"<DocVQA>{row['question']}" in result.stdout and repr(row["answers"][0]) in result.stdout
     assert "HuggingFaceM4/DocumentVQA" in result.stdout
+
+
+def test_one_folder_reached_twice_is_not_a_duplicate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tasks-dir X with X also in FLORENCE_KIT_TASKS_PATH (or a built-in folder) used to stop every command."""
+    (tmp_path / "mine.yaml").write_text(GOOD_TASK)
+    monkeypatch.setenv("FLORENCE_KIT_TASKS_PATH", str(tmp_path))
+    assert get_task("my_docs", [tmp_path]).origin == str(tmp_path / "mine.yaml")
+    assert "docvqa" in all_tasks([BUILTIN_DIR / "docvqa", tmp_path / "."])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.yaml").write_text(GOOD_TASK)  # a real second file with the name: still an error
+    with pytest.raises(UserError, match="'my_docs' is defined twice"):
+        all_tasks([tmp_path / "other"])
