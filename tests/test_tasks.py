@@ -370,6 +370,25 @@ def test_plugin_task_clashing_with_a_builtin_names_both(plugin_installed, tmp_pa
     assert str(tmp_path / "t" / "dup.yaml") in str(err.value) and "shape_colour.yaml" in str(err.value)
 
 
+def test_a_broken_plugin_is_one_line_and_hides_no_other_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin that failed to import stopped `tasks list` before any task was shown, and one whose function
+    raised was a traceback; each is now one line naming the plugin and the fix, the other tasks are listed, exit 2."""
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[florence_kit.tasks]\ngone = no_such_module_xyz\nraising = raiser:tasks\n")
+    (tmp_path / "raiser.py").write_text("def tasks():\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["tasks", "list"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "docvqa" in result.stdout and "cauldron/ai2d" in result.stdout
+    assert "plugin 'gone' (no_such_module_xyz) failed to load (ModuleNotFoundError" in result.output
+    assert "plugin 'raising' (raiser:tasks) failed to list its tasks (RuntimeError: boom)" in result.output
+    assert result.output.count("pip uninstall broken-plugin") == 2
+    with pytest.raises(UserError, match="plugin 'gone'.*and 1 more"):  # other commands stop, naming it
+        get_task("docvqa")
+
+
 @pytest.mark.slow
 def test_example_plugin_pip_installs(tmp_path: Path) -> None:
     """The real thing: pip builds and installs the example, a fresh process lists its task."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.cli.common import TasksDirOption, console, err_console, user_errors
+from florence_kit.errors import UserError
 
 app = typer.Typer(help="List and inspect tasks (built in, task folders, plugins).", no_args_is_help=True)
 
@@ -26,9 +28,9 @@ def list_tasks(tasks_dir: TasksDirOption = None) -> None:
 
     Example: florence-kit tasks list --tasks-dir ./my_tasks
     """
-    from florence_kit.registry import all_tasks, groups
+    from florence_kit.registry import collect_tasks, groups
 
-    tasks = all_tasks(tasks_dir or [])
+    tasks, errors = collect_tasks(tasks_dir or [])
     table = Table(title="florence-kit tasks")
     table.add_column("name", no_wrap=True)  # whole names, so they can be copied and grepped
     table.add_column("source", overflow="fold")
@@ -41,6 +43,10 @@ def list_tasks(tasks_dir: TasksDirOption = None) -> None:
     console.print(table)
     for group, names in groups(tasks).items():
         console.print(f"group [bold]{group}[/]: {len(names)} tasks (train on all of them with `finetune {group}`)")
+    for line in errors[:-1]:  # the tasks that loaded are listed above; each broken file or plugin is one line
+        err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if errors:
+        raise UserError(errors[-1])  # the last line, and exit 2
 
 
 @app.command("show")
