@@ -127,3 +127,14 @@ def test_a_prompt_field_of_the_wrong_type_names_the_row(tmp_path: Path) -> None:
     rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "question": [7], "answers": [["a"]]})
     with pytest.raises(UserError, match="row 0: prompt template .* cannot be filled"):
         TaskDataset(rows, get_task("my_docs", [tmp_path]), with_target=True)[0]
+
+
+def test_tasks_list_piped_is_one_line_per_task(tmp_path: Path) -> None:
+    """Piped, rich folded sources and origins into 80-column pieces: `| grep the_cauldron` found nothing."""
+    (tmp_path / "mine.yaml").write_text(GOOD_TASK)
+    result = runner.invoke(app, ["tasks", "list", "--tasks-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == ["name", "source", "metric", "prompt", "origin"]
+    assert f"my_docs\t./data\tanls\t<DocVQA>{{question}}\t{tmp_path / 'mine.yaml'}" in lines
+    assert "cauldron/diagram_image_to_text\tHuggingFaceM4/the_cauldron (diagram_image_to_text)\tcider" in result.stdout
