@@ -270,7 +270,7 @@ def render_texts(task: TaskSpec, row: dict[str, Any], index: int) -> tuple[str, 
         raise UserError(f"row {index}: column '{empty[0]}' is empty (null); fill it or remove the row")
     try:
         prompt = task.prompt.format(**row)
-    except (KeyError, IndexError, AttributeError) as exc:
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:  # e.g. '{n[0]}' on an int
         raise UserError(f"row {index}: prompt template '{task.prompt}' cannot be filled ({exc!r})") from None
     head = task.references.split(".", 1)[0]
     references = _references(lookup(row, task.references))

@@ -10,7 +10,8 @@ with another convention says so in its task file or with ``--box-format``.
 Class names go through the dataset's label names (a ``ClassLabel`` feature) when categories are
 integers. Images without boxes are kept (their target is empty). Bad boxes never crash a run: a box
 partly outside the image is clipped to it, one with no area left (negative size, entirely outside)
-is dropped, and both are counted (:class:`RegionCounts`).
+is dropped, and both are counted (:class:`RegionCounts`); so is a box without a class (null, blank, or
+unpaired when the ``bbox`` and ``category`` lists differ in length), which is dropped.
 
 The task's ``regions:`` mapping (see :func:`check_regions`) names the kind and where the boxes live.
 """
@@ -119,6 +120,7 @@ class RegionCounts:
     dropped: int = 0
     unknown_class: int = 0
     warned: bool = False
+    unnamed_ids: bool = False  # integer categories met without label names (warned once)
 
     def __str__(self) -> str:
         return (f"{self.boxes} boxes: {self.clipped} clipped to the image, {self.dropped} dropped (no area), "
@@ -198,10 +200,13 @@ def region_fields(regions: dict[str, Any], row: dict[str, Any], image_column: st
     ``caption`` (grounding's phrase input: the row's caption, or the phrases joined) for one row."""
     size = _image_size(row, image_column)
     raw_boxes, categories = _objects(row.get(regions["objects"]), regions)
+    unpaired = abs(len(raw_boxes) - len(categories))  # a box without a class (or a class without a box)
+    counts.boxes += unpaired
+    counts.dropped += unpaired
     labels, boxes = [], []
     for box, category in zip(raw_boxes, categories, strict=False):
-        if box is None or len(box) < 4:
-            counts.boxes += 1
+        if box is None or len(box) < 4 or category is None or not str(category).strip():
+            counts.boxes += 1  # no box, or no class to name it by (a null would be learnt as the label "None")
             counts.dropped += 1
             continue
         if isinstance(category, int) and names is not None:
@@ -211,6 +216,11 @@ def region_fields(regions: dict[str, Any], row: dict[str, Any], image_column: st
                 counts.dropped += 1
                 continue
             category = names[category]
+        elif isinstance(category, int) and not counts.unnamed_ids:
+            counts.unnamed_ids = True
+            warnings.warn("class ids without class names (no ClassLabel feature, e.g. JSONL data): the model learns "
+                          "the labels '0', '1', ...; write the names in the category field, or use a COCO or YOLO "
+                          "folder", stacklevel=2)
         coords = clean_box(to_xyxy(box, regions["box_format"], size), size, counts)
         if coords is not None:
             labels.append(str(category).strip())

@@ -9,9 +9,10 @@ A task's ``group`` (e.g. ``cauldron``) names every task that declares it, for tr
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -35,29 +36,42 @@ def scan_folder(folder: Path) -> list[TaskSpec]:
     return [spec for path in task_files(folder) for spec in load_task_specs(path)]
 
 
-def _load_plugins() -> list[tuple[str, object]]:
-    """Import every ``florence_kit.tasks`` entry point (registering the metrics its package defines)."""
+def _plugin_fix(ep: metadata.EntryPoint) -> str:
+    """How to get rid of a broken plugin: reinstall or uninstall the distribution that declares it."""
+    dist = ep.dist.name if ep.dist is not None else "the package that declares it"
+    return f"reinstall or fix it, or remove it with `pip uninstall {dist}`"
+
+
+def _load_plugins(errors: list[str]) -> list[tuple[str, object, str]]:
+    """Import every ``florence_kit.tasks`` entry point (registering the metrics its package defines);
+    one that fails is one line in ``errors`` naming it and the fix, and the others still load."""
     loaded = []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        label = f"plugin '{ep.name}' ({ep.value})"
         try:
-            loaded.append((f"plugin {ep.name} ({ep.value})", ep.load()))
-        except Exception as exc:  # a broken plugin must not hide the others' tasks silently
-            raise UserError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {exc}") from None
+            loaded.append((label, ep.load(), _plugin_fix(ep)))
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not hide the other tasks
+            errors.append(f"{label} failed to load ({type(exc).__name__}: {exc}); {_plugin_fix(ep)}")
     return loaded
 
 
-def _plugin_tasks(plugins: list[tuple[str, object]]) -> Iterable[TaskSpec]:
+def _plugin_specs(label: str, obj: object, fix: str) -> list[TaskSpec]:
     """An entry point names a package (a folder of task files, scanned) or a callable returning TaskSpecs."""
-    for label, obj in plugins:
-        if callable(obj):
-            specs = list(obj())
-            bad = [s for s in specs if not isinstance(s, TaskSpec)]
-            if bad:
-                raise UserError(f"{label} returned {type(bad[0]).__name__}, not TaskSpec")
-            yield from specs
-        else:
-            module = importlib.import_module(obj.__name__) if hasattr(obj, "__name__") else obj
-            yield from scan_folder(Path(module.__file__).parent)
+    if not callable(obj):
+        module = importlib.import_module(obj.__name__) if hasattr(obj, "__name__") else obj
+        if not getattr(module, "__file__", None):
+            raise UserError(f"{label} names neither a package with task files nor a function; {fix}")
+        return scan_folder(Path(module.__file__).parent)
+    try:
+        specs = list(obj())
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{label} failed to list its tasks ({type(exc).__name__}: {exc}); {fix}") from None
+    bad = [s for s in specs if not isinstance(s, TaskSpec)]
+    if bad:
+        raise UserError(f"{label} returned {type(bad[0]).__name__}, not TaskSpec; {fix}")
+    return specs
 
 
 def extra_dirs(tasks_dirs: Sequence[Path] = ()) -> list[Path]:
@@ -66,21 +80,50 @@ def extra_dirs(tasks_dirs: Sequence[Path] = ()) -> list[Path]:
     return [*tasks_dirs, *env]
 
 
-def all_tasks(tasks_dirs: Sequence[Path] = ()) -> dict[str, TaskSpec]:
-    """Every task by name. Two tasks with one name is an error naming both origins."""
+def _same_file(a: str, b: str) -> bool:
+    """Whether two origins are one task file, however its folder was spelled."""
+    return Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
+
+
+def _sources(tasks_dirs: Sequence[Path], errors: list[str]) -> Iterable[Callable[[], list[TaskSpec]]]:
+    """One loader per task file (built-in, then extra folders) and per plugin, each failing on its own."""
+    plugins = _load_plugins(errors)  # first: a plugin's metrics may be named by any task file
+    for folder in [BUILTIN_DIR, *extra_dirs(tasks_dirs)]:
+        if not folder.is_dir():
+            errors.append(f"task folder '{folder}' does not exist")
+            continue
+        yield from (functools.partial(load_task_specs, path) for path in task_files(folder))
+    yield from (functools.partial(_plugin_specs, *plugin) for plugin in plugins)
+
+
+def collect_tasks(tasks_dirs: Sequence[Path] = ()) -> tuple[dict[str, TaskSpec], list[str]]:
+    """Every task that loads, by name, and one line per task file or plugin that does not (or that
+    redefines a name): ``tasks list`` shows both, so one broken source never hides the others."""
     found: dict[str, TaskSpec] = {}
-    plugins = _load_plugins()
-    sources: list[Iterable[TaskSpec]] = [scan_folder(BUILTIN_DIR)]
-    sources += [scan_folder(d) for d in extra_dirs(tasks_dirs)]
-    sources.append(_plugin_tasks(plugins))
-    for source in sources:
-        for spec in source:
+    errors: list[str] = []
+    for load in _sources(tasks_dirs, errors):
+        try:
+            specs = load()
+        except UserError as exc:
+            errors.append(str(exc))
+            continue
+        for spec in specs:
+            if spec.name in found and _same_file(found[spec.name].origin, spec.origin):
+                continue  # one folder reached twice (--tasks-dir and the environment, or nested): one task
             if spec.name in found:
-                raise UserError(
-                    f"task '{spec.name}' is defined twice: {found[spec.name].origin} and {spec.origin}; "
-                    "rename one of them"
-                )
+                errors.append(f"task '{spec.name}' is defined twice: {found[spec.name].origin} and {spec.origin}; "
+                              "rename one of them")
+                continue
             found[spec.name] = spec
+    return found, errors
+
+
+def all_tasks(tasks_dirs: Sequence[Path] = ()) -> dict[str, TaskSpec]:
+    """Every task by name; a broken task file or plugin, or two tasks with one name, is an error naming them."""
+    found, errors = collect_tasks(tasks_dirs)
+    if errors:
+        more = f" (and {len(errors) - 1} more: see `florence-kit tasks list`)" if len(errors) > 1 else ""
+        raise UserError(errors[0] + more)
     return found
 
 

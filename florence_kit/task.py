@@ -157,6 +157,8 @@ def spec_from_dict(data: dict[str, Any], origin: str) -> TaskSpec:
         for k, v in columns.items() if k not in {"image", "id"}
     }
     target = str(data["target"])
+    for key in ("prompt", "target"):
+        _check_template(str(data[key]), key, origin)
     references = data.get("references") or (template_fields(target) or [""])[0]
     metrics = data["metric"] if isinstance(data["metric"], list) else [data["metric"]]
     multi_image = str(data.get("multi_image", "first"))
@@ -199,6 +201,20 @@ def spec_from_dict(data: dict[str, Any], origin: str) -> TaskSpec:
         aliases=aliases,
         regions=regions,
     )
+
+
+def _check_template(template: str, key: str, origin: str) -> None:
+    """A template ``str.format`` can fill from a row: a stray brace used to surface as a traceback at data time."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise UserError(f"{origin}: {key} '{template}' is not a template ({exc}); "
+                        "write a literal brace as {{ or }}") from None
+    for name in fields:
+        head = name.split("[", 1)[0].split(".", 1)[0]
+        if not head or head.isdigit() or any(q in head for q in "\"'"):
+            raise UserError(f"{origin}: {key} '{template}' has '{{{name}}}', which names no column; "
+                            "write a literal brace as {{ or }}")
 
 
 def _check_row_map(row_map: str, origin: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import datasets
@@ -293,6 +294,41 @@ def test_bad_boxes_are_clipped_or_dropped_and_counted() -> None:
     ref = json.loads(fields["references"][0])
     assert ref["boxes"] == [[0, 0, 20, 15], [90, 40, 100, 50]] and ref["labels"] == ["a", "b"]
     assert (counts.boxes, counts.clipped, counts.dropped, counts.unknown_class) == (6, 2, 4, 1)
+
+
+def test_boxes_without_a_class_are_dropped_and_counted() -> None:
+    """Unpaired lists used to lose their extra boxes uncounted, and a null class became the label 'None'."""
+    from PIL import Image
+
+    regions, image = get_task("od").regions, Image.new("RGB", (100, 50))
+    counts = RegionCounts()
+    objects = {"bbox": [[1, 2, 3, 4], [5, 5, 10, 10], [20, 20, 5, 5]], "category": ["a"]}
+    with pytest.warns(UserWarning, match="bad boxes in the data"):
+        fields = region_fields(regions, {"image": image, "objects": objects}, "image", None, counts)
+    assert json.loads(fields["references"][0])["labels"] == ["a"]
+    assert (counts.boxes, counts.dropped) == (3, 2)
+    counts = RegionCounts()
+    objects = [{"bbox": [1, 2, 3, 4], "category": None}, {"bbox": [5, 5, 10, 10], "category": " "},
+               {"bbox": [20, 20, 5, 5], "category": "b"}]
+    with pytest.warns(UserWarning, match="bad boxes in the data"):
+        fields = region_fields(regions, {"image": image, "objects": objects}, "image", None, counts)
+    assert "None" not in fields["target"] and json.loads(fields["references"][0])["labels"] == ["b"]
+    assert (counts.boxes, counts.dropped) == (3, 2)
+
+
+def test_class_ids_without_names_warn_once() -> None:
+    from PIL import Image
+
+    regions, image = get_task("od").regions, Image.new("RGB", (100, 50))
+    row = {"image": image, "objects": {"bbox": [[1, 2, 3, 4], [5, 5, 10, 10]], "category": [0, 1]}}
+    counts = RegionCounts()
+    with pytest.warns(UserWarning, match="class ids without class names") as record:
+        fields = region_fields(regions, row, "image", None, counts)
+        region_fields(regions, row, "image", None, counts)
+    assert fields["target"].startswith("0<loc_") and len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with the names: no warning
+        assert region_fields(regions, row, "image", ["cat", "dog"], RegionCounts())["target"].startswith("cat")
 
 
 def test_objects_without_the_box_or_class_key_is_an_error(tiny_dir: Path, tmp_path: Path) -> None:

@@ -83,6 +83,8 @@ def test_duplicate_names_name_both_origins(tmp_path: Path) -> None:
         (GOOD_TASK.replace("metric: anls", "metric: blue"), "unknown metric 'blue'"),
         (GOOD_TASK.replace('prompt: "<DocVQA>{question}"', ""), "missing required field 'prompt'"),
         (GOOD_TASK + "promt: x\n", "unknown key"),
+        (GOOD_TASK.replace("{question}", "{question"), "is not a template"),  # a stray brace was a traceback
+        (GOOD_TASK.replace("{question}", "{question} as JSON {\\\"a\\\": 1}"), "names no column; write a literal"),
     ],
 )
 def test_broken_task_file_exits_2_naming_file_and_problem(tmp_path: Path, content: str, problem: str) -> None:
@@ -100,3 +102,39 @@ def test_tasks_show_renders_one_example(docvqa_dir: Path, docvqa_splits) -> None
     row = docvqa_splits["train"][0]
     assert f"<DocVQA>{row['question']}" in result.stdout and repr(row["answers"][0]) in result.stdout
     assert "HuggingFaceM4/DocumentVQA" in result.stdout
+
+
+def test_one_folder_reached_twice_is_not_a_duplicate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tasks-dir X with X also in FLORENCE_KIT_TASKS_PATH (or a built-in folder) used to stop every command."""
+    (tmp_path / "mine.yaml").write_text(GOOD_TASK)
+    monkeypatch.setenv("FLORENCE_KIT_TASKS_PATH", str(tmp_path))
+    assert get_task("my_docs", [tmp_path]).origin == str(tmp_path / "mine.yaml")
+    assert "docvqa" in all_tasks([BUILTIN_DIR / "docvqa", tmp_path / "."])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.yaml").write_text(GOOD_TASK)  # a real second file with the name: still an error
+    with pytest.raises(UserError, match="'my_docs' is defined twice"):
+        all_tasks([tmp_path / "other"])
+
+
+def test_a_prompt_field_of_the_wrong_type_names_the_row(tmp_path: Path) -> None:
+    """'{n[0]}' on an integer column raised a bare TypeError out of the data loader."""
+    import datasets
+    from PIL import Image
+
+    from florence_kit.data import TaskDataset
+
+    (tmp_path / "t.yaml").write_text(GOOD_TASK.replace("{question}", "{question[0]}"))
+    rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "question": [7], "answers": [["a"]]})
+    with pytest.raises(UserError, match="row 0: prompt template .* cannot be filled"):
+        TaskDataset(rows, get_task("my_docs", [tmp_path]), with_target=True)[0]
+
+
+def test_tasks_list_piped_is_one_line_per_task(tmp_path: Path) -> None:
+    """Piped, rich folded sources and origins into 80-column pieces: `| grep the_cauldron` found nothing."""
+    (tmp_path / "mine.yaml").write_text(GOOD_TASK)
+    result = runner.invoke(app, ["tasks", "list", "--tasks-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == ["name", "source", "metric", "prompt", "origin"]
+    assert f"my_docs\t./data\tanls\t<DocVQA>{{question}}\t{tmp_path / 'mine.yaml'}" in lines
+    assert "cauldron/diagram_image_to_text\tHuggingFaceM4/the_cauldron (diagram_image_to_text)\tcider" in result.stdout

@@ -76,10 +76,11 @@ def _eval(task: str, model: Path, data: Path, out: Path, *extra: str) -> tuple[d
 def test_tasks_list_shows_every_family_and_every_cauldron_subset() -> None:
     result = runner.invoke(app, ["tasks", "list"])
     assert result.exit_code == 0, result.output
+    names = {line.split("\t")[0] for line in result.stdout.splitlines()}  # piped: one tab-separated line each
     for name in ("docvqa", "caption", "detailed_caption", "more_detailed_caption", "ocr", "vqa"):
-        assert f" {name} " in result.stdout, name
+        assert name in names, name
     for subset in CAULDRON_SUBSETS:
-        assert f"cauldron/{subset} " in result.stdout, subset
+        assert f"cauldron/{subset}" in names, subset
     assert "group cauldron: 50 tasks" in result.stdout
     tasks = all_tasks()
     assert sorted(n for n in tasks if n.startswith("cauldron/")) == sorted(f"cauldron/{s}" for s in CAULDRON_SUBSETS)
@@ -384,6 +385,25 @@ def test_plugin_task_clashing_with_a_builtin_names_both(plugin_installed, tmp_pa
         all_tasks([tmp_path / "t"])
     assert "'shape_colour' is defined twice" in str(err.value)
     assert str(tmp_path / "t" / "dup.yaml") in str(err.value) and "shape_colour.yaml" in str(err.value)
+
+
+def test_a_broken_plugin_is_one_line_and_hides_no_other_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin that failed to import stopped `tasks list` before any task was shown, and one whose function
+    raised was a traceback; each is now one line naming the plugin and the fix, the other tasks are listed, exit 2."""
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[florence_kit.tasks]\ngone = no_such_module_xyz\nraising = raiser:tasks\n")
+    (tmp_path / "raiser.py").write_text("def tasks():\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["tasks", "list"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "docvqa" in result.stdout and "cauldron/ai2d" in result.stdout
+    assert "plugin 'gone' (no_such_module_xyz) failed to load (ModuleNotFoundError" in result.output
+    assert "plugin 'raising' (raiser:tasks) failed to list its tasks (RuntimeError: boom)" in result.output
+    assert result.output.count("pip uninstall broken-plugin") == 2
+    with pytest.raises(UserError, match="plugin 'gone'.*and 1 more"):  # other commands stop, naming it
+        get_task("docvqa")
 
 
 @pytest.mark.slow

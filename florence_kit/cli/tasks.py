@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.cli.common import TasksDirOption, console, err_console, user_errors
+from florence_kit.errors import UserError
 
 app = typer.Typer(help="List and inspect tasks (built in, task folders, plugins).", no_args_is_help=True)
 
@@ -19,28 +21,48 @@ def origin_label(origin: str) -> str:
     return "built-in" if origin.startswith(str(BUILTIN_DIR)) else origin
 
 
-@app.command("list")
-@user_errors
-def list_tasks(tasks_dir: TasksDirOption = None) -> None:
-    """Show every task: name, data source, metric, prompt and where it was defined.
+LIST_COLUMNS = ("name", "source", "metric", "prompt", "origin")
 
-    Example: florence-kit tasks list --tasks-dir ./my_tasks
-    """
-    from florence_kit.registry import all_tasks, groups
 
-    tasks = all_tasks(tasks_dir or [])
+def _table(rows: list[tuple[str, ...]]) -> Table:
+    """The terminal's table of tasks."""
     table = Table(title="florence-kit tasks")
     table.add_column("name", no_wrap=True)  # whole names, so they can be copied and grepped
     table.add_column("source", overflow="fold")
     table.add_column("metric", no_wrap=True)  # the task's metric; `tasks show` lists the others
     for col in ("prompt", "origin"):
         table.add_column(col, overflow="fold")
-    for name, spec in sorted(tasks.items()):
-        source = spec.dataset.path + (f" ({spec.dataset.name})" if spec.dataset.name else "")
-        table.add_row(name, source, spec.metric, spec.prompt, origin_label(spec.origin))
-    console.print(table)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+@app.command("list")
+@user_errors
+def list_tasks(tasks_dir: TasksDirOption = None) -> None:
+    """Show every task: name, data source, metric, prompt and where it was defined.
+
+    Piped (not a terminal), one tab-separated line per task after a header line, for grep and cut.
+
+    Example: florence-kit tasks list --tasks-dir ./my_tasks
+    Example: florence-kit tasks list | grep the_cauldron | cut -f1
+    """
+    from florence_kit.registry import collect_tasks, groups
+
+    tasks, errors = collect_tasks(tasks_dir or [])
+    rows = [(name, spec.dataset.path + (f" ({spec.dataset.name})" if spec.dataset.name else ""), spec.metric,
+             spec.prompt, origin_label(spec.origin)) for name, spec in sorted(tasks.items())]
+    if console.is_terminal:
+        console.print(_table(rows))
+    else:  # piped: rich would fold sources and origins into 80-column pieces that grep cannot find
+        for row in [LIST_COLUMNS, *rows]:
+            typer.echo("\t".join(v.replace("\t", "\\t").replace("\n", "\\n") for v in row))
     for group, names in groups(tasks).items():
         console.print(f"group [bold]{group}[/]: {len(names)} tasks (train on all of them with `finetune {group}`)")
+    for line in errors[:-1]:  # the tasks that loaded are listed above; each broken file or plugin is one line
+        err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if errors:
+        raise UserError(errors[-1])  # the last line, and exit 2
 
 
 @app.command("show")
