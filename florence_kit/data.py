@@ -114,7 +114,24 @@ def load_source(source: str, name: str | None = None, streaming: bool = False) -
     try:
         return datasets.load_dataset(source, name, streaming=streaming)
     except Exception as exc:
-        raise _hub_error(source, exc) from None
+        if not is_script_error(exc):
+            raise _hub_error(source, exc) from None
+    try:  # a loading-script dataset (datasets >= 4 runs none): the hub's own parquet conversion of it
+        return datasets.load_dataset(source, name, streaming=streaming, revision=PARQUET_REVISION)
+    except Exception as exc:
+        raise UserError(
+            f"dataset '{source}' on the hub is a loading script, which datasets >= 4 no longer runs, and it has no "
+            f"parquet conversion ({type(exc).__name__}). Make a local copy once where datasets < 4 is installed "
+            f"(load_dataset('{source}', trust_remote_code=True).save_to_disk(DIR)) and pass --dataset DIR"
+        ) from None
+
+
+PARQUET_REVISION = "refs/convert/parquet"  # where the hub keeps its parquet conversion of a dataset
+
+
+def is_script_error(exc: Exception) -> bool:
+    """datasets >= 4 refuses hub datasets that are Python loading scripts (HuggingFaceM4/VQAv2 is one)."""
+    return "Dataset scripts are no longer supported" in str(exc)
 
 
 def check_utf8(files: list[Path]) -> None:

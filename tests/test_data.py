@@ -116,6 +116,31 @@ def test_missing_local_path_and_unreachable_hub_are_clear(docvqa_task, tmp_path:
         load_split(docvqa_task, None, "train")  # HuggingFaceM4/DocumentVQA with HF_HUB_OFFLINE=1
 
 
+def test_a_loading_script_dataset_reads_the_hubs_parquet_conversion(docvqa_splits, monkeypatch) -> None:
+    """datasets >= 4 refuses script datasets (HuggingFaceM4/VQAv2): the hub's parquet branch is read instead."""
+    from florence_kit.registry import get_task
+
+    calls = []
+
+    def fake_load(source, name=None, streaming=False, revision=None):
+        calls.append(revision)
+        if revision is None:
+            raise RuntimeError("Dataset scripts are no longer supported, but found VQAv2.py")
+        return docvqa_splits
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert len(load_split(get_task("vqa"), None, "validation")) == len(docvqa_splits["validation"])
+    assert calls == [None, "refs/convert/parquet"]
+
+    def no_conversion(source, name=None, streaming=False, revision=None):
+        raise RuntimeError("Dataset scripts are no longer supported, but found VQAv2.py") if revision is None \
+            else FileNotFoundError("Revision 'refs/convert/parquet' doesn't exist")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_conversion)
+    with pytest.raises(UserError, match=r"is a loading script.*save_to_disk\(DIR\)\) and pass --dataset DIR"):
+        load_split(get_task("vqa"), None, "validation")
+
+
 def test_png_bytes_roundtrip_keeps_pixels(docvqa_splits) -> None:
     img = docvqa_splits["train"][0]["image"]
     buf = io.BytesIO()
