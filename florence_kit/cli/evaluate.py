@@ -119,11 +119,16 @@ def score(
 
     Example: florence-kit score docvqa runs/eval/predictions.jsonl --json
     """
+    from florence_kit.errors import UserError
     from florence_kit.evaluate import read_predictions, score_records
     from florence_kit.registry import get_task
 
     spec = get_task(task, tasks_dir or [])
-    _, metrics = score_records(spec.metric, read_predictions(predictions), spec.extra_metrics)
+    records = read_predictions(predictions)
+    if not records:  # else it would print "n/a" and exit 0, as if the file were fine
+        raise UserError(f"{predictions} holds no predictions; each line needs a JSON object with 'prediction' "
+                        "and 'references', as `florence-kit eval` writes them in predictions.jsonl")
+    _, metrics = score_records(spec.metric, records, spec.extra_metrics)
     if as_json:
         typer.echo(json.dumps({spec.metric: metrics[spec.metric]}))
     else:
