@@ -243,7 +243,7 @@ def evaluate(
 def _atomic_write(path: Path, text: str) -> None:
     """Write next to the target and rename, so an interrupted run never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")  # not the locale's: answers hold any script, Windows too
     os.replace(tmp, path)
 
 
