@@ -217,3 +217,32 @@ def test_eval_of_several_tasks_refuses_one_dataset(run_dir: Path, docvqa_dir: Pa
                                  "--tasks-dir", str(tasks), "--output-dir", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--dataset names one task's data" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_predict_turns_a_photo_upright_as_its_exif_says(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A phone photo stored sideways with EXIF orientation 6 reaches the model upright, as eval's images do."""
+    import datasets
+    from PIL import Image
+
+    import florence_kit.evaluate
+
+    stored = Image.new("RGB", (120, 60), "white")
+    stored.paste((0, 0, 0), (0, 0, 30, 60))  # a black band on the left of the stored pixels
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    photo = tmp_path / "photo.jpg"
+    stored.save(photo, exif=exif)
+    upright = datasets.Image().decode_example({"path": str(photo), "bytes": None})  # what eval would see
+    assert upright.size == (60, 120)
+
+    seen = []
+
+    def spy(model, processor, images, prompts, gen_config):
+        seen.extend(images)
+        return ["ok"]
+
+    monkeypatch.setattr(florence_kit.evaluate, "generate", spy)
+    result = runner.invoke(app, ["predict", str(photo), "--model", str(run_dir), "--question", "What?"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].size == upright.size
+    assert list(seen[0].getdata()) == list(upright.convert("RGB").getdata())

@@ -149,7 +149,7 @@ def predict(
 
     Example: florence-kit predict page.png --task docvqa --model runs/finetune --question "What is the total?"
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from florence_kit.data import to_rgb
     from florence_kit.errors import UserError
@@ -160,7 +160,8 @@ def predict(
 
     spec = get_task(task, tasks_dir or [])
     try:
-        picture = to_rgb(Image.open(image))
+        # upright as EXIF says (a phone photo), as `datasets` decodes the images eval and finetune see
+        picture = to_rgb(ImageOps.exif_transpose(Image.open(image)))
     except (OSError, UnidentifiedImageError) as exc:
         raise UserError(f"cannot read image '{image}': {exc}") from None
     fields = template_fields(spec.prompt)
