@@ -246,3 +246,20 @@ def test_predict_turns_a_photo_upright_as_its_exif_says(run_dir: Path, tmp_path:
     assert result.exit_code == 0, result.output
     assert seen[0].size == upright.size
     assert list(seen[0].getdata()) == list(upright.convert("RGB").getdata())
+
+
+def test_one_task_eval_into_a_several_task_folder_is_what_report_shows(
+    run_dir: Path, docvqa_dir: Path, tmp_path: Path
+) -> None:
+    """`eval a,b` then `eval docvqa` into the same --output-dir (both default to runs/eval): the report is docvqa's."""
+    from florence_kit.report import find_inputs
+
+    tasks = _two_task_folder(tmp_path, docvqa_dir)
+    out = tmp_path / "eval"
+    common = ["--model", str(run_dir), "--tasks-dir", str(tasks), "--output-dir", str(out), "--quiet"]
+    assert runner.invoke(app, ["eval", "mine", "--max-samples", "2", *common]).exit_code == 0
+    assert (out / "summary.json").is_file()
+    result = runner.invoke(app, ["eval", "docvqa", "--dataset", str(docvqa_dir), "--max-samples", "3", *common])
+    assert result.exit_code == 0, result.output
+    shown = find_inputs(out).evals
+    assert [(run.metrics["task"], run.metrics["n"]) for run in shown] == [("docvqa", 3)]

@@ -102,6 +102,8 @@ def eval_(
         if len(specs) > 1:  # after every task: a failure later keeps what is done
             write_summary(scored, output_dir)
     if len(specs) == 1:
+        # a summary.json left by an earlier several-task eval here would make `report` show that one instead
+        (output_dir / "summary.json").unlink(missing_ok=True)
         console.print(f"predictions: {output_dir / 'predictions.jsonl'}")
     else:
         summary = output_dir / "summary.json"
