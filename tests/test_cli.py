@@ -263,3 +263,19 @@ def test_one_task_eval_into_a_several_task_folder_is_what_report_shows(
     assert result.exit_code == 0, result.output
     shown = find_inputs(out).evals
     assert [(run.metrics["task"], run.metrics["n"]) for run in shown] == [("docvqa", 3)]
+
+
+def test_predict_on_a_decompression_bomb_is_one_error(run_dir: Path, tmp_path: Path) -> None:
+    """PIL's DecompressionBombError is not an OSError: it used to end predict with a traceback."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"  # a header claiming 20000 x 20000 pixels
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    result = runner.invoke(app, ["predict", str(bomb), "--model", str(run_dir), "--question", "What?"])
+    assert result.exit_code == 2, result.output
+    assert "cannot read image" in result.output and "decompression bomb" in result.output

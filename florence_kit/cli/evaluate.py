@@ -164,7 +164,7 @@ def predict(
     try:
         # upright as EXIF says (a phone photo), as `datasets` decodes the images eval and finetune see
         picture = to_rgb(ImageOps.exif_transpose(Image.open(image)))
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
         raise UserError(f"cannot read image '{image}': {exc}") from None
     fields = template_fields(spec.prompt)
     if fields and question is None:
