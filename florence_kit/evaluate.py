@@ -243,7 +243,7 @@ def evaluate(
 def _atomic_write(path: Path, text: str) -> None:
     """Write next to the target and rename, so an interrupted run never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")  # not the locale's: answers hold any script, Windows too
     os.replace(tmp, path)
 
 
@@ -272,11 +272,21 @@ def write_summary(metrics_by_task: dict[str, dict[str, Any]], out_dir: Path) -> 
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """Lines with ``prediction`` and ``references``; a malformed line is an error naming it."""
+    """Lines with ``prediction`` and ``references``; a malformed line is an error naming it and the fix.
+
+    The file is often edited by hand, so what the metrics cannot read is refused here, with its line number,
+    rather than failing inside a metric: a prediction must be text, references a list of texts (a region
+    reference may be its JSON object), and a number written without quotes is not silently read as text.
+    """
     if not path.is_file():
         raise UserError(f"predictions file '{path}' does not exist")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                            f"{exc.start + 1}); re-save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -285,7 +295,19 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
             raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(rec, dict) or "prediction" not in rec or "references" not in rec:
             raise UserError(f"{path}:{number}: each line needs 'prediction' and 'references'")
-        if isinstance(rec["references"], str):
-            rec["references"] = [rec["references"]]
-        records.append(rec)
+        records.append(_checked_record(rec, f"{path}:{number}"))
     return records
+
+
+def _checked_record(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    """``rec`` with a single reference string made a list; a value a metric cannot read is a UserError."""
+    refs = rec["references"]
+    if isinstance(refs, str):
+        refs = rec["references"] = [refs]
+    if not isinstance(rec["prediction"], str):
+        raise UserError(f"{where}: 'prediction' must be a JSON string, got {json.dumps(rec['prediction'])}; "
+                        'write it in quotes (an empty answer is "")')
+    if refs is not None and not (isinstance(refs, list) and all(isinstance(r, (str, dict)) for r in refs)):
+        raise UserError(f"{where}: 'references' must be a list of JSON strings, got {json.dumps(refs)}; "
+                        'write each one in quotes, e.g. ["1990"] (or [] / null for a row without answers)')
+    return rec

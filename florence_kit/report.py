@@ -117,6 +117,8 @@ def find_inputs(source: Path) -> ReportInputs:
     inputs = ReportInputs(source)
     candidates = [source, *sorted(p for p in source.iterdir() if p.is_dir())]
     eval_dirs = [p for p in candidates if (p / "predictions.jsonl").is_file()]
+    if (source / "predictions.jsonl").is_file():  # an eval folder: task folders below are an earlier `eval a,b`'s
+        eval_dirs = [source]
     inputs.evals = [read_eval(p) for p in eval_dirs]
     if (source / "summary.json").is_file():  # `eval a,b`: one folder per task, named in summary.json
         inputs.evals = [replace(read_eval(source / folder), label=name) for name, folder in summary_folders(source)]

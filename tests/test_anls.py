@@ -58,3 +58,38 @@ def test_score_command_rejects_a_malformed_file(tmp_path) -> None:
     result = CliRunner().invoke(app, ["score", "docvqa", str(path)])
     assert result.exit_code == 2
     assert "references" in result.output
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"", "holds no predictions"),
+        (b"\n  \n", "holds no predictions"),
+        (b'{"prediction": "a", "references": ["a"]}\n{"prediction": "caf\xe9", "references": ["x"]}\n',
+         ":2: not UTF-8 text (byte 0xe9 at column 20)"),
+        (b'{"prediction": "a", "references": ["a"]}\n{"prediction": "1990", "references": [1990]}\n',
+         ":2: 'references' must be a list of JSON strings"),
+        (b'{"prediction": "a", "references": [["a", "b"]]}\n', ":1: 'references' must be a list"),
+        (b'{"prediction": "a", "references": 7}\n', ":1: 'references' must be a list"),
+        (b'{"prediction": null, "references": ["a"]}\n', ":1: 'prediction' must be a JSON string"),
+        (b'{"prediction": 12, "references": ["12"]}\n', ":1: 'prediction' must be a JSON string"),
+    ],
+)
+def test_score_command_names_the_line_of_a_hand_edited_file(tmp_path, body: bytes, expected: str) -> None:
+    """Each is one error line and exit 2: no traceback, no silent "n/a", no None scored as the text "None"."""
+    path = tmp_path / "pred.jsonl"
+    path.write_bytes(body)
+    result = CliRunner().invoke(app, ["score", "docvqa", str(path)])
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_score_command_keeps_rows_without_answers_unscored(tmp_path) -> None:
+    path = tmp_path / "pred.jsonl"
+    rows = [{"prediction": "abcd", "references": "abce"}, {"prediction": "x", "references": None},
+            {"prediction": "", "references": []}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["score", "docvqa", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"anls": pytest.approx(0.75)}

@@ -217,3 +217,65 @@ def test_eval_of_several_tasks_refuses_one_dataset(run_dir: Path, docvqa_dir: Pa
                                  "--tasks-dir", str(tasks), "--output-dir", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--dataset names one task's data" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_predict_turns_a_photo_upright_as_its_exif_says(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A phone photo stored sideways with EXIF orientation 6 reaches the model upright, as eval's images do."""
+    import datasets
+    from PIL import Image
+
+    import florence_kit.evaluate
+
+    stored = Image.new("RGB", (120, 60), "white")
+    stored.paste((0, 0, 0), (0, 0, 30, 60))  # a black band on the left of the stored pixels
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    photo = tmp_path / "photo.jpg"
+    stored.save(photo, exif=exif)
+    upright = datasets.Image().decode_example({"path": str(photo), "bytes": None})  # what eval would see
+    assert upright.size == (60, 120)
+
+    seen = []
+
+    def spy(model, processor, images, prompts, gen_config):
+        seen.extend(images)
+        return ["ok"]
+
+    monkeypatch.setattr(florence_kit.evaluate, "generate", spy)
+    result = runner.invoke(app, ["predict", str(photo), "--model", str(run_dir), "--question", "What?"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].size == upright.size
+    assert list(seen[0].getdata()) == list(upright.convert("RGB").getdata())
+
+
+def test_one_task_eval_into_a_several_task_folder_is_what_report_shows(
+    run_dir: Path, docvqa_dir: Path, tmp_path: Path
+) -> None:
+    """`eval a,b` then `eval docvqa` into the same --output-dir (both default to runs/eval): the report is docvqa's."""
+    from florence_kit.report import find_inputs
+
+    tasks = _two_task_folder(tmp_path, docvqa_dir)
+    out = tmp_path / "eval"
+    common = ["--model", str(run_dir), "--tasks-dir", str(tasks), "--output-dir", str(out), "--quiet"]
+    assert runner.invoke(app, ["eval", "mine", "--max-samples", "2", *common]).exit_code == 0
+    assert (out / "summary.json").is_file()
+    result = runner.invoke(app, ["eval", "docvqa", "--dataset", str(docvqa_dir), "--max-samples", "3", *common])
+    assert result.exit_code == 0, result.output
+    shown = find_inputs(out).evals
+    assert [(run.metrics["task"], run.metrics["n"]) for run in shown] == [("docvqa", 3)]
+
+
+def test_predict_on_a_decompression_bomb_is_one_error(run_dir: Path, tmp_path: Path) -> None:
+    """PIL's DecompressionBombError is not an OSError: it used to end predict with a traceback."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"  # a header claiming 20000 x 20000 pixels
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    result = runner.invoke(app, ["predict", str(bomb), "--model", str(run_dir), "--question", "What?"])
+    assert result.exit_code == 2, result.output
+    assert "cannot read image" in result.output and "decompression bomb" in result.output

@@ -209,3 +209,25 @@ def test_report_of_a_summary_naming_a_missing_folder_exits_2(tmp_path: Path) -> 
     (tmp_path / "summary.json").write_text(json.dumps({"tasks": {"a": {"folder": "a"}}}))
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "names a but no predictions.jsonl" in result.output
+
+
+def test_eval_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """With a non-UTF-8 locale (Windows' cp1252, an un-coerced POSIX one) writing a non-ASCII answer used to crash."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from florence_kit.evaluate import EvalResult, write_results, read_predictions\n"
+        "out = Path(sys.argv[1])\n"
+        "rec = {'prediction': 'caf\\u00e9 \\u4fe1\\u53f7', 'references': ['caf\\u00e9']}\n"
+        "write_results(EvalResult({'metric': 'anls', 'anls': 1.0}, [rec]), out)\n"
+        "assert read_predictions(out / 'predictions.jsonl')[0]['prediction'] == rec['prediction']\n"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "eval")], env=env, capture_output=True,
+                          text=True, encoding="utf-8")
+    assert done.returncode == 0, done.stderr
+    line = (tmp_path / "eval" / "predictions.jsonl").read_bytes().decode("utf-8")
+    assert "caf\u00e9 \u4fe1\u53f7" in line

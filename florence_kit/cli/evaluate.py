@@ -102,6 +102,8 @@ def eval_(
         if len(specs) > 1:  # after every task: a failure later keeps what is done
             write_summary(scored, output_dir)
     if len(specs) == 1:
+        # a summary.json left by an earlier several-task eval here would make `report` show that one instead
+        (output_dir / "summary.json").unlink(missing_ok=True)
         console.print(f"predictions: {output_dir / 'predictions.jsonl'}")
     else:
         summary = output_dir / "summary.json"
@@ -119,11 +121,16 @@ def score(
 
     Example: florence-kit score docvqa runs/eval/predictions.jsonl --json
     """
+    from florence_kit.errors import UserError
     from florence_kit.evaluate import read_predictions, score_records
     from florence_kit.registry import get_task
 
     spec = get_task(task, tasks_dir or [])
-    _, metrics = score_records(spec.metric, read_predictions(predictions), spec.extra_metrics)
+    records = read_predictions(predictions)
+    if not records:  # else it would print "n/a" and exit 0, as if the file were fine
+        raise UserError(f"{predictions} holds no predictions; each line needs a JSON object with 'prediction' "
+                        "and 'references', as `florence-kit eval` writes them in predictions.jsonl")
+    _, metrics = score_records(spec.metric, records, spec.extra_metrics)
     if as_json:
         typer.echo(json.dumps({spec.metric: metrics[spec.metric]}))
     else:
@@ -144,7 +151,7 @@ def predict(
 
     Example: florence-kit predict page.png --task docvqa --model runs/finetune --question "What is the total?"
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from florence_kit.data import to_rgb
     from florence_kit.errors import UserError
@@ -155,8 +162,9 @@ def predict(
 
     spec = get_task(task, tasks_dir or [])
     try:
-        picture = to_rgb(Image.open(image))
-    except (OSError, UnidentifiedImageError) as exc:
+        # upright as EXIF says (a phone photo), as `datasets` decodes the images eval and finetune see
+        picture = to_rgb(ImageOps.exif_transpose(Image.open(image)))
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
         raise UserError(f"cannot read image '{image}': {exc}") from None
     fields = template_fields(spec.prompt)
     if fields and question is None:
