@@ -211,6 +211,18 @@ def test_eval_of_a_group_scores_each_task_as_a_single_eval_would(
     assert prompts == {True, False}  # each task kept its own prompt
 
 
+def test_eval_of_several_tasks_checks_every_dataset_before_generating(
+    run_dir: Path, docvqa_dir: Path, tmp_path: Path
+) -> None:
+    tasks = _two_task_folder(tmp_path, docvqa_dir)
+    broken = (tasks / "mine_em.yaml").read_text().replace(str(docvqa_dir), str(tmp_path / "moved"))
+    (tasks / "mine_em.yaml").write_text(broken)  # the second task's data is not there
+    result = runner.invoke(app, ["eval", "mine", "--model", str(run_dir), "--tasks-dir", str(tasks),
+                                 "--output-dir", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and "moved' does not exist" in result.output
+    assert not (tmp_path / "out").exists()  # failed before the first task ran
+
+
 def test_eval_of_several_tasks_refuses_one_dataset(run_dir: Path, docvqa_dir: Path, tmp_path: Path) -> None:
     tasks = _two_task_folder(tmp_path, docvqa_dir)
     result = runner.invoke(app, ["eval", "mine_anls,mine_em", "--model", str(run_dir), "--dataset", str(docvqa_dir),

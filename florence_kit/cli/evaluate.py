@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -84,15 +84,12 @@ def eval_(
         raise UserError(f"--dataset names one task's data, but '{task}' is {len(specs)} tasks: evaluate them one at "
                         "a time with --dataset, or without it each task reads its own source")
 
-    def split_of(spec: Any) -> Any:
-        rows = load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming)
-        return cap_rows(rows, max_samples)
-
-    first = split_of(specs[0])  # a bad dataset fails before the model is loaded
+    # every task's data first: a bad dataset or split fails before the model loads, not after hours of tasks
+    splits = [cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
+              for spec in specs]
     net, processor = load_model(model)
     scored: dict[str, dict] = {}
-    for spec in specs:
-        data = first if spec is specs[0] else split_of(spec)
+    for spec, data in zip(specs, splits, strict=True):
         result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
                           max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers)
         folder = output_dir if len(specs) == 1 else output_dir / spec.name
