@@ -58,6 +58,7 @@ def test_cer_and_wer_known_values() -> None:
     assert wer.compute(["the cat sit on mat"], [["the cat sat on the mat"]])[1] == pytest.approx(2 / 6)
     assert wer.compute(["Hello World"], [["hello world"]])[1] == 1.0  # case counts in OCR
     assert not cer.higher_is_better and not wer.higher_is_better
+    assert cer.compute(["abc"], [["abc\n"]])[1] == 0.0 and cer.compute(["abc"], [[" abcd "]])[1] == 1 / 4  # as jiwer
 
 
 def test_vqa_accuracy_official_formula() -> None:

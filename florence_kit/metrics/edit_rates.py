@@ -30,5 +30,6 @@ def _rate(split: Callable[[str], Sequence[str]]):
     return compute
 
 
-cer = corpus_metric("cer", higher_is_better=False)(_rate(lambda text: text))
+# leading/trailing whitespace is not text (a reference read from a file often ends in a newline): stripped as jiwer does
+cer = corpus_metric("cer", higher_is_better=False)(_rate(lambda text: text.strip()))
 wer = corpus_metric("wer", higher_is_better=False)(_rate(lambda text: text.split()))
