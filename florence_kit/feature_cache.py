@@ -39,11 +39,13 @@ def image_key(pixels: Any) -> str:
 class VisionFeatureCache:
     """On-disk, memory-mapped cache of frozen vision-tower features under ``root/<model fingerprint>/``."""
 
-    def __init__(self, root: str | Path, vision_tower: Any, dtype: str = "float16") -> None:
+    def __init__(self, root: str | Path, vision_tower: Any, dtype: str = "float16", compute: str = "") -> None:
+        """``compute`` names the precision the tower runs in (``bf16``, ``fp16``, ``no``): features computed
+        under bf16 autocast differ from fp32 ones, so runs of other precisions sharing ``root`` keep apart."""
         if dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {STORE_DTYPES}")
         self.dtype = dtype
-        self.dir = Path(root) / model_fingerprint(vision_tower)
+        self.dir = Path(root) / (model_fingerprint(vision_tower) + (f"-{compute}" if compute else ""))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0

@@ -418,7 +418,8 @@ def train_loop(
             raise UserError("--cache-vision-features needs a frozen vision tower: use --mode frozen-encoder, "
                             "lora or qlora (without --lora-vision)")
         cache_root = cfg.vision_cache_dir or Path(cfg.output_dir) / "vision_cache"
-        feature_cache = VisionFeatureCache(cache_root, component(accelerator.unwrap_model(model), "vision"))
+        feature_cache = VisionFeatureCache(cache_root, component(accelerator.unwrap_model(model), "vision"),
+                                           compute=str(accelerator.mixed_precision))
 
     def set_train_mode() -> None:
         model.train()

@@ -79,3 +79,14 @@ def test_keys_follow_weights_and_pixels(tiny_dir):
     assert image_key(pixels) != image_key(torch.zeros(3, 64, 64))
     pixels[0, 0, 0] = 1.0
     assert image_key(pixels) != image_key(torch.zeros(3, 32, 32))
+
+
+def test_runs_of_other_precisions_sharing_a_cache_keep_apart(tiny_dir, tmp_path):
+    """bf16-autocast features are not fp32 ones: a shared --vision-cache-dir keeps one folder per precision."""
+    from transformers import Florence2ForConditionalGeneration
+
+    from florence_kit.feature_cache import VisionFeatureCache
+
+    tower = Florence2ForConditionalGeneration.from_pretrained(tiny_dir).model.vision_tower
+    folders = {VisionFeatureCache(tmp_path, tower, compute=p).dir for p in ("no", "bf16", "fp16")}
+    assert len(folders) == 3 and VisionFeatureCache(tmp_path, tower, compute="bf16").dir in folders
