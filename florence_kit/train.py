@@ -697,6 +697,9 @@ def finetune(
         raise UserError(f"--fit must be off or auto, got '{cfg.fit}'")
     adapter = Mode(cfg.mode) in ADAPTER_MODES
     if adapter:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # LoRA's A matrices start random: the same --seed must give the same run
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision)
     apply_mode(model, cfg.mode, cfg.lora_vision)
     counts = trainable_counts(model)
