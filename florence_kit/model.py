@@ -80,6 +80,7 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
     A LoRA run folder (adapter_config.json, no config.json) loads its base model plus the adapter,
     merged: evaluation and prediction then see a plain Florence-2 model.
     """
+    from safetensors import SafetensorError
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
     model_id, notice = resolve_model_id(name)
@@ -110,10 +111,21 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
     except UserError:
         raise
     except OSError as exc:
-        raise _hub_error(name, exc) from None
+        raise (_incomplete_error(path, exc) if path.is_dir() else _hub_error(name, exc)) from None
+    except SafetensorError as exc:
+        raise _incomplete_error(path, exc) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"'{name}' could not be loaded as Florence-2: {type(exc).__name__}: {exc}") from None
     return model, processor
+
+
+def _incomplete_error(path: Path, exc: Exception) -> UserError:
+    """A local folder that fails to load is a truncated or partial copy: not a hub or network problem."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return UserError(
+        f"'{path}' is incomplete or damaged ({type(exc).__name__}: {first}); it may be a copy or save that "
+        "did not finish: copy or save the checkpoint again"
+    )
 
 
 def clean_generation_config(model: Any, processor: Any) -> None:

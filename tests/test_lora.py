@@ -390,3 +390,21 @@ def test_the_same_seed_gives_the_same_lora_run(tiny_dir, docvqa_dir, tmp_path):
     first, second = adapters_of
     assert first.keys() == second.keys()
     assert [k for k in first if not torch.equal(first[k], second[k])] == []
+
+
+@pytest.mark.parametrize("damage", ["no adapter weights", "adapter weights cut short"])
+def test_a_partially_written_lora_run_exits_2(lora_run: Path, docvqa_dir: Path, tmp_path: Path, damage: str):
+    import shutil
+
+    moved = tmp_path / "run"
+    shutil.copytree(lora_run, moved)
+    weights = moved / "adapter_model.safetensors"
+    if damage == "no adapter weights":
+        weights.unlink()
+    else:
+        with weights.open("r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
+    result = runner.invoke(app, ["eval", "docvqa", "--model", str(moved), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(tmp_path / "e"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "adapter" in result.output and "Traceback" not in result.output
