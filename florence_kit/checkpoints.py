@@ -163,7 +163,8 @@ def rotate(run_dir: Path, keep: int) -> None:
 def load(accelerator: Any, path: Path, fingerprint: dict[str, Any]) -> TrainState:
     """Restore model, optimizer, scheduler, scaler and RNG from ``path``; refuse a checkpoint of another setup."""
     state, saved = TrainState.from_file(path / STATE_FILE)
-    changed = [f"{k}: {saved.get(k)!r} → {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
+    # a setting the checkpoint does not record (written before it was fingerprinted) cannot be compared
+    changed = [f"{k}: {saved[k]!r} → {v!r}" for k, v in fingerprint.items() if k in saved and saved[k] != v]
     if changed:
         raise UserError(
             f"cannot resume from '{path}': these settings differ from the run that wrote it ({'; '.join(changed)}); "

@@ -285,13 +285,20 @@ def make_accelerator(precision: str, **kwargs: Any) -> Any:
 
 
 def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
-    """Settings a resume must share with the run that wrote the checkpoint (data order, shapes, precision)."""
+    """Settings a resume must share with the run that wrote the checkpoint (data order, shapes, precision).
+
+    Also those a resume would silently drop or reinterpret: the optimizer's and scheduler's saved states
+    bring back the old learning rate and weight decay, and ``lora_alpha`` rescales every saved adapter update.
+    """
+    from florence_kit.modes import learning_rate
+
     return {
         "task": cfg.task, "model": cfg.model, "dataset": cfg.dataset, "mode": cfg.mode, "seed": cfg.seed,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_samples": cfg.max_samples,
         "too_long": cfg.too_long, "lora_r": cfg.lora_r, "lora_vision": cfg.lora_vision, "optim": cfg.optim,
         "mix_weights": cfg.mix_weights, "processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
+        "lr": learning_rate(cfg.lr, cfg.mode), "weight_decay": cfg.weight_decay, "lora_alpha": cfg.lora_alpha,
     }
 
 
