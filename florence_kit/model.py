@@ -34,7 +34,20 @@ def resolve_model_id(name: str) -> tuple[str, str | None]:
 
 
 def check_local_checkpoint(path: Path) -> None:
-    """A folder must hold a native Florence-2 config; say what it is otherwise."""
+    """A folder must hold a native Florence-2 config and safetensors weights; say what it is otherwise."""
+    check_local_config(path)
+    if not any(path.glob("*.safetensors")) and not (path / "adapter_config.json").is_file():
+        pickled = sorted(p.name for p in path.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        raise UserError(
+            f"'{path}' has no safetensors weights"
+            + (f" (only {', '.join(pickled)}, pickle files that can run code when loaded)" if pickled else "")
+            + "; florence-kit loads weights only from safetensors: re-save the model with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+
+
+def check_local_config(path: Path) -> None:
+    """The folder's config.json must be a native Florence-2 one (Florence2Config would fill any other with defaults)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"'{path}' is not a Florence-2 checkpoint: no config.json in it")
@@ -55,14 +68,6 @@ def check_local_checkpoint(path: Path) -> None:
         raise UserError(
             f"'{path}' has an empty vision_config.model_type (a known defect of checkpoints saved by other "
             "tools); set it to 'florence_vision' in config.json"
-        )
-    if not any(path.glob("*.safetensors")) and not (path / "adapter_config.json").is_file():
-        pickled = sorted(p.name for p in path.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-        raise UserError(
-            f"'{path}' has no safetensors weights"
-            + (f" (only {', '.join(pickled)}, pickle files that can run code when loaded)" if pickled else "")
-            + "; florence-kit loads weights only from safetensors: re-save the model with "
-            "save_pretrained(..., safe_serialization=True)"
         )
 
 
