@@ -30,6 +30,7 @@ VISION_TARGETS = (
 )
 PROJECTOR = "multi_modal_projector"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw8bit")
 QUANT_HINT = 'install it with `pip install "florence-kit[quant]"`'
 
@@ -185,6 +186,7 @@ def load_adapter_model(run_dir: Path, merge: bool = True, dtype: Any = None) -> 
     export; outputs differ from the 4-bit training model by the quantisation error only).
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
     from transformers import AutoProcessor
 
     from florence_kit.model import load_model
@@ -199,9 +201,18 @@ def load_adapter_model(run_dir: Path, merge: bool = True, dtype: Any = None) -> 
         model, processor = load_model(base, dtype=dtype)
     except UserError as exc:
         raise UserError(f"cannot load the base model that '{run_dir / ADAPTER_CONFIG}' names: {exc}") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = PeftModel.from_pretrained(model, str(run_dir))
+    if not (run_dir / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"'{run_dir}' has no {ADAPTER_WEIGHTS}: the run did not finish saving, or the copy is partial")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(run_dir))
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(
+            f"cannot load the adapter in '{run_dir}' onto its base '{base}' ({type(exc).__name__}: {first}); "
+            "the adapter file is damaged, or the base is not the model it was trained on"
+        ) from None
     if (run_dir / "preprocessor_config.json").is_file() or (run_dir / "processor_config.json").is_file():
         processor = AutoProcessor.from_pretrained(str(run_dir))
     if (run_dir / "generation_config.json").is_file():

@@ -77,6 +77,9 @@ def load_config(model: str) -> Any:
         )
     from transformers import Florence2Config
 
+    from florence_kit.model import check_local_config
+
+    check_local_config(path)
     return Florence2Config.from_pretrained(str(path))
 
 

@@ -34,7 +34,20 @@ def resolve_model_id(name: str) -> tuple[str, str | None]:
 
 
 def check_local_checkpoint(path: Path) -> None:
-    """A folder must hold a native Florence-2 config; say what it is otherwise."""
+    """A folder must hold a native Florence-2 config and safetensors weights; say what it is otherwise."""
+    check_local_config(path)
+    if not any(path.glob("*.safetensors")) and not (path / "adapter_config.json").is_file():
+        pickled = sorted(p.name for p in path.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        raise UserError(
+            f"'{path}' has no safetensors weights"
+            + (f" (only {', '.join(pickled)}, pickle files that can run code when loaded)" if pickled else "")
+            + "; florence-kit loads weights only from safetensors: re-save the model with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+
+
+def check_local_config(path: Path) -> None:
+    """The folder's config.json must be a native Florence-2 one (Florence2Config would fill any other with defaults)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"'{path}' is not a Florence-2 checkpoint: no config.json in it")
@@ -56,14 +69,6 @@ def check_local_checkpoint(path: Path) -> None:
             f"'{path}' has an empty vision_config.model_type (a known defect of checkpoints saved by other "
             "tools); set it to 'florence_vision' in config.json"
         )
-    if not any(path.glob("*.safetensors")) and not (path / "adapter_config.json").is_file():
-        pickled = sorted(p.name for p in path.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-        raise UserError(
-            f"'{path}' has no safetensors weights"
-            + (f" (only {', '.join(pickled)}, pickle files that can run code when loaded)" if pickled else "")
-            + "; florence-kit loads weights only from safetensors: re-save the model with "
-            "save_pretrained(..., safe_serialization=True)"
-        )
 
 
 def _hub_error(name: str, exc: Exception) -> UserError:
@@ -80,6 +85,7 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
     A LoRA run folder (adapter_config.json, no config.json) loads its base model plus the adapter,
     merged: evaluation and prediction then see a plain Florence-2 model.
     """
+    from safetensors import SafetensorError
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
     model_id, notice = resolve_model_id(name)
@@ -110,10 +116,21 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
     except UserError:
         raise
     except OSError as exc:
-        raise _hub_error(name, exc) from None
+        raise (_incomplete_error(path, exc) if path.is_dir() else _hub_error(name, exc)) from None
+    except SafetensorError as exc:
+        raise _incomplete_error(path, exc) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"'{name}' could not be loaded as Florence-2: {type(exc).__name__}: {exc}") from None
     return model, processor
+
+
+def _incomplete_error(path: Path, exc: Exception) -> UserError:
+    """A local folder that fails to load is a truncated or partial copy: not a hub or network problem."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return UserError(
+        f"'{path}' is incomplete or damaged ({type(exc).__name__}: {first}); it may be a copy or save that "
+        "did not finish: copy or save the checkpoint again"
+    )
 
 
 def clean_generation_config(model: Any, processor: Any) -> None:

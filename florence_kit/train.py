@@ -303,8 +303,12 @@ def make_accelerator(precision: str, **kwargs: Any) -> Any:
 
 
 def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
-    """Settings a resume must share with the run that wrote the checkpoint (data order, shapes, precision,
-    optimizer). --max-steps / --epochs may change: a finished run can be extended."""
+    """Settings a resume must share with the run that wrote the checkpoint (data order, shapes, precision).
+
+    Also those a resume would silently drop or reinterpret: the optimizer's and scheduler's saved states
+    bring back the old learning rate and weight decay, and ``lora_alpha`` rescales every saved adapter update.
+    --max-steps / --epochs may change: a finished run can be extended.
+    """
     from florence_kit.modes import learning_rate
 
     return {
@@ -319,7 +323,7 @@ def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
         # the optimizer and schedule: Accelerate restores the saved rate and weight decay into the optimizer,
         # so a changed --lr or --weight-decay would be ignored without a word
         "lr": learning_rate(cfg.lr, cfg.mode), "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
-        "warmup_steps": cfg.warmup_steps,
+        "warmup_steps": cfg.warmup_steps, "lora_alpha": cfg.lora_alpha,
     }
 
 
@@ -727,6 +731,9 @@ def finetune(
         raise UserError(f"--fit must be off or auto, got '{cfg.fit}'")
     adapter = Mode(cfg.mode) in ADAPTER_MODES
     if adapter:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # LoRA's A matrices start random: the same --seed must give the same run
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision)
     apply_mode(model, cfg.mode, cfg.lora_vision)
     counts = trainable_counts(model)

@@ -372,3 +372,39 @@ def test_default_learning_rate_follows_the_mode(tiny_dir, docvqa_dir, tmp_path, 
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["lr"] == pytest.approx(expected)  # the rate the optimizer ran at
     assert ("learning rate: 0.0001 (the lora default" in result.output) == (mode == "lora" and not args)
+
+
+def test_the_same_seed_gives_the_same_lora_run(tiny_dir, docvqa_dir, tmp_path):
+    """LoRA's A matrices start random: they must come from --seed, not from whatever the process drew before."""
+    from safetensors.torch import load_file
+
+    from florence_kit.train import finetune
+
+    adapters_of = []
+    for i, noise in enumerate((1, 2)):  # the global RNG in another state, as in a fresh process or a resume
+        torch.manual_seed(noise)
+        cfg = TrainConfig(task="docvqa", model=str(tiny_dir), dataset=str(docvqa_dir), output_dir=tmp_path / str(i),
+                          mode="lora", lora_r=R, max_steps=1, batch_size=2, max_samples=4, seed=7)
+        finetune(cfg, quiet=True, print_fn=lambda _: None)
+        adapters_of.append(load_file(str(tmp_path / str(i) / "adapter_model.safetensors")))
+    first, second = adapters_of
+    assert first.keys() == second.keys()
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
+
+
+@pytest.mark.parametrize("damage", ["no adapter weights", "adapter weights cut short"])
+def test_a_partially_written_lora_run_exits_2(lora_run: Path, docvqa_dir: Path, tmp_path: Path, damage: str):
+    import shutil
+
+    moved = tmp_path / "run"
+    shutil.copytree(lora_run, moved)
+    weights = moved / "adapter_model.safetensors"
+    if damage == "no adapter weights":
+        weights.unlink()
+    else:
+        with weights.open("r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
+    result = runner.invoke(app, ["eval", "docvqa", "--model", str(moved), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(tmp_path / "e"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "adapter" in result.output and "Traceback" not in result.output

@@ -144,6 +144,20 @@ def test_plan_reads_a_checkpoint_folder(tiny_dir):
     assert "128×128: 17 image tokens" in result.output
 
 
+@pytest.mark.parametrize("kind", ["bert", "remote code"])
+def test_plan_refuses_a_folder_that_is_not_a_native_florence2(tiny_dir, tmp_path, kind):
+    """Florence2Config.from_pretrained fills any config.json with defaults: the plan would be for another model."""
+    config = json.loads((tiny_dir / "config.json").read_text())
+    if kind == "bert":
+        config = {"model_type": "bert", "hidden_size": 768}
+    else:
+        config["vision_config"]["model_type"] = "davit"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["plan", "docvqa", "--model", str(tmp_path), "--gpu", "t4"])
+    assert result.exit_code == 2, result.output
+    assert ("not a Florence-2 checkpoint" if kind == "bert" else "remote-code") in result.output
+
+
 def test_finetune_fit_auto_splits_the_batch_to_fit(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
     """With a budget that fits two samples, an effective batch of 4 becomes 2 × accumulation 2."""
     import florence_kit.memory as memory

@@ -45,3 +45,23 @@ def test_tiny_tokenizer_has_image_and_location_tokens(tiny_dir: Path) -> None:
     assert tok("47", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids(c) for c in "47"]
     side = processor.image_processor.size["height"]
     assert processor.num_image_tokens == (side // 32) ** 2 + 1  # 17 at 128 px
+
+
+@pytest.mark.parametrize("damage", ["weights cut short", "weights cut in the header", "no processor files"])
+def test_a_partially_written_folder_is_one_clear_error(tiny_dir: Path, tmp_path: Path, damage: str) -> None:
+    """A copy or save that did not finish: named as such, not a traceback and not a hub/offline hint."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    weights = folder / "model.safetensors"
+    if damage == "no processor files":
+        for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+    else:
+        size = weights.stat().st_size * 9 // 10 if damage == "weights cut short" else 1000
+        with weights.open("r+b") as handle:
+            handle.truncate(size)
+    with pytest.raises(UserError, match="incomplete or damaged") as error:
+        load_model(str(folder))
+    assert "hub" not in str(error.value)

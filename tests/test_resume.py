@@ -151,9 +151,6 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_dir, docvqa_
     with pytest.raises(UserError, match="data_order: None → 'image'"):  # another sampler: another epoch order
         finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=4, grad_accum=1, group_by_image=True, resume="latest"),
                  quiet=True, print_fn=lambda _: None)
-    with pytest.raises(UserError, match="lr: 0.001 → 0.0001"):  # Accelerate would restore the old rate silently
-        finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=4, grad_accum=1, lr=1e-4, resume="latest"),
-                 quiet=True, print_fn=lambda _: None)
     with pytest.raises(UserError, match="not a checkpoint folder"):
         finetune(_cfg(tiny_dir, docvqa_dir, out, resume=str(tmp_path)), quiet=True, print_fn=lambda _: None)
     state_file = out / "checkpoints" / "step-2" / "trainer_state.json"  # written before "lr" was fingerprinted
@@ -163,6 +160,20 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_dir, docvqa_
     result = finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=3, grad_accum=1, resume="latest"), quiet=True,
                       print_fn=lambda _: None)
     assert result.steps == 3
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"lr": 1e-2}, "lr: 0.001 → 0.01"),  # the scheduler and optimizer states would bring the old rate back
+    ({"weight_decay": 0.1}, "weight_decay: 0.0 → 0.1"),  # restored with the optimizer's param groups
+    ({"lora_alpha": 64}, "lora_alpha: 32 → 64"),  # rescales every saved adapter update
+])
+def test_resume_refuses_a_setting_it_would_silently_ignore(tiny_dir, docvqa_dir, tmp_path, change, named):
+    out = tmp_path / "run"
+    base = {"max_steps": 2, "grad_accum": 1, "mode": "lora"}
+    finetune(_cfg(tiny_dir, docvqa_dir, out, **base), quiet=True, print_fn=lambda _: None)
+    with pytest.raises(UserError, match=named):
+        finetune(_cfg(tiny_dir, docvqa_dir, out, **{**base, "max_steps": 4, **change}, resume="latest"),
+                 quiet=True, print_fn=lambda _: None)
 
 
 def test_eval_every_keeps_best_and_stops_early(tiny_dir, docvqa_dir, tmp_path):
