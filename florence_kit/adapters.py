@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from florence_kit.errors import UserError
+from florence_kit.errors import UserError, first_line
 
 LANGUAGE_TARGETS = (
     r"model\.language_model\.(encoder|decoder)\.layers\.\d+\."
@@ -82,7 +82,7 @@ def load_quantized(name: str) -> tuple[Any, Any]:
     except UserError:
         raise
     except (RuntimeError, ImportError, NotImplementedError, ValueError, AssertionError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc)
         raise UserError(
             f"this machine cannot load the model in 4-bit NF4 for --mode qlora ({type(exc).__name__}: {first}); "
             "use --mode lora instead (add --optim adamw8bit to save optimizer memory)"
@@ -208,7 +208,7 @@ def load_adapter_model(run_dir: Path, merge: bool = True, dtype: Any = None) -> 
             warnings.simplefilter("ignore", FutureWarning)
             model = PeftModel.from_pretrained(model, str(run_dir))
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc)
         raise UserError(
             f"cannot load the adapter in '{run_dir}' onto its base '{base}' ({type(exc).__name__}: {first}); "
             "the adapter file is damaged, or the base is not the model it was trained on"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from florence_kit.errors import BadImageError, UserError
+from florence_kit.errors import BadImageError, UserError, first_line
 from florence_kit.rows import apply_aliases, explode_index, exploded, map_row, resolve_aliases, tile_images
 from florence_kit.task import TaskSpec, template_fields
 
@@ -66,7 +66,7 @@ def _split_from_filename(path: Path) -> str:
 
 
 def _hub_error(source: str, exc: Exception) -> UserError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    first = first_line(exc, 200)
     return UserError(
         f"could not load dataset '{source}' from the hub ({type(exc).__name__}: {first}). "
         "If this machine is offline, pass a local copy with --dataset DIR "

@@ -18,3 +18,9 @@ class RunInterrupted(UserError):
     """Ctrl-C during training: the model at the last finished step is saved; exit code 130 like any SIGINT."""
 
     exit_code = 130
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of a library's exception message (or its type name): enough to name the cause in a
+    one-line error, without the multi-line detail some libraries append."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from florence_kit.errors import UserError
+from florence_kit.errors import UserError, first_line
 
 # Never uploaded: pickled weights / optimizer states (safetensors only), and sub-folders (checkpoints, logs).
 NEVER = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -39,7 +39,7 @@ def check_can_push(repo: str) -> None:
     try:
         huggingface_hub.HfApi().whoami()
     except Exception as exc:  # no token, bad token, no network: all end the same way for the user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc)
         raise UserError(
             f"cannot push to '{repo}': the hub did not accept this machine ({type(exc).__name__}: {first}); "
             "log in with `hf auth login` (or set HF_TOKEN) and check the network"
@@ -68,7 +68,7 @@ def push_run(run_dir: Path, repo: str, private: bool = False) -> str:
         api.upload_folder(repo_id=repo, folder_path=str(run_dir), allow_patterns=files,
                           commit_message=f"florence-kit run {run_dir.name}")
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc)
         raise UserError(
             f"upload of '{run_dir}' to '{repo}' failed ({type(exc).__name__}: {first}); the run folder is intact: "
             f"retry with `florence-kit push {run_dir} {repo}`"

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from florence_kit.errors import UserError
+from florence_kit.errors import UserError, first_line
 
 NATIVE_ORG = "florence-community"
 SHORT_NAMES = {
@@ -72,7 +72,7 @@ def check_local_config(path: Path) -> None:
 
 
 def _hub_error(name: str, exc: Exception) -> UserError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    first = first_line(exc)
     return UserError(
         f"could not load model '{name}' from the hub ({first}). If this machine is offline, pass a local "
         "checkpoint folder with --model DIR (or make one with `florence-kit make-tiny DIR`)"
@@ -126,7 +126,7 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
 
 def _incomplete_error(path: Path, exc: Exception) -> UserError:
     """A local folder that fails to load is a truncated or partial copy: not a hub or network problem."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    first = first_line(exc)
     return UserError(
         f"'{path}' is incomplete or damaged ({type(exc).__name__}: {first}); it may be a copy or save that "
         "did not finish: copy or save the checkpoint again"
