@@ -30,9 +30,15 @@ THUMBNAIL_SIZE = 256  # longest side in pixels of the per-example JPEGs under th
 
 def generation_config_for(task: TaskSpec, model: Any, processor: Any, **overrides: Any) -> Any:
     """A fresh GenerationConfig from the task's settings (greedy unless the task says otherwise)."""
+    return generation_config(model, processor, {**task.generation, **{k: v for k, v in overrides.items() if v}})
+
+
+def generation_config(model: Any, processor: Any, settings: dict[str, Any]) -> Any:
+    """Greedy decoding from the model's start token, with ``settings`` (max_new_tokens, num_beams, ...) on top:
+    the one place eval, predict and serve get their generation settings from."""
     from transformers import GenerationConfig
 
-    settings = {"max_new_tokens": 64, "num_beams": 1, **task.generation, **{k: v for k, v in overrides.items() if v}}
+    settings = {"max_new_tokens": 64, "num_beams": 1, **settings}
     tok = processor.tokenizer
     return GenerationConfig(
         do_sample=False,

@@ -139,32 +139,23 @@ class Predictor:
         raise UserError(f"unknown task '{choice}'; choose one of: {', '.join(self.choices())}")
 
     def __call__(self, image: Any, choice: str, question: str) -> Answer:
-        import torch
-        from transformers import GenerationConfig
-
+        """The answer ``predict`` and ``eval`` give for the same image, prompt and task (same decoding)."""
         from florence_kit.data import to_rgb
+        from florence_kit.evaluate import generate, generation_config
+        from florence_kit.region_view import generate_raw, parse_answer
 
         if image is None:
             raise UserError("upload an image first")
         image = to_rgb(image)
         prompt, settings = self.prompt_for(choice, question)
-        tok = self.processor.tokenizer
-        gen_config = GenerationConfig(
-            do_sample=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            decoder_start_token_id=self.model.config.text_config.decoder_start_token_id,
-            **{"max_new_tokens": 64, "num_beams": 1, **settings},
-        )
-        inputs = self.processor(images=[image], text=[prompt], return_tensors="pt").to(self.model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, generation_config=gen_config)
-        token = _task_token(prompt)
-        if token in self.region_types:
-            raw = self.processor.batch_decode(out, skip_special_tokens=False)[0]
-            parsed = self.processor.post_process_generation(raw, task=token, image_size=image.size)[token]
+        gen_config = generation_config(self.model, self.processor, settings)
+        spec, token = self.tasks.get(choice), _task_token(prompt)
+        if (spec is not None and spec.regions) or (spec is None and token in self.region_types):
+            text = generate_raw(self.model, self.processor, image, prompt, gen_config)  # keeps <loc_*>
+            parsed = (parse_answer(spec, self.processor, text, image.size) if spec is not None
+                      else self.processor.post_process_generation(text, task=token, image_size=image.size)[token])
             return Answer(json.dumps(parsed, ensure_ascii=False), draw_regions(image, parsed))
-        return Answer(self.processor.batch_decode(out, skip_special_tokens=True)[0].strip(), None)
+        return Answer(generate(self.model, self.processor, [image], [prompt], gen_config)[0], None)
 
 
 def _task_token(prompt: str) -> str:

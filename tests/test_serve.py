@@ -157,3 +157,26 @@ def test_serve_page_answers_through_gradio_client_and_in_chromium(tiny_dir: Path
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_the_page_answers_as_predict_does_for_text_and_custom_region_tasks(tiny_dir: Path, page_png: Path,
+                                                                            docvqa_task) -> None:
+    """Same decoding as `predict`/`eval`: a region task of the user's own prompt gets its boxes parsed too."""
+    from dataclasses import replace
+
+    from florence_kit.evaluate import generate, generation_config_for
+    from florence_kit.model import load_model
+    from florence_kit.region_view import generate_raw, parse_answer
+    from florence_kit.registry import get_task
+
+    model, processor = load_model(str(tiny_dir))
+    shapes = replace(get_task("od"), name="shapes", prompt="find the shapes")  # not a Florence-2 task token
+    predictor = Predictor(model, processor, {"docvqa": docvqa_task, "shapes": shapes})
+    image = Image.open(page_png).convert("RGB")
+    expected = generate(model, processor, [image], ["<DocVQA>What is the total?"],
+                        generation_config_for(docvqa_task, model, processor))[0]
+    assert predictor(image, "docvqa", "What is the total?").text == expected
+    raw = generate_raw(model, processor, image, "find the shapes", generation_config_for(shapes, model, processor))
+    answer = predictor(image, "shapes", "")
+    assert json.loads(answer.text) == json.loads(json.dumps(parse_answer(shapes, processor, raw, image.size)))
+    assert set(json.loads(answer.text)) == {"bboxes", "labels"}
