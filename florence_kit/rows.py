@@ -4,7 +4,8 @@
   the first candidate column the dataset has, so one caption task fits COCO-style ``captions`` lists
   and single ``caption`` strings alike; ``caption_*`` gathers ``caption_0``, ``caption_1``, ... into a list.
 - **row_map** (``module:function``): a user function ``row -> row`` from a ``module.py`` beside the task
-  file. Only code the user named in their own task file runs, and only when data is loaded.
+  file that writes it (an included base file's own folder for a base's row_map). Only code the user named
+  in their own task file runs, and only when data is loaded.
 - **explode** (The Cauldron's ``texts``): each item of a list column becomes one example on the row's
   image; the item's keys (``user``, ``assistant``, ``source``) join the row's fields for the templates.
   Earlier turns are *not* given as context: Florence-2 has no chat format, and every Cauldron turn is
@@ -63,13 +64,14 @@ _ROW_MAPS: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def load_row_map(task: TaskSpec) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-    """Import ``module:function`` from the task file's folder (once); errors name the file and the fix."""
+    """Import ``module:function`` from the folder of the task file that wrote it (once); errors name the file
+    and the fix."""
     if not task.row_map:
         return None
-    key = (task.origin, task.row_map)
+    module_name, _, function = task.row_map.partition(":")
+    path = Path(task.row_map_dir or Path(task.origin).parent) / f"{module_name}.py"
+    key = (str(path), function)
     if key not in _ROW_MAPS:
-        module_name, _, function = task.row_map.partition(":")
-        path = Path(task.origin).parent / f"{module_name}.py"
         if not path.is_file():
             raise UserError(f"{task.origin}: row_map '{task.row_map}' needs {path}, which does not exist")
         unique = f"florence_kit_task_{abs(hash(str(path))):x}_{module_name}"
