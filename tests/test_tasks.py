@@ -346,6 +346,25 @@ def test_row_map_in_a_base_file_in_another_folder_is_found_beside_the_base(tmp_p
     assert TaskDataset(rows, get_task("shapes_more", [tasks]), with_target=True)[0].target == "beside"
 
 
+def test_a_row_map_module_imports_its_neighbours_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """``from helper import x`` in a row-map module failed (its folder is not importable). Now each row map gets
+    the helper beside it (two folders, one helper name), a module named json.py shadows nothing, and neither the
+    folders nor the helpers stay on sys.path / in sys.modules to clash with installed modules later."""
+    rows = datasets.Dataset.from_dict({"image": [shape_image("red", "circle")]})
+    for name, word in (("a", "alpha"), ("b", "beta")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "shapes.yaml").write_text(FOLDER_TASK.replace("shapes_upper", f"shapes_{name}").replace(
+            "shapes_utils:to_answer", "json:to_answer"))
+        (folder / "json.py").write_text("import json\nfrom helper import WORD\n\n\ndef to_answer(row):\n"
+                                        "    return {**row, 'answer': json.dumps(WORD)}\n")
+        (folder / "helper.py").write_text(f"WORD = {word!r}\n")
+        task = get_task(f"shapes_{name}", [folder])
+        assert TaskDataset(rows, task, with_target=True)[0].target == f'"{word}"'
+        assert str(folder) not in sys.path and "helper" not in sys.modules
+    assert json.dumps([1]) == "[1]" and json.__file__ != str(tmp_path / "b" / "json.py")
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
