@@ -397,6 +397,8 @@ def train_loop(
             dataset, processor, where, workers=cfg.num_workers, max_length=max_positions(model.config),
             truncate=collate_truncate, print_fn=print if accelerator.is_main_process else None,
         )
+    elif getattr(dataset, "skip", False):  # --skip-bad-images: the rows --prepare-data would leave out
+        dataset.leave_out_unreadable(workers=cfg.num_workers)
     sampler = make_sampler(dataset, cfg)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
