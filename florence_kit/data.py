@@ -319,7 +319,8 @@ class TaskDataset:
         self.with_target = with_target
         self.aliases = resolve_aliases(task, ds.column_names)
         self.index = explode_index(task, ds) if task.explode else None
-        if task.regions:  # region tasks: class names from the dataset's ClassLabel, bad boxes counted
+        if task.regions:  # region tasks: class names from the dataset's ClassLabel, bad boxes counted (each
+            # texts() pass starts the counts again, so after the length preflight they are one pass's)
             from florence_kit.region_data import RegionCounts, label_names
 
             self.label_names = label_names(getattr(ds, "features", None), task.regions)
@@ -372,8 +373,11 @@ class TaskDataset:
     def texts(self) -> Iterator[tuple[int, str, str | None]]:
         """(index, prompt, target) for every example without decoding images: the length preflight's input.
 
-        A task with a ``row_map`` reads full rows instead (the function may need the image).
+        A task with a ``row_map`` reads full rows instead (the function may need the image). A region task's
+        ``region_counts`` start again here: after the pass they count every box once.
         """
+        if self.task.regions:
+            self.region_counts.restart()
         sized = {"width", "height"} <= set(self.ds.column_names)  # region targets need the image size
         keep_images = self.task.row_map or (self.task.regions and not sized)
         rows = self.ds if keep_images else self.ds.remove_columns([self.task.image_column])

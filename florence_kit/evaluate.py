@@ -135,6 +135,7 @@ class EvalResult:
     metrics: dict[str, Any]
     predictions: list[dict[str, Any]]
     thumbnails: list[bytes] = field(default_factory=list)  # JPEG per prediction (same order), or empty
+    bad_boxes: list[str] = field(default_factory=list)  # region tasks: the data's bad-box counts, to print
 
 
 def thumbnail_jpeg(image: Any, size: int = THUMBNAIL_SIZE) -> bytes:
@@ -206,6 +207,7 @@ def evaluate(
     from torch.utils.data import DataLoader
 
     from florence_kit.data import TaskDataset
+    from florence_kit.region_data import bad_box_lines
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -213,9 +215,12 @@ def evaluate(
         raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
     dataset = TaskDataset(split, task, with_target=False)
     order = list(range(len(dataset)))
-    if sort_by_length:
-        prompts = [prompt for _, prompt, _ in dataset.texts()]
-        order = length_order(processor, prompts) if len(prompts) == len(order) else order
+    # one pass over the texts: the length order, and a region task's bad boxes counted once (before generation
+    # reads the rows again)
+    prompts = [prompt for _, prompt, _ in dataset.texts()] if sort_by_length or task.regions else []
+    bad_boxes = bad_box_lines(dataset)
+    if sort_by_length and len(prompts) == len(order):
+        order = length_order(processor, prompts)
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     loader = DataLoader(
         batches,  # each item is already a list of dataset indices: the collator loads and encodes them
@@ -243,7 +248,7 @@ def evaluate(
             bar.advance(progress_task, len(batch.indices))
     scored, summary = score_records(task.metric, records, task.extra_metrics)
     summary["task"] = task.name
-    return EvalResult(summary, scored, [t for t in thumbnails if t is not None] if thumbnail_size else [])
+    return EvalResult(summary, scored, [t for t in thumbnails if t is not None] if thumbnail_size else [], bad_boxes)
 
 
 def _atomic_write(path: Path, text: str) -> None:

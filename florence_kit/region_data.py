@@ -11,7 +11,8 @@ Class names go through the dataset's label names (a ``ClassLabel`` feature) when
 integers. Images without boxes are kept (their target is empty). Bad boxes never crash a run: a box
 partly outside the image is clipped to it, one with no area left (negative size, entirely outside)
 is dropped, and both are counted (:class:`RegionCounts`); so is a box without a class (null, blank, or
-unpaired when the ``bbox`` and ``category`` lists differ in length), which is dropped.
+unpaired when the ``bbox`` and ``category`` lists differ in length), which is dropped. ``finetune`` and
+``eval`` print the counts of one pass through the data (:func:`bad_box_lines`).
 
 The task's ``regions:`` mapping (see :func:`check_regions`) names the kind and where the boxes live.
 """
@@ -113,18 +114,39 @@ def to_xyxy(box: Sequence[float], box_format: str, size: tuple[int, int]) -> lis
 
 @dataclass
 class RegionCounts:
-    """Boxes seen, clipped to the image, and dropped (no area inside it), and names not in the label set."""
+    """Boxes seen, clipped to the image, and dropped: with no area inside it, without a class (or without a
+    box), or with a class id outside the label names."""
 
     boxes: int = 0
     clipped: int = 0
-    dropped: int = 0
+    dropped: int = 0  # all three kinds
+    no_class: int = 0
     unknown_class: int = 0
     warned: bool = False
     unnamed_ids: bool = False  # integer categories met without label names (warned once)
 
+    def restart(self) -> None:
+        """Zero the counts for a new pass through the data (a pass reads every box once); warnings stay once."""
+        self.boxes = self.clipped = self.dropped = self.no_class = self.unknown_class = 0
+
     def __str__(self) -> str:
-        return (f"{self.boxes} boxes: {self.clipped} clipped to the image, {self.dropped} dropped (no area), "
-                f"{self.unknown_class} with a class id outside the label names")
+        no_area = self.dropped - self.no_class - self.unknown_class
+        return (f"{self.boxes} boxes: {self.clipped} clipped to the image, {self.dropped} dropped ({no_area} with "
+                f"no area, {self.no_class} without a class, {self.unknown_class} with a class id outside the label "
+                "names)")
+
+
+def bad_box_lines(dataset: Any) -> list[str]:
+    """One line per task of ``dataset`` (a TaskDataset or a mix) whose data had bad boxes, from its region counts:
+    read them right after a full ``texts()`` pass (the length preflight), before training reads rows again."""
+    parts = getattr(dataset, "parts", [dataset])
+    lines = []
+    for part in parts:
+        counts = getattr(part, "region_counts", None)
+        if counts is not None and (counts.clipped or counts.dropped):
+            where = f" of {part.task.name}" if len(parts) > 1 else ""
+            lines.append(f"warning: bad boxes in the data{where}: {counts}")
+    return lines
 
 
 def clean_box(coords: list[float], size: tuple[int, int], counts: RegionCounts) -> list[float] | None:
@@ -203,11 +225,13 @@ def region_fields(regions: dict[str, Any], row: dict[str, Any], image_column: st
     unpaired = abs(len(raw_boxes) - len(categories))  # a box without a class (or a class without a box)
     counts.boxes += unpaired
     counts.dropped += unpaired
+    counts.no_class += unpaired
     labels, boxes = [], []
     for box, category in zip(raw_boxes, categories, strict=False):
         if box is None or len(box) < 4 or category is None or not str(category).strip():
             counts.boxes += 1  # no box, or no class to name it by (a null would be learnt as the label "None")
             counts.dropped += 1
+            counts.no_class += 1
             continue
         if isinstance(category, int) and names is not None:
             if not 0 <= category < len(names):
@@ -228,7 +252,8 @@ def region_fields(regions: dict[str, Any], row: dict[str, Any], image_column: st
     if (counts.clipped or counts.dropped) and not counts.warned:  # once per dataset: the counts keep going
         counts.warned = True
         warnings.warn(f"bad boxes in the data (first in an image of size {size[0]}x{size[1]}): those partly "
-                      "outside the image are clipped, those with no area dropped, and counted", stacklevel=2)
+                      "outside the image are clipped, those with no area or no class dropped; finetune and eval "
+                      "print how many of each", stacklevel=2)
     order = reading_order(boxes)
     labels, boxes = [labels[i] for i in order], [boxes[i] for i in order]
     caption = row.get(regions["caption"])

@@ -4,7 +4,9 @@
   the first candidate column the dataset has, so one caption task fits COCO-style ``captions`` lists
   and single ``caption`` strings alike; ``caption_*`` gathers ``caption_0``, ``caption_1``, ... into a list.
 - **row_map** (``module:function``): a user function ``row -> row`` from a ``module.py`` beside the task
-  file. Only code the user named in their own task file runs, and only when data is loaded.
+  file that writes it (an included base file's own folder for a base's row_map). Only code the user named
+  in their own task file runs, and only when data is loaded. The module may import files beside it
+  (``from helper import x``, at its top level): the folder is importable only while the module loads.
 - **explode** (The Cauldron's ``texts``): each item of a list column becomes one example on the row's
   image; the item's keys (``user``, ``assistant``, ``source``) join the row's fields for the templates.
   Earlier turns are *not* given as context: Florence-2 has no chat format, and every Cauldron turn is
@@ -20,7 +22,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +62,39 @@ def apply_aliases(row: dict[str, Any], aliases: dict[str, str | list[str]]) -> d
     return out
 
 
+@contextmanager
+def _neighbours_importable(folder: Path) -> Iterator[None]:
+    """``from helper import x`` in a row-map module finds the ``helper.py`` beside it while the module loads.
+
+    The folder is on sys.path only for that time, and the neighbours imported leave ``sys.modules`` afterwards
+    (the module keeps its references): another task folder's ``helper.py``, or an installed module of that name
+    imported later, meets no stale entry. Modules already imported (the standard library's ``json``) win.
+    """
+    before = set(sys.modules)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+        root = folder.resolve()
+        for name in set(sys.modules) - before:
+            file = getattr(sys.modules[name], "__file__", None)
+            if file and Path(file).resolve().is_relative_to(root):
+                del sys.modules[name]
+
+
 _ROW_MAPS: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
 def load_row_map(task: TaskSpec) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-    """Import ``module:function`` from the task file's folder (once); errors name the file and the fix."""
+    """Import ``module:function`` from the folder of the task file that wrote it (once); errors name the file
+    and the fix."""
     if not task.row_map:
         return None
-    key = (task.origin, task.row_map)
+    module_name, _, function = task.row_map.partition(":")
+    path = Path(task.row_map_dir or Path(task.origin).parent) / f"{module_name}.py"
+    key = (str(path), function)
     if key not in _ROW_MAPS:
-        module_name, _, function = task.row_map.partition(":")
-        path = Path(task.origin).parent / f"{module_name}.py"
         if not path.is_file():
             raise UserError(f"{task.origin}: row_map '{task.row_map}' needs {path}, which does not exist")
         unique = f"florence_kit_task_{abs(hash(str(path))):x}_{module_name}"
@@ -77,7 +102,8 @@ def load_row_map(task: TaskSpec) -> Callable[[dict[str, Any]], dict[str, Any]] |
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         sys.modules[unique] = module
         try:
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
+            with _neighbours_importable(path.parent):
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
         except Exception as exc:
             raise UserError(f"{path}: failed to import ({type(exc).__name__}: {exc})") from None
         fn = getattr(module, function, None)

@@ -4,14 +4,13 @@
   atomic), so a full disk or a crash never leaves a half-written ``model.safetensors`` behind or
   destroys an earlier run's weights.
 - A row whose image cannot be decoded stops the run with its row and file named, or with
-  ``--skip-bad-images`` is replaced by the next readable row and counted.
+  ``--skip-bad-images`` is left out before the first step (as ``--prepare-data`` leaves it out) and counted.
 - The first Ctrl-C lets the current optimizer step finish, then the run saves and exits (code 130);
   a second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import signal
@@ -56,42 +55,72 @@ def image_file(dataset: Any, index: int) -> str | None:
 
 
 class ImageGuard:
-    """The training rows (``indices`` of a TaskDataset); a bad image is an error, or skipped when asked.
+    """The training rows (``indices`` of a TaskDataset); a bad image is an error, or its rows left out when asked.
 
-    A skipped row is replaced by the next readable one, so batches keep their size. Which rows were
-    skipped is kept in shared memory, so DataLoader worker processes count too.
+    Left out, not replaced: a row replaced by the next readable one was trained on twice an epoch. The rows are
+    found before the first step, by :meth:`leave_out_unreadable` or by ``--prepare-data`` (which marks ``bad``),
+    the same rows either way, so the epoch's size and order are known up front and ``--resume`` rebuilds them.
     """
 
     def __init__(self, dataset: Any, indices: Sequence[int], skip: bool) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.skip = skip
-        self.bad = multiprocessing.get_context().RawArray("b", max(1, len(self.indices)))
+        self.bad = bytearray(max(1, len(self.indices)))  # per position, marked by --prepare-data
+        self.left_out: list[int] = []
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Any:
-        n = len(self.indices)
-        for attempt in range(n):
-            pos = (i + attempt) % n
-            if self.bad[pos]:
-                continue
-            index = self.indices[pos]
-            try:
-                return self.dataset[index]
-            except BadImageError as exc:
-                if not self.skip:
-                    where = image_file(self.dataset, index)
-                    raise UserError(f"{exc}{f' (file {where})' if where else ''}, "
-                                    "or pass --skip-bad-images to skip such rows") from None
-                self.bad[pos] = 1
-        raise UserError(f"none of the {n} training rows has a readable image; check the dataset's image column")
+        index = self.indices[i]
+        try:
+            return self.dataset[index]
+        except BadImageError as exc:
+            where = image_file(self.dataset, index)
+            hint = ("though it was readable when the rows were checked before training" if self.skip
+                    else "or pass --skip-bad-images to skip such rows")
+            raise UserError(f"{exc}{f' (file {where})' if where else ''}, {hint}") from None
+
+    def leave_out_unreadable(self, workers: int = 0) -> None:
+        """``--skip-bad-images`` without ``--prepare-data``: decode each distinct image once (in ``workers``
+        DataLoader processes) and leave out the rows showing one that cannot be read, as ``--prepare-data`` does."""
+        from torch.utils.data import DataLoader
+
+        from florence_kit.prepared import image_keys
+
+        keys = image_keys(self.dataset)
+        first = {keys[index]: index for index in reversed(self.indices)}  # a dataset index showing each image
+        checks = DataLoader(_Readable(self.dataset, list(first.values())), batch_size=None, num_workers=workers)
+        unreadable = {keys[index] for index, readable in checks if not readable}
+        self.left_out += [index for index in self.indices if keys[index] in unreadable]
+        self.indices = [index for index in self.indices if keys[index] not in unreadable]
+        self.bad = bytearray(max(1, len(self.indices)))
+        if not self.indices:
+            raise UserError(f"none of the {len(self.left_out)} training rows has a readable image; check the "
+                            "dataset's image column")
 
     @property
     def skipped(self) -> list[int]:
-        """Dataset row numbers skipped so far."""
-        return [self.indices[p] for p in range(len(self.indices)) if self.bad[p]]
+        """Dataset row numbers left out."""
+        return [*self.left_out, *(self.indices[p] for p in range(len(self.indices)) if self.bad[p])]
+
+
+class _Readable:
+    """(dataset index, whether its example loads) for each index: the check behind ``leave_out_unreadable``."""
+
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, bool]:
+        try:
+            self.dataset[self.indices[i]]
+        except BadImageError:
+            return self.indices[i], False
+        return self.indices[i], True
 
 
 class StepInterrupt(Exception):

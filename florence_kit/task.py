@@ -8,8 +8,9 @@ expands into one task per subset, with ``{subset}`` replaced in ``task``, ``desc
 ``dataset`` fields (The Cauldron's ~50 configurations are one file). Row-level options, for schemas
 that are not one question per row: ``explode`` (a list column whose items each become an example),
 ``multi_image`` (``first`` or ``tile`` for rows with several images), ``row_map`` (``module:function``
-from a ``module.py`` beside the task file; imported only when data is loaded, never when listing), and
-``columns`` aliases (a template field read from the first of several candidate columns).
+from a ``module.py`` beside the file that writes it, which may be an included base in another folder;
+imported only when data is loaded, never when listing), and ``columns`` aliases (a template field read
+from the first of several candidate columns).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ KNOWN_KEYS = {
 }
 MULTI_IMAGE = ("first", "tile")
 DATASET_KEYS = {"path", "name", "train_split", "eval_split", "test_split"}
+CODE_DIR = "__row_map_dir__"  # set by read_task_yaml: the folder of the file that wrote ``row_map``
 GENERATION_KEYS = {"max_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty", "length_penalty"}
 
 
@@ -65,6 +67,7 @@ class TaskSpec:
     row_map: str | None = None
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     regions: dict[str, Any] | None = None  # region tasks (od, grounding, ...): see florence_kit.region_data
+    row_map_dir: str | None = None  # where row_map's module lives (None: beside ``origin``)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -120,6 +123,7 @@ def read_task_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise UserError(f"{path}: not valid YAML ({first}); fix the file or remove it") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a task file must be a YAML mapping, got {type(data).__name__}")
+    _anchor_row_map(data, path.parent)
     include = data.pop("include", None)
     if include:
         base_path = path.parent / str(include)
@@ -129,9 +133,19 @@ def read_task_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return data
 
 
+def _anchor_row_map(data: dict[str, Any], folder: Path) -> None:
+    """Record beside ``row_map`` (top level, or a subset's override) the folder of the file that writes it: the
+    module is that file's neighbour, also when the file is a base included from another folder."""
+    subsets = data.get("subsets")
+    overrides = subsets.values() if isinstance(subsets, dict) else ()
+    for mapping in (data, *overrides):
+        if isinstance(mapping, dict) and "row_map" in mapping:
+            mapping[CODE_DIR] = str(folder)
+
+
 def spec_from_dict(data: dict[str, Any], origin: str) -> TaskSpec:
     """Validate a task mapping and build a TaskSpec; every problem names the file and the field."""
-    unknown = set(data) - KNOWN_KEYS
+    unknown = set(data) - KNOWN_KEYS - {CODE_DIR}
     if unknown:
         raise UserError(f"{origin}: unknown key(s) {sorted(unknown)}; allowed: {sorted(KNOWN_KEYS - {'include'})}")
     for key in ("task", "prompt", "target", "metric", "dataset"):
@@ -165,8 +179,9 @@ def spec_from_dict(data: dict[str, Any], origin: str) -> TaskSpec:
     if multi_image not in MULTI_IMAGE:
         raise UserError(f"{origin}: multi_image must be one of {', '.join(MULTI_IMAGE)}, got '{multi_image}'")
     row_map = data.get("row_map")
+    row_map_dir = data.get(CODE_DIR) if row_map else None
     if row_map is not None:
-        _check_row_map(str(row_map), origin)
+        _check_row_map(str(row_map), origin, Path(row_map_dir) if row_map_dir else Path(origin).parent)
 
     regions = None
     if data.get("regions") is not None:
@@ -200,6 +215,7 @@ def spec_from_dict(data: dict[str, Any], origin: str) -> TaskSpec:
         row_map=str(row_map) if row_map else None,
         aliases=aliases,
         regions=regions,
+        row_map_dir=row_map_dir,
     )
 
 
@@ -217,12 +233,12 @@ def _check_template(template: str, key: str, origin: str) -> None:
                             "write a literal brace as {{ or }}")
 
 
-def _check_row_map(row_map: str, origin: str) -> None:
-    """``module:function`` with ``module.py`` beside the task file (checked now, imported at data time)."""
+def _check_row_map(row_map: str, origin: str, folder: Path) -> None:
+    """``module:function`` with ``module.py`` in ``folder``, that of the file writing it (checked now, imported
+    at data time)."""
     module, _, function = row_map.partition(":")
     if not module or not function or not module.isidentifier() or not function.isidentifier():
         raise UserError(f"{origin}: row_map must be 'module:function' (a module.py beside the file), got '{row_map}'")
-    folder = Path(origin).parent
     if Path(origin).is_file() and not (folder / f"{module}.py").is_file():
         raise UserError(f"{origin}: row_map '{row_map}' needs {folder / (module + '.py')}, which does not exist")
 

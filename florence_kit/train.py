@@ -397,6 +397,8 @@ def train_loop(
             dataset, processor, where, workers=cfg.num_workers, max_length=max_positions(model.config),
             truncate=collate_truncate, print_fn=print if accelerator.is_main_process else None,
         )
+    elif getattr(dataset, "skip", False):  # --skip-bad-images: the rows --prepare-data would leave out
+        dataset.leave_out_unreadable(workers=cfg.num_workers)
     sampler = make_sampler(dataset, cfg)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
@@ -679,7 +681,7 @@ def finetune(
     )
     from florence_kit.precision import device_facts, resolve_precision
     from florence_kit.progress import StepProgress
-    from florence_kit.region_data import with_box_format
+    from florence_kit.region_data import bad_box_lines, with_box_format
     from florence_kit.registry import resolve_tasks
     from florence_kit.runconfig import check_options, options_dict
     from florence_kit.runfolder import ImageGuard, StepInterrupt, save_atomically, stop_at_step_end
@@ -718,6 +720,8 @@ def finetune(
         f"length preflight: {len(report.too_long)} of {len(dataset)} examples exceed {report.limit} positions"
         + (f" ({verb})" if report.too_long else f" (longest {report.longest})")
     )
+    for line in bad_box_lines(dataset):  # counted by the preflight's one pass, before training reads rows again
+        say(line)
     if not report.keep:
         raise UserError("no training examples left after the length preflight")
     evaluator = make_evaluator(tasks[0], cfg, processor) if cfg.eval_every else None

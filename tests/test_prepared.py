@@ -156,6 +156,43 @@ def _losses(tiny_dir, docvqa_dir, out: Path, **cfg_kw) -> list[float]:
     return losses
 
 
+def test_skipped_bad_images_are_left_out_alike_with_or_without_prepare_data(tiny_dir, tmp_path):
+    """--skip-bad-images without --prepare-data replaced a bad row by the next readable one, which was then trained
+    on twice an epoch, while --prepare-data left the row out: both now leave it out, found before the first step,
+    so the two runs are the same run (same batches, same losses) and report the same skipped rows."""
+    import datasets
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    from florence_kit.data import TaskDataset
+    from florence_kit.registry import get_task
+    from florence_kit.runfolder import ImageGuard
+    from florence_kit.synthetic import render_docvqa
+    from florence_kit.train import TrainConfig, train_loop
+
+    good = render_docvqa(4, 0, n_fields=2).cast_column("image", datasets.Image(decode=False))
+    rows = good.to_list()
+    rows[1]["image"] = {"bytes": b"not an image", "path": "scans/page-1.png"}
+    bad = datasets.Dataset.from_list(rows, features=good.features).cast_column("image", datasets.Image())
+    dataset = TaskDataset(bad, get_task("docvqa"), with_target=True)
+    guard = ImageGuard(dataset, range(len(dataset)), skip=True)
+    readable = [dataset[i].id for i in range(len(dataset)) if i != 1]
+    guard.leave_out_unreadable()
+    assert [guard[i].id for i in range(len(guard))] == readable and guard.skipped == [1]  # each good row once
+    runs = {}
+    for prepare in (False, True):
+        out = tmp_path / f"prepare-{prepare}"
+        out.mkdir()
+        cfg = TrainConfig(task="docvqa", model=str(tiny_dir), output_dir=out, batch_size=2, lr=1e-3, max_steps=4,
+                          log_every=100, prepare_data=prepare)
+        guard, losses = ImageGuard(dataset, range(len(dataset)), skip=True), []
+        model, processor = Florence2ForConditionalGeneration.from_pretrained(tiny_dir), AutoProcessor.from_pretrained(
+            tiny_dir)
+        train_loop(model, processor, guard, cfg, out / "metrics.jsonl", on_step=lambda *step, seen=losses:
+                   seen.append(step[2]))
+        runs[prepare] = (losses, guard.skipped)
+    assert len(runs[False][0]) == 4 and runs[False] == runs[True] and runs[True][1] == [1]
+
+
 def test_uint8_batches_normalised_on_the_device_equal_the_processors(parts, tmp_path):
     import numpy as np
     import torch

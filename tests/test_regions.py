@@ -316,6 +316,42 @@ def test_boxes_without_a_class_are_dropped_and_counted() -> None:
     assert (counts.boxes, counts.dropped) == (3, 2)
 
 
+def test_finetune_and_eval_print_the_bad_box_counts_once(tiny_dir: Path, tmp_path: Path) -> None:
+    """The warning said bad boxes were "counted" but no count was ever shown; finetune and eval now print one line
+    with each kind, counted over one pass through the data (the preflight's; training reads the rows again)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (100, 50), "white")
+    objects = [{"bbox": [[80, 10, 40, 20], [5, 5, 10, 10]], "category": ["a", "b"]},  # the first is clipped
+               {"bbox": [[5, 5, 0, 10]], "category": ["a"]},  # no area
+               {"bbox": [[5, 5, 10, 10]], "category": [None]},  # no class
+               {"bbox": [[5, 5, 10, 10]], "category": ["b"]}]
+    rows = datasets.Dataset.from_dict({"image": [image] * 4, "width": [100] * 4, "height": [50] * 4,
+                                       "objects": objects})
+    examples = TaskDataset(rows, get_task("od"), with_target=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # the preflight, then --fit auto or --prepare-data read the texts again
+            list(examples.texts())
+    assert (examples.region_counts.boxes, examples.region_counts.dropped) == (5, 2)
+    data = tmp_path / "data"
+    datasets.DatasetDict({"train": rows, "validation": rows}).save_to_disk(str(data))
+    want = ("bad boxes in the data: 5 boxes: 1 clipped to the image, 2 dropped (1 with no area, 1 without a class, "
+            "0 with a class id outside the label names)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = runner.invoke(app, ["finetune", "od", "--model", str(tiny_dir), "--dataset", str(data),
+                                     "--output-dir", str(tmp_path / "ft"), "--max-steps", "4", "--batch-size", "2",
+                                     "--quiet"])
+        assert result.exit_code == 0, result.output
+        assert "".join(result.output.split()).count("".join(want.split())) == 1, result.output
+        result = runner.invoke(app, ["eval", "od", "--model", str(tmp_path / "ft"), "--dataset", str(data),
+                                     "--output-dir", str(tmp_path / "ev"), "--quiet", "--max-new-tokens", "4",
+                                     "--split", "validation"])
+        assert result.exit_code == 0, result.output
+        assert "".join(result.output.split()).count("".join(want.split())) == 1, result.output
+
+
 def test_class_ids_without_names_warn_once() -> None:
     from PIL import Image
 

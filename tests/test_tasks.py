@@ -328,6 +328,43 @@ def test_task_folder_task_with_a_row_function(tmp_path: Path, monkeypatch: pytes
         TaskDataset(rows, get_task("shapes_upper", [tmp_path]), with_target=True)[0]
 
 
+def test_row_map_in_a_base_file_in_another_folder_is_found_beside_the_base(tmp_path: Path) -> None:
+    """A base file in a shared folder declaring ``row_map``: its module used to be looked up beside the including
+    file (an error, or another folder's module of that name), not beside the base file that names it."""
+    shared, tasks = tmp_path / "shared", tmp_path / "tasks"
+    shared.mkdir()
+    tasks.mkdir()
+    (shared / "_shapes.yaml").write_text(FOLDER_TASK.replace("task: shapes_upper\n", ""))
+    (shared / "shapes_utils.py").write_text("def to_answer(row):\n    return {**row, 'answer': 'from shared'}\n")
+    (tasks / "shapes.yaml").write_text("include: ../shared/_shapes.yaml\ntask: shapes_upper\n")
+    rows = datasets.Dataset.from_dict({"image": [shape_image("red", "circle")]})
+    ex = TaskDataset(rows, get_task("shapes_upper", [tasks]), with_target=True)[0]
+    assert ex.target == "from shared"
+    (tasks / "shapes_utils.py").write_text("def to_answer(row):\n    return {**row, 'answer': 'beside'}\n")
+    (tasks / "more.yaml").write_text("include: ../shared/_shapes.yaml\ntask: shapes_more\n"
+                                     "row_map: shapes_utils:to_answer\n")  # the including file's own row_map
+    assert TaskDataset(rows, get_task("shapes_more", [tasks]), with_target=True)[0].target == "beside"
+
+
+def test_a_row_map_module_imports_its_neighbours_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """``from helper import x`` in a row-map module failed (its folder is not importable). Now each row map gets
+    the helper beside it (two folders, one helper name), a module named json.py shadows nothing, and neither the
+    folders nor the helpers stay on sys.path / in sys.modules to clash with installed modules later."""
+    rows = datasets.Dataset.from_dict({"image": [shape_image("red", "circle")]})
+    for name, word in (("a", "alpha"), ("b", "beta")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "shapes.yaml").write_text(FOLDER_TASK.replace("shapes_upper", f"shapes_{name}").replace(
+            "shapes_utils:to_answer", "json:to_answer"))
+        (folder / "json.py").write_text("import json\nfrom helper import WORD\n\n\ndef to_answer(row):\n"
+                                        "    return {**row, 'answer': json.dumps(WORD)}\n")
+        (folder / "helper.py").write_text(f"WORD = {word!r}\n")
+        task = get_task(f"shapes_{name}", [folder])
+        assert TaskDataset(rows, task, with_target=True)[0].target == f'"{word}"'
+        assert str(folder) not in sys.path and "helper" not in sys.modules
+    assert json.dumps([1]) == "[1]" and json.__file__ != str(tmp_path / "b" / "json.py")
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [

@@ -94,6 +94,8 @@ def eval_(
                           max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers)
         folder = output_dir if len(specs) == 1 else output_dir / spec.name
         write_results(result, folder)
+        for line in result.bad_boxes:
+            console.print(line, markup=False)
         _print_metrics(result.metrics)
         scored[spec.name] = result.metrics
         if len(specs) > 1:  # after every task: a failure later keeps what is done
