@@ -46,6 +46,10 @@ def plan(
         int | None, typer.Option(help="Target tokens; default: the task's max_new_tokens.")
     ] = None,
     lora_r: Annotated[int, typer.Option(help="LoRA rank assumed for lora/qlora.")] = 16,
+    lora_vision: Annotated[
+        bool, typer.Option(help="lora/qlora also adapt the vision tower (as finetune --lora-vision): it keeps "
+                           "its activations for the backward.")
+    ] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
     """Predict peak training memory per mode and pick batch × accumulation (+ checkpointing) that fits.
@@ -55,6 +59,8 @@ def plan(
       florence-kit plan docvqa --model base --gpu t4
 
       florence-kit plan docvqa --model large --gpu a100-40 --mode lora --batch-size 32
+
+      florence-kit plan docvqa --model base --gpu t4 --mode lora --lora-vision
     """
     from florence_kit.errors import UserError
     from florence_kit.memory import (
@@ -73,6 +79,8 @@ def plan(
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if lora_vision and mode and mode.value not in ("lora", "qlora"):
+        raise UserError("--lora-vision needs --mode lora or qlora (or no --mode)")
     spec = get_task(task, list(tasks_dir or []))
     config = load_config(model)
     s = sizes(config)
@@ -83,7 +91,7 @@ def plan(
     if budget.device == "cpu" and budget.precision != "fp32":
         raise UserError("on CPU the planner models fp32 training only; drop --precision or pass --gpu")
     modes = (mode.value,) if mode else MODES
-    fits = plan_modes(s, shape, budget, batch_size, modes, lora_r)
+    fits = plan_modes(s, shape, budget, batch_size, modes, lora_r, lora_vision)
 
     prec = {"fp32": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}[budget.precision]
     console.print(
@@ -97,8 +105,9 @@ def plan(
     header = f"{'mode':<15} {'peak @ batch 1':>15} {'largest batch':>14} {'with checkpointing':>19}   --fit auto picks"
     console.print(header, highlight=False, soft_wrap=True)
     for f in fits:
+        label = f.mode + ("+vision" if lora_vision and f.mode in ("lora", "qlora") else "")
         console.print(
-            f"{f.mode:<15} {f.peak_1 / GIB:>11.1f} GiB {f.max_batch:>14} {f.max_batch_ckpt:>19}   "
+            f"{label:<15} {f.peak_1 / GIB:>11.1f} GiB {f.max_batch:>14} {f.max_batch_ckpt:>19}   "
             f"{f.describe()}" + (f" (peak {f.peak / GIB:.1f} GiB)" if f.fits else ""),
             highlight=False, soft_wrap=True,
         )
