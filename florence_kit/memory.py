@@ -531,6 +531,36 @@ def text_lengths(processor: Any, rows: Any, limit: int = 1000) -> tuple[int, int
     return prompt, target
 
 
+def fit_of_checkpoint(cfg: Any, checkpoint: Path, print_fn: Any = print) -> Any:
+    """``--fit auto --resume``: ``cfg`` with the micro-batch, accumulation and checkpointing the run chose.
+
+    Re-deciding would depend on the memory free now (on CPU) and could pick another split of the same
+    effective batch, which the resume fingerprint then refuses. None when the checkpoint does not record a
+    split of the requested effective batch (another effective batch is refused by the fingerprint as it is).
+    """
+    import json
+    from dataclasses import replace
+
+    import yaml
+
+    from florence_kit.checkpoints import STATE_FILE
+
+    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprint", {})
+    micro, accum = saved.get("batch_size"), saved.get("grad_accum")
+    if not micro or not accum or micro * accum != cfg.batch_size * cfg.grad_accum:
+        return None
+    config = checkpoint.resolve().parent.parent / "config.yaml"  # <run>/checkpoints/step-N
+    recorded = yaml.safe_load(config.read_text()) if config.is_file() else None
+    ckpt = recorded.get("gradient_checkpointing") if isinstance(recorded, dict) else None
+    ckpt = cfg.gradient_checkpointing if ckpt is None else bool(ckpt)
+    chosen = replace(cfg, batch_size=micro, grad_accum=accum, gradient_checkpointing=ckpt)
+    print_fn(
+        f"fit auto: resuming, so batch {micro} × accumulation {accum}"
+        f"{' + gradient checkpointing' if ckpt else ''} as the run chose (not re-decided for the memory free now)"
+    )
+    return chosen
+
+
 def fit_auto(cfg: Any, model: Any, processor: Any, rows: Any, print_fn: Any = print) -> Any:
     """``finetune --fit auto``: ``cfg`` with micro-batch, accumulation and checkpointing that fit this machine.
 

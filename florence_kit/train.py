@@ -725,10 +725,11 @@ def finetune(
     evaluator = make_evaluator(tasks[0], cfg, processor) if cfg.eval_every else None
 
     if cfg.fit == "auto":
-        from florence_kit.memory import fit_auto
+        from florence_kit.memory import fit_auto, fit_of_checkpoint
 
         kept = set(report.keep)
-        cfg = fit_auto(cfg, model, processor, (row for row in dataset.texts() if row[0] in kept), say)
+        reused = fit_of_checkpoint(cfg, resume_from, say) if resume_from is not None else None
+        cfg = reused or fit_auto(cfg, model, processor, (row for row in dataset.texts() if row[0] in kept), say)
     elif cfg.fit != "off":
         raise UserError(f"--fit must be off or auto, got '{cfg.fit}'")
     adapter = Mode(cfg.mode) in ADAPTER_MODES

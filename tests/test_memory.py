@@ -180,6 +180,33 @@ def test_finetune_fit_auto_splits_the_batch_to_fit(tiny_dir, docvqa_dir, tmp_pat
     assert log[-1]["step"] == 2 and log[-1]["samples"] == 8
 
 
+def test_finetune_fit_auto_resume_reuses_the_runs_split(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
+    """On resume --fit auto keeps the checkpoint's batch × accumulation (and checkpointing): the RAM free now
+    would pick another split (here checkpointing + another micro-batch), which the fingerprint refuses."""
+    import florence_kit.memory as memory
+
+    s = memory.sizes(load_config(str(tiny_dir)))
+    shape = Shape(128, 600, 100)
+    two, three = (estimate(s, Setting("full", b), shape).peak for b in (2, 3))
+    plain1, ckpt1 = (estimate(s, Setting("full", 1, checkpointing=c), shape).peak for c in (False, True))
+    budgets = iter([(two + three) / 2, (plain1 + ckpt1) / 2])  # the first run's, then less RAM free at resume
+    monkeypatch.setattr(memory, "local_budget", lambda precision=None: Budget("test", next(budgets), "cpu", "fp32"))
+    monkeypatch.setattr(memory, "text_lengths", lambda processor, rows: (600, 100))
+    out = tmp_path / "run"
+    args = ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir), "--output-dir", str(out),
+            "--batch-size", "4", "--fit", "auto", "--save-every", "1", "--quiet"]
+    result = runner.invoke(app, [*args, "--max-steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert memory.fit(s, Setting("full"), shape, (plain1 + ckpt1) / 2, "cpu", 4).describe() != (
+        "batch 2 × accumulation 2")  # what re-deciding would pick now
+    result = runner.invoke(app, [*args, "--max-steps", "2", "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    assert "fit auto: resuming, so batch 2 × accumulation 2 as the run chose" in " ".join(result.output.split())
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert (cfg["batch_size"], cfg["grad_accum"], cfg["gradient_checkpointing"]) == (2, 2, False)
+    assert cfg["run"]["steps"] == 2
+
+
 def test_lora_vision_keeps_the_vision_towers_activations_and_adapters(base):
     """--lora-vision: the backward runs through DaViT, so its blocks keep activations as in full fine-tuning."""
     from florence_kit.memory import VISION_BLOCK_LORA, _stage_tokens, trainable
