@@ -138,6 +138,15 @@ def test_plan_prints_every_mode_for_a_t4_and_an_h100():
     assert result.exit_code == 2 and "config.json" in result.output
 
 
+@pytest.mark.parametrize(("option", "value"), [("--image-size", "-64"), ("--image-size", "0"),
+                                               ("--target-tokens", "0"), ("--prompt-tokens", "-1")])
+def test_plan_refuses_sizes_that_make_no_sense(option, value):
+    result = runner.invoke(app, ["plan", "docvqa", "--model", "base", "--gpu", "t4", option, value])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {option} must be at least {0 if option == '--prompt-tokens' else 1}, " \
+        f"got {value}"
+
+
 def test_plan_reads_a_checkpoint_folder(tiny_dir):
     result = runner.invoke(app, ["plan", "docvqa", "--model", str(tiny_dir), "--gpu", "l4", "--mode", "lora"])
     assert result.exit_code == 0, result.output

@@ -79,13 +79,17 @@ def plan(
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    for name, value, least in (("--image-size", image_size, 1), ("--target-tokens", target_tokens, 1),
+                               ("--prompt-tokens", prompt_tokens, 0)):
+        if value is not None and value < least:  # 0 must not fall back to the default, nor -64 plan nonsense
+            raise UserError(f"{name} must be at least {least}, got {value}")
     if lora_vision and mode and mode.value not in ("lora", "qlora"):
         raise UserError("--lora-vision needs --mode lora or qlora (or no --mode)")
     spec = get_task(task, list(tasks_dir or []))
     config = load_config(model)
     s = sizes(config)
-    side = image_size or model_image_size(model)
-    target = target_tokens or int(spec.generation.get("max_new_tokens", 64))
+    side = image_size if image_size is not None else model_image_size(model)
+    target = target_tokens if target_tokens is not None else int(spec.generation.get("max_new_tokens", 64))
     shape = Shape(side, prompt_tokens, target)
     budget = gpu_budget(gpu.value, precision.value) if gpu else local_budget(precision.value)
     if budget.device == "cpu" and budget.precision != "fp32":
