@@ -23,7 +23,7 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def build(model_name: str, mode: str, lora_r: int, cuda: bool = False) -> tuple:
+def build(model_name: str, mode: str, lora_r: int, cuda: bool = False, lora_vision: bool = False) -> tuple:
     """(model, frozen_vision) built from a config with random weights, mode applied as train.py does."""
     import torch
     from transformers import Florence2ForConditionalGeneration
@@ -34,12 +34,12 @@ def build(model_name: str, mode: str, lora_r: int, cuda: bool = False) -> tuple:
     torch.manual_seed(0)
     model = _quantized(config, cuda) if mode == "qlora" else Florence2ForConditionalGeneration(config)
     if mode in ("lora", "qlora"):
-        model = _wrap_lora(model, lora_r)
+        model = _wrap_lora(model, lora_r, lora_vision)
     from florence_kit.modes import Mode, apply_mode, frozen_components
 
     if mode in {m.value for m in Mode}:
-        apply_mode(model, mode)
-        return model, "vision" in frozen_components(mode)
+        apply_mode(model, mode, lora_vision)
+        return model, "vision" in frozen_components(mode, lora_vision)
     # lora/qlora before florence_kit.modes knows them: adapters and the projector copy train, nothing else
     for name, param in model.named_parameters():
         trains = "lora_" in name or ("multi_modal_projector" in name and "original_module" not in name)
@@ -47,11 +47,11 @@ def build(model_name: str, mode: str, lora_r: int, cuda: bool = False) -> tuple:
     return model, True
 
 
-def _wrap_lora(model, r: int):
+def _wrap_lora(model, r: int, lora_vision: bool = False):
     try:  # the shared function once helper "lora" is merged
         from florence_kit.adapters import wrap_lora
 
-        return wrap_lora(model, r=r, alpha=2 * r, dropout=0.05, lora_vision=False)
+        return wrap_lora(model, r=r, alpha=2 * r, dropout=0.05, lora_vision=lora_vision)
     except ImportError:
         from peft import LoraConfig, get_peft_model
 
@@ -118,7 +118,8 @@ def main(spec: dict) -> dict:
     if spec["mode"] == "qlora":
         import bitsandbytes  # noqa: F401
     base = _status("VmRSS")
-    model, frozen_vision = build(spec["model"], spec["mode"], spec.get("lora_r", 16), cuda)
+    model, frozen_vision = build(spec["model"], spec["mode"], spec.get("lora_r", 16), cuda,
+                                 bool(spec.get("lora_vision")))
     # PEFT injects the adapters into the native model's modules: train through the native model
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cuda:

@@ -47,6 +47,7 @@ def predict(spec: dict) -> float:
     setting = Setting(
         mode=spec["mode"], batch=spec["batch"], checkpointing=bool(spec.get("checkpointing")),
         optim=spec.get("optim", "adamw"), lora_r=spec.get("lora_r", 16), precision=spec.get("precision", "fp32"),
+        lora_vision=bool(spec.get("lora_vision")),
     )
     shape = Shape(spec["image_size"], spec["prompt"], spec["target"])
     return estimate(s, setting, shape, spec.get("device", "cpu")).peak
@@ -69,7 +70,8 @@ def table(rows: list[dict]) -> str:
         ratio = f"{meas / pred:.2f}" if meas else r.get("error", "")
         ratio += f" ({r['note']})" if r.get("note") else ""
         lines.append(
-            f"| {r['model']} | {_device(r)} | {r['mode']} | {'on' if r.get('checkpointing') else 'off'} "
+            f"| {r['model']} | {_device(r)} | {r['mode']}{' +vision' if r.get('lora_vision') else ''} "
+            f"| {'on' if r.get('checkpointing') else 'off'} "
             f"| {r['batch']} | {pred / 1e9:.2f} | {meas / 1e9 if meas else float('nan'):.2f} | {ratio} |"
         )
     return "\n".join(lines)
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny | base | large | checkpoint folder")
     parser.add_argument("--batches", type=int, nargs="*", help="batch sizes (default per model)")
-    parser.add_argument("--modes", nargs="*", help="subset of: full full+ckpt frozen-encoder lora qlora")
+    parser.add_argument("--modes", nargs="*", help="subset of: full full+ckpt frozen-encoder lora qlora; "
+                        "lora+vision / qlora+vision adapt the vision tower too (--lora-vision)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="CUDA only")
     parser.add_argument("--out", type=Path, help="append each measurement to this JSONL file")
@@ -91,13 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         print(table(rows))
         return
     defaults = DEFAULTS.get(args.model, DEFAULTS["base"])
-    configs = CONFIGS
+    configs = [(mode, ckpt, False) for mode, ckpt in CONFIGS]
     if args.modes:
-        configs = [(m.removesuffix("+ckpt"), m.endswith("+ckpt")) for m in args.modes]
+        configs = [(m.split("+")[0], "+ckpt" in m, "+vision" in m) for m in args.modes]
     rows = []
-    for mode, ckpt in configs:
+    for mode, ckpt, lora_vision in configs:
         for batch in args.batches or defaults["batches"]:
             spec = {"model": args.model, "mode": mode, "batch": batch, "checkpointing": ckpt, "device": args.device,
+                    **({"lora_vision": True} if lora_vision else {}),
                     "precision": args.precision if args.device == "cuda" else "fp32",
                     **({"optim": "paged-adamw8bit"} if mode == "qlora" and args.device == "cuda" else {}),
                     **{k: defaults[k] for k in ("image_size", "prompt", "target")}}

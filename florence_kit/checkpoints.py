@@ -27,6 +27,21 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+PATH_KEYS = ("model", "dataset")  # fingerprint keys that may name a local folder or file
+
+
+def normal_source(value: Any) -> Any:
+    """A local path resolved, so that ``data``, ``./data/`` and ``/abs/data`` match; a hub id stays as typed."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def _same(key: str, saved: Any, current: Any) -> bool:
+    if key in PATH_KEYS:  # checkpoints written before paths were resolved hold them as typed
+        return normal_source(saved) == normal_source(current)
+    return saved == current
 
 
 @dataclass
@@ -164,7 +179,7 @@ def load(accelerator: Any, path: Path, fingerprint: dict[str, Any]) -> TrainStat
     """Restore model, optimizer, scheduler, scaler and RNG from ``path``; refuse a checkpoint of another setup."""
     state, saved = TrainState.from_file(path / STATE_FILE)
     # a key the checkpoint lacks was added to the fingerprint after it was written: not a difference
-    changed = [f"{k}: {saved[k]!r} → {v!r}" for k, v in fingerprint.items() if k in saved and saved[k] != v]
+    changed = [f"{k}: {saved[k]!r} → {v!r}" for k, v in fingerprint.items() if k in saved and not _same(k, saved[k], v)]
     if changed:
         raise UserError(
             f"cannot resume from '{path}': these settings differ from the run that wrote it ({'; '.join(changed)}); "

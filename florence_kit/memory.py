@@ -114,6 +114,7 @@ class Sizes:
     decoder_layers: int
     vocab: int
     stored: float = 4.0  # bytes per parameter in the checkpoint file (config dtype: fp32 unless it says 16-bit)
+    vision_lora_targets: tuple[tuple[int, int], ...] = ()  # (in, out) of what --lora-vision wraps in DaViT
 
     @property
     def total(self) -> int:
@@ -129,6 +130,9 @@ def sizes(config: Any) -> Sizes:
     import torch
     from transformers import Florence2ForConditionalGeneration
 
+    from florence_kit.adapters import VISION_TARGETS
+
+    vision_target = re.compile(VISION_TARGETS)
     with torch.device("meta"):
         model = Florence2ForConditionalGeneration(config)
     inner = model.model
@@ -136,12 +140,14 @@ def sizes(config: Any) -> Sizes:
     def count(module: Any) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    linear, targets = 0, []
+    linear, targets, vision_targets = 0, [], []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "multi_modal_projector" not in name and name != "lm_head":
             linear += module.weight.numel()
             if LORA_TARGET.fullmatch(name):
                 targets.append((module.in_features, module.out_features))
+            elif vision_target.fullmatch(name):
+                vision_targets.append((module.in_features, module.out_features))
     text, vision = config.text_config, config.vision_config
     dtype = str(getattr(config, "dtype", None) or "float32")
     return Sizes(
@@ -152,6 +158,7 @@ def sizes(config: Any) -> Sizes:
         heads=max(text.encoder_attention_heads, text.decoder_attention_heads),
         encoder_layers=text.encoder_layers, decoder_layers=text.decoder_layers, vocab=text.vocab_size,
         stored=2.0 if dtype.removeprefix("torch.") in ("float16", "bfloat16") else 4.0,
+        vision_lora_targets=tuple(vision_targets),
     )
 
 
@@ -162,6 +169,11 @@ def sizes(config: Any) -> Sizes:
 # dropout 0.1, drop-path 0.1) at 192, 384 and 768 px and 16/64 target tokens; the counts are linear in
 # tokens × width, plus 3 fp32 (heads × tokens²) tensors per attention (probabilities, dropout, mask).
 VISION_BLOCK = 38.1  # one DaViT block (spatial + channel half), × tokens × channels of its stage
+# --lora-vision: the frozen base Linear layers keep no input, but LoRA's dropout keeps a mask and the dropped
+# input of each of the 8 wrapped layers, and the frozen depthwise convs still keep theirs (stages 2-4 of base
+# at 384 and 768 px: 53.2-53.6; stage 1, whose first block's input needs no gradient, 51.1). The stage-1 patch
+# conv (frozen, on the pixels) keeps nothing.
+VISION_BLOCK_LORA = 53.4
 VISION_PATCH = 4.0  # the pre-normed patch conv of stages 2-4, × tokens × channels of the stage
 PROJECTOR = 1.75  # × tokens × channels of the last stage
 ATTN = 3  # × heads × query tokens × key tokens
@@ -191,7 +203,7 @@ def _stage_tokens(s: Sizes, image_size: int) -> list[int]:
 
 
 def activations(
-    s: Sizes, mode: str, shape: Shape, checkpointing: bool, fused_attention: bool = False
+    s: Sizes, mode: str, shape: Shape, checkpointing: bool, fused_attention: bool = False, lora_vision: bool = False
 ) -> tuple[float, float]:
     """(kept, transient) fp32 elements per sample.
 
@@ -199,6 +211,8 @@ def activations(
     of it (with checkpointing: one layer recomputed during the backward). ``fused_attention``: SDPA runs a
     flash / memory-efficient kernel (CUDA), which keeps one log-sum-exp per query row instead of the
     heads × tokens² probabilities, dropout mask and attention mask the CPU path keeps.
+    ``lora_vision`` (lora/qlora): the tower's adapters train, so the backward runs through it and its blocks
+    keep their activations, as in full fine-tuning.
     """
     attn = 0 if fused_attention else ATTN
     tokens = _stage_tokens(s, shape.image_size)
@@ -211,10 +225,12 @@ def activations(
     dec_layer += attn * h * (dec_t * enc_t + dec_t**2)
     head = dec_t * s.vocab + 2 * enc_t * d  # logits kept by the loss; embeddings, masks
     projector = PROJECTOR * tokens[-1] * s.embed_dim[-1]
-    blocks = [VISION_BLOCK * n * c for n, c in zip(tokens, s.embed_dim, strict=True)]
-    patch = tokens[0] * s.embed_dim[0] + 3 * shape.image_size**2
+    adapted = lora_vision and mode in ("lora", "qlora")
+    block = VISION_BLOCK_LORA if adapted else VISION_BLOCK
+    blocks = [block * n * c for n, c in zip(tokens, s.embed_dim, strict=True)]
+    patch = 0 if adapted else tokens[0] * s.embed_dim[0] + 3 * shape.image_size**2
     patch += sum(VISION_PATCH * n * c for n, c in zip(tokens[1:], s.embed_dim[1:], strict=True))
-    vision_trains = mode == "full"
+    vision_trains = mode == "full" or adapted
     if not checkpointing:
         kept = s.encoder_layers * enc_layer + s.decoder_layers * dec_layer + head + projector
         if vision_trains:
@@ -272,6 +288,7 @@ class Setting:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed: fp32 master weights, low-precision activations)
     optim: str = "adamw"  # adamw | adamw8bit
     lora_r: int = 16
+    lora_vision: bool = False  # lora/qlora: adapters in the vision tower too (finetune --lora-vision)
 
 
 @dataclass(frozen=True)
@@ -289,20 +306,27 @@ class Estimate:
     peak: float  # max(training step, load)
 
 
-def trainable(s: Sizes, mode: str, lora_r: int = 16) -> float:
+def trainable(s: Sizes, mode: str, lora_r: int = 16, lora_vision: bool = False) -> float:
     if mode == "full":
         return s.total
     if mode == "frozen-encoder":
         return s.total - s.vision
     # lora/qlora: the adapters + the projector, which trains fully (PEFT modules_to_save copy)
-    return lora_r * sum(i + o for i, o in s.lora_targets) + s.projector
+    return lora_r * sum(i + o for i, o in s.lora_targets) + s.projector + vision_adapters(s, mode, lora_r, lora_vision)
+
+
+def vision_adapters(s: Sizes, mode: str, lora_r: int, lora_vision: bool) -> float:
+    """Parameters of the vision tower's LoRA matrices (0 unless --lora-vision in lora/qlora)."""
+    if not lora_vision or mode not in ("lora", "qlora"):
+        return 0
+    return lora_r * sum(i + o for i, o in s.vision_lora_targets)
 
 
 def estimate(s: Sizes, setting: Setting, shape: Shape, device: str = "cpu") -> Estimate:
     mode = setting.mode
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode}")
-    n_train = trainable(s, mode, setting.lora_r)
+    n_train = trainable(s, mode, setting.lora_r, setting.lora_vision)
     # qlora: every Linear outside the projector and the LM head is 4-bit NF4 (vision tower included)
     weights = QUANT_BYTES * s.linear + 4 * (s.total - s.linear) if mode == "qlora" else 4.0 * s.total
     if mode in ("lora", "qlora"):
@@ -315,10 +339,13 @@ def estimate(s: Sizes, setting: Setting, shape: Shape, device: str = "cpu") -> E
     step_temp = 0.0 if setting.optim != "adamw" else 4.0 * n_train  # foreach AdamW: one sqrt(v) temporary
     # gradients that already exist while the activations are still held: everything but the vision tower's
     # (the backward reaches the vision tower last)
-    early_grads = 4.0 * (n_train - (s.vision if mode == "full" else 0))
+    vision_grads = s.vision if mode == "full" else vision_adapters(s, mode, setting.lora_r, setting.lora_vision)
+    early_grads = 4.0 * (n_train - vision_grads)
     if mode in ("full", "frozen-encoder"):  # tied LM head: its gradient is a second vocab × d matrix, summed
         early_grads += 4.0 * s.vocab * s.d_model  # into the embedding's during the backward
-    kept, transient = activations(s, mode, shape, setting.checkpointing, fused_attention=device == "cuda")
+    kept, transient = activations(
+        s, mode, shape, setting.checkpointing, fused_attention=device == "cuda", lora_vision=setting.lora_vision
+    )
     act_bytes = LOW_PRECISION_ACT if low else 4.0
     per_sample = (kept + transient) * act_bytes
     fixed_fb = weights + state + early_grads
@@ -479,10 +506,13 @@ def local_budget(precision: str | None = None) -> Budget:
 
 
 def plan_modes(
-    s: Sizes, shape: Shape, budget: Budget, effective_batch: int, modes: tuple[str, ...] = MODES, lora_r: int = 16
+    s: Sizes, shape: Shape, budget: Budget, effective_batch: int, modes: tuple[str, ...] = MODES, lora_r: int = 16,
+    lora_vision: bool = False,
 ) -> list[Fit]:
+    """One Fit per mode; ``lora_vision`` applies to lora/qlora (the other modes have no adapters)."""
     return [
-        fit(s, Setting(mode, precision=budget.precision, optim=default_optim(mode), lora_r=lora_r), shape,
+        fit(s, Setting(mode, precision=budget.precision, optim=default_optim(mode), lora_r=lora_r,
+                       lora_vision=lora_vision and mode in ("lora", "qlora")), shape,
             budget.memory, budget.device, effective_batch)
         for mode in modes
     ]
@@ -499,6 +529,36 @@ def text_lengths(processor: Any, rows: Any, limit: int = 1000) -> tuple[int, int
         prompt = max(prompt, encoder_length(processor, text) - processor.num_image_tokens - 2)
         target = max(target, target_length(processor, label) if label else 1)
     return prompt, target
+
+
+def fit_of_checkpoint(cfg: Any, checkpoint: Path, print_fn: Any = print) -> Any:
+    """``--fit auto --resume``: ``cfg`` with the micro-batch, accumulation and checkpointing the run chose.
+
+    Re-deciding would depend on the memory free now (on CPU) and could pick another split of the same
+    effective batch, which the resume fingerprint then refuses. None when the checkpoint does not record a
+    split of the requested effective batch (another effective batch is refused by the fingerprint as it is).
+    """
+    import json
+    from dataclasses import replace
+
+    import yaml
+
+    from florence_kit.checkpoints import STATE_FILE
+
+    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprint", {})
+    micro, accum = saved.get("batch_size"), saved.get("grad_accum")
+    if not micro or not accum or micro * accum != cfg.batch_size * cfg.grad_accum:
+        return None
+    config = checkpoint.resolve().parent.parent / "config.yaml"  # <run>/checkpoints/step-N
+    recorded = yaml.safe_load(config.read_text()) if config.is_file() else None
+    ckpt = recorded.get("gradient_checkpointing") if isinstance(recorded, dict) else None
+    ckpt = cfg.gradient_checkpointing if ckpt is None else bool(ckpt)
+    chosen = replace(cfg, batch_size=micro, grad_accum=accum, gradient_checkpointing=ckpt)
+    print_fn(
+        f"fit auto: resuming, so batch {micro} × accumulation {accum}"
+        f"{' + gradient checkpointing' if ckpt else ''} as the run chose (not re-decided for the memory free now)"
+    )
+    return chosen
 
 
 def fit_auto(cfg: Any, model: Any, processor: Any, rows: Any, print_fn: Any = print) -> Any:
@@ -522,7 +582,8 @@ def fit_auto(cfg: Any, model: Any, processor: Any, rows: Any, print_fn: Any = pr
     shape = Shape(side, prompt, target)
     optim = getattr(cfg, "optim", None) or default_optim(cfg.mode)
     optim = "adamw8bit" if "8bit" in optim else "adamw"
-    setting = Setting(cfg.mode, precision=budget.precision, optim=optim, lora_r=getattr(cfg, "lora_r", 16))
+    setting = Setting(cfg.mode, precision=budget.precision, optim=optim, lora_r=getattr(cfg, "lora_r", 16),
+                      lora_vision=bool(getattr(cfg, "lora_vision", False)))
     effective = cfg.batch_size * cfg.grad_accum
     chosen = fit(s, setting, shape, budget.memory, budget.device, effective, cfg.gradient_checkpointing)
     where = f"{budget.label}, {budget.memory / GIB:.1f} GiB usable, {budget.precision}"

@@ -309,10 +309,12 @@ def run_fingerprint(cfg: TrainConfig, accelerator: Any) -> dict[str, Any]:
     bring back the old learning rate and weight decay, and ``lora_alpha`` rescales every saved adapter update.
     --max-steps / --epochs may change: a finished run can be extended.
     """
+    from florence_kit.checkpoints import normal_source
     from florence_kit.modes import learning_rate
 
-    return {
-        "task": cfg.task, "model": cfg.model, "dataset": cfg.dataset, "mode": cfg.mode, "seed": cfg.seed,
+    return {  # a local --model / --dataset resolved: the same folder, typed relative or absolute, is the same run
+        "task": cfg.task, "model": normal_source(cfg.model), "dataset": normal_source(cfg.dataset),
+        "mode": cfg.mode, "seed": cfg.seed,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_samples": cfg.max_samples,
         "too_long": cfg.too_long, "lora_r": cfg.lora_r, "lora_vision": cfg.lora_vision, "optim": cfg.optim,
         "mix_weights": cfg.mix_weights, "processes": accelerator.num_processes,
@@ -727,10 +729,11 @@ def finetune(
     evaluator = make_evaluator(tasks[0], cfg, processor) if cfg.eval_every else None
 
     if cfg.fit == "auto":
-        from florence_kit.memory import fit_auto
+        from florence_kit.memory import fit_auto, fit_of_checkpoint
 
         kept = set(report.keep)
-        cfg = fit_auto(cfg, model, processor, (row for row in dataset.texts() if row[0] in kept), say)
+        reused = fit_of_checkpoint(cfg, resume_from, say) if resume_from is not None else None
+        cfg = reused or fit_auto(cfg, model, processor, (row for row in dataset.texts() if row[0] in kept), say)
     elif cfg.fit != "off":
         raise UserError(f"--fit must be off or auto, got '{cfg.fit}'")
     adapter = Mode(cfg.mode) in ADAPTER_MODES

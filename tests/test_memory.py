@@ -138,6 +138,15 @@ def test_plan_prints_every_mode_for_a_t4_and_an_h100():
     assert result.exit_code == 2 and "config.json" in result.output
 
 
+@pytest.mark.parametrize(("option", "value"), [("--image-size", "-64"), ("--image-size", "0"),
+                                               ("--target-tokens", "0"), ("--prompt-tokens", "-1")])
+def test_plan_refuses_sizes_that_make_no_sense(option, value):
+    result = runner.invoke(app, ["plan", "docvqa", "--model", "base", "--gpu", "t4", option, value])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {option} must be at least {0 if option == '--prompt-tokens' else 1}, " \
+        f"got {value}"
+
+
 def test_plan_reads_a_checkpoint_folder(tiny_dir):
     result = runner.invoke(app, ["plan", "docvqa", "--model", str(tiny_dir), "--gpu", "l4", "--mode", "lora"])
     assert result.exit_code == 0, result.output
@@ -178,6 +187,77 @@ def test_finetune_fit_auto_splits_the_batch_to_fit(tiny_dir, docvqa_dir, tmp_pat
     assert (cfg["batch_size"], cfg["grad_accum"], cfg["fit"]) == (2, 2, "auto")
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and log[-1]["samples"] == 8
+
+
+def test_finetune_fit_auto_resume_reuses_the_runs_split(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
+    """On resume --fit auto keeps the checkpoint's batch × accumulation (and checkpointing): the RAM free now
+    would pick another split (here checkpointing + another micro-batch), which the fingerprint refuses."""
+    import florence_kit.memory as memory
+
+    s = memory.sizes(load_config(str(tiny_dir)))
+    shape = Shape(128, 600, 100)
+    two, three = (estimate(s, Setting("full", b), shape).peak for b in (2, 3))
+    plain1, ckpt1 = (estimate(s, Setting("full", 1, checkpointing=c), shape).peak for c in (False, True))
+    budgets = iter([(two + three) / 2, (plain1 + ckpt1) / 2])  # the first run's, then less RAM free at resume
+    monkeypatch.setattr(memory, "local_budget", lambda precision=None: Budget("test", next(budgets), "cpu", "fp32"))
+    monkeypatch.setattr(memory, "text_lengths", lambda processor, rows: (600, 100))
+    out = tmp_path / "run"
+    args = ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir), "--output-dir", str(out),
+            "--batch-size", "4", "--fit", "auto", "--save-every", "1", "--quiet"]
+    result = runner.invoke(app, [*args, "--max-steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert memory.fit(s, Setting("full"), shape, (plain1 + ckpt1) / 2, "cpu", 4).describe() != (
+        "batch 2 × accumulation 2")  # what re-deciding would pick now
+    result = runner.invoke(app, [*args, "--max-steps", "2", "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    assert "fit auto: resuming, so batch 2 × accumulation 2 as the run chose" in " ".join(result.output.split())
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert (cfg["batch_size"], cfg["grad_accum"], cfg["gradient_checkpointing"]) == (2, 2, False)
+    assert cfg["run"]["steps"] == 2
+
+
+def test_lora_vision_keeps_the_vision_towers_activations_and_adapters(base):
+    """--lora-vision: the backward runs through DaViT, so its blocks keep activations as in full fine-tuning."""
+    from florence_kit.memory import VISION_BLOCK_LORA, _stage_tokens, trainable
+
+    shape = Shape(768, 20, 16)
+    lora = estimate(base, Setting("lora", 1), shape)
+    adapted = estimate(base, Setting("lora", 1, lora_vision=True), shape)
+    blocks = sum(VISION_BLOCK_LORA * n * c * d for n, c, d in zip(
+        _stage_tokens(base, 768), base.embed_dim, base.depths, strict=True))
+    assert adapted.per_sample >= lora.per_sample + 4 * blocks  # 4 GB more at 768 px: the frozen tower kept none
+    assert len(base.vision_lora_targets) == 4 * 2 * sum(base.depths)  # qkv, proj, fc1, fc2 per half-block
+    extra = trainable(base, "lora", 16, lora_vision=True) - trainable(base, "lora", 16)
+    assert extra == 16 * sum(i + o for i, o in base.vision_lora_targets) and adapted.grads - lora.grads == 4 * extra
+    assert estimate(base, Setting("full", 1, lora_vision=True), shape) == estimate(base, Setting("full", 1), shape)
+    result = runner.invoke(app, ["plan", "docvqa", "--model", "base", "--gpu", "t4", "--mode", "lora",
+                                 "--lora-vision"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("lora+vision"))
+    plain = runner.invoke(app, ["plan", "docvqa", "--model", "base", "--gpu", "t4", "--mode", "lora"]).output
+    lora_row = next(line for line in plain.splitlines() if line.startswith("lora "))
+    assert int(row.split()[3]) < int(lora_row.split()[3])  # largest batch without checkpointing
+    result = runner.invoke(app, ["plan", "docvqa", "--model", "base", "--gpu", "t4", "--mode", "full",
+                                 "--lora-vision"])
+    assert result.exit_code == 2 and "--lora-vision needs --mode lora or qlora" in result.output
+
+
+def test_finetune_fit_auto_counts_lora_vision(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
+    """A budget between the lora+vision peaks at batch 1 and 2 (where plain lora fits 2) must pick batch 1."""
+    import florence_kit.memory as memory
+
+    s = memory.sizes(load_config(str(tiny_dir)))
+    shape = Shape(128, 5, 5)
+    one, two = (estimate(s, Setting("lora", b, lora_vision=True), shape).peak for b in (1, 2))
+    assert estimate(s, Setting("lora", 2), shape).peak < (one + two) / 2  # without the tower, batch 2 would fit
+    monkeypatch.setattr(memory, "local_budget", lambda precision=None: Budget("test", (one + two) / 2, "cpu", "fp32"))
+    monkeypatch.setattr(memory, "text_lengths", lambda processor, rows: (5, 5))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(out), "--max-steps", "1", "--batch-size", "4", "--fit", "auto",
+                                 "--mode", "lora", "--lora-vision", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "effective batch 4 = batch 1 × accumulation 4" in " ".join(result.output.split())
 
 
 def test_finetune_with_gradient_checkpointing_trains(tiny_dir, docvqa_dir, tmp_path):
@@ -223,6 +303,7 @@ def test_checked_in_measurements_are_within_15_percent():
     rows = _checked_in_rows(lambda mode: True)
     assert {r["model"] for r in rows} == {"base", "tiny", "large"} and {"full", "frozen-encoder", "lora", "qlora"} <= {
         r["mode"] for r in rows}
+    assert {r["model"] for r in rows if r.get("lora_vision")} == {"base", "tiny"}  # --lora-vision measured too
     for row in rows:
         ratio = row["measured"] / predict(row)
         assert 0.85 <= ratio <= 1.15, (row, ratio)

@@ -162,6 +162,31 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_dir, docvqa_
     assert result.steps == 3
 
 
+def test_resume_accepts_the_same_local_folders_typed_another_way(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
+    """Relative vs absolute paths and a trailing slash name the same --model/--dataset; another folder does not."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dir, "model")
+    shutil.copytree(docvqa_dir, "data")
+    out = tmp_path / "run"
+    finetune(_cfg(Path("model"), Path("data"), out, max_steps=2, grad_accum=1, save_every=1), quiet=True,
+             print_fn=lambda _: None)
+    state_file = out / "checkpoints" / "step-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["fingerprint"].update(model="model", dataset="data/")  # as typed, as checkpoints written before held them
+    state_file.write_text(json.dumps(state))
+    cfg = _cfg(tmp_path / "model", str(tmp_path / "data") + "/", out, max_steps=3, grad_accum=1, save_every=1,
+               resume="latest")
+    assert finetune(cfg, quiet=True, print_fn=lambda _: None).steps == 3
+    fingerprint = json.loads((out / "checkpoints" / "step-3" / "trainer_state.json").read_text())["fingerprint"]
+    assert fingerprint["model"] == str(tmp_path / "model")  # written resolved from now on
+    shutil.copytree("data", "other")
+    with pytest.raises(UserError, match="dataset: "):
+        finetune(_cfg(Path("model"), Path("other"), out, max_steps=4, grad_accum=1, resume="latest"), quiet=True,
+                 print_fn=lambda _: None)
+
+
 @pytest.mark.parametrize(("change", "named"), [
     ({"lr": 1e-2}, "lr: 0.001 → 0.01"),  # the scheduler and optimizer states would bring the old rate back
     ({"weight_decay": 0.1}, "weight_decay: 0.0 → 0.1"),  # restored with the optimizer's param groups

@@ -46,6 +46,10 @@ def plan(
         int | None, typer.Option(help="Target tokens; default: the task's max_new_tokens.")
     ] = None,
     lora_r: Annotated[int, typer.Option(help="LoRA rank assumed for lora/qlora.")] = 16,
+    lora_vision: Annotated[
+        bool, typer.Option(help="lora/qlora also adapt the vision tower (as finetune --lora-vision): it keeps "
+                           "its activations for the backward.")
+    ] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
     """Predict peak training memory per mode and pick batch × accumulation (+ checkpointing) that fits.
@@ -55,6 +59,8 @@ def plan(
       florence-kit plan docvqa --model base --gpu t4
 
       florence-kit plan docvqa --model large --gpu a100-40 --mode lora --batch-size 32
+
+      florence-kit plan docvqa --model base --gpu t4 --mode lora --lora-vision
     """
     from florence_kit.errors import UserError
     from florence_kit.memory import (
@@ -73,17 +79,23 @@ def plan(
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    for name, value, least in (("--image-size", image_size, 1), ("--target-tokens", target_tokens, 1),
+                               ("--prompt-tokens", prompt_tokens, 0)):
+        if value is not None and value < least:  # 0 must not fall back to the default, nor -64 plan nonsense
+            raise UserError(f"{name} must be at least {least}, got {value}")
+    if lora_vision and mode and mode.value not in ("lora", "qlora"):
+        raise UserError("--lora-vision needs --mode lora or qlora (or no --mode)")
     spec = get_task(task, list(tasks_dir or []))
     config = load_config(model)
     s = sizes(config)
-    side = image_size or model_image_size(model)
-    target = target_tokens or int(spec.generation.get("max_new_tokens", 64))
+    side = image_size if image_size is not None else model_image_size(model)
+    target = target_tokens if target_tokens is not None else int(spec.generation.get("max_new_tokens", 64))
     shape = Shape(side, prompt_tokens, target)
     budget = gpu_budget(gpu.value, precision.value) if gpu else local_budget(precision.value)
     if budget.device == "cpu" and budget.precision != "fp32":
         raise UserError("on CPU the planner models fp32 training only; drop --precision or pass --gpu")
     modes = (mode.value,) if mode else MODES
-    fits = plan_modes(s, shape, budget, batch_size, modes, lora_r)
+    fits = plan_modes(s, shape, budget, batch_size, modes, lora_r, lora_vision)
 
     prec = {"fp32": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}[budget.precision]
     console.print(
@@ -97,8 +109,9 @@ def plan(
     header = f"{'mode':<15} {'peak @ batch 1':>15} {'largest batch':>14} {'with checkpointing':>19}   --fit auto picks"
     console.print(header, highlight=False, soft_wrap=True)
     for f in fits:
+        label = f.mode + ("+vision" if lora_vision and f.mode in ("lora", "qlora") else "")
         console.print(
-            f"{f.mode:<15} {f.peak_1 / GIB:>11.1f} GiB {f.max_batch:>14} {f.max_batch_ckpt:>19}   "
+            f"{label:<15} {f.peak_1 / GIB:>11.1f} GiB {f.max_batch:>14} {f.max_batch_ckpt:>19}   "
             f"{f.describe()}" + (f" (peak {f.peak / GIB:.1f} GiB)" if f.fits else ""),
             highlight=False, soft_wrap=True,
         )
