@@ -139,7 +139,8 @@ def test_plan_prints_every_mode_for_a_t4_and_an_h100():
 
 
 @pytest.mark.parametrize(("option", "value"), [("--image-size", "-64"), ("--image-size", "0"),
-                                               ("--target-tokens", "0"), ("--prompt-tokens", "-1")])
+                                               ("--target-tokens", "0"), ("--prompt-tokens", "-1"),
+                                               ("--lora-r", "0")])
 def test_plan_refuses_sizes_that_make_no_sense(option, value):
     result = runner.invoke(app, ["plan", "docvqa", "--model", "base", "--gpu", "t4", option, value])
     assert result.exit_code == 2, result.output

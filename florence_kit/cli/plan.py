@@ -80,7 +80,7 @@ def plan(
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     for name, value, least in (("--image-size", image_size, 1), ("--target-tokens", target_tokens, 1),
-                               ("--prompt-tokens", prompt_tokens, 0)):
+                               ("--prompt-tokens", prompt_tokens, 0), ("--lora-r", lora_r, 1)):
         if value is not None and value < least:  # 0 must not fall back to the default, nor -64 plan nonsense
             raise UserError(f"{name} must be at least {least}, got {value}")
     if lora_vision and mode and mode.value not in ("lora", "qlora"):
