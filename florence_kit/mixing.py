@@ -1,11 +1,13 @@
 """Training data for one task or a weighted mix of tasks (``--task a,b`` or a group such as ``cauldron``).
 
-A mix is one map-style dataset whose positions are drawn, with a fixed seed, from the tasks in
-proportion to their sampling weights; within a task, examples come in a shuffled order and repeat
-only once all have been seen. By default the weights are the tasks' sizes (every example exactly once
-per epoch, the "examples-proportional" mix); ``--mix-weights`` sets them (``2,1`` in task order, or
-``cauldron/ai2d=2,cauldron/chartqa=1``; tasks left out weigh 1), e.g. to up-sample a small task.
-The epoch length stays the total number of examples.
+A mix is one map-style dataset holding every example of every task once (each task's examples in a
+seeded shuffled order, the tasks interleaved), so that the length preflight and ``--prepare-data`` see each
+example once. By default the weights are the tasks' sizes: every example exactly once per epoch (the
+"examples-proportional" mix). ``--mix-weights`` sets them (``2,1`` in task order, or
+``cauldron/ai2d=2,cauldron/chartqa=1``; tasks left out weigh 1), e.g. to up-sample a small task: then
+each epoch draws a task's share of positions by :class:`MixDraws`, continuing through the task's
+shuffled order where the previous epoch stopped (a down-weighted task sees all its examples over the
+epochs, not the same few every epoch). The epoch length stays the total number of examples.
 """
 
 from __future__ import annotations
@@ -60,25 +62,26 @@ def allocate(total: int, weights: Sequence[float]) -> list[int]:
 
 
 class MixedDataset:
-    """Several task datasets sampled by weight into one map-style dataset of examples."""
+    """Several task datasets as one map-style dataset: every example once; the weights act per epoch (:meth:`draws`)."""
 
     def __init__(self, parts: Sequence[TaskDataset], weights: Sequence[float], seed: int = 0) -> None:
         self.parts = list(parts)
         self.weights = [float(w) for w in weights]
         rng = random.Random(seed)
         sizes = [len(p) for p in self.parts]
-        live = [w if n else 0.0 for w, n in zip(self.weights, sizes, strict=True)]
-        if not any(live):
+        self.live = [w if n else 0.0 for w, n in zip(self.weights, sizes, strict=True)]
+        if not any(self.live):
             raise UserError("every task in the mix is empty (or weighs 0)")
         orders = [rng.sample(range(n), n) for n in sizes]
-        sequence = [k for k, count in enumerate(allocate(sum(sizes), live)) for _ in range(count)]
-        rng.shuffle(sequence)  # the tasks interleaved at random; how many of each is fixed by the weights
+        sequence = [k for k, n in enumerate(sizes) for _ in range(n)]
+        rng.shuffle(sequence)  # the tasks interleaved at random (the index a mix weighted by size always had)
         seen = [0] * len(self.parts)
         self.index: list[tuple[int, int]] = []
         for part in sequence:
-            self.index.append((part, orders[part][seen[part] % sizes[part]]))
+            self.index.append((part, orders[part][seen[part]]))
             seen[part] += 1
-        self.counts = [sum(1 for p, _ in self.index if p == k) for k in range(len(self.parts))]
+        self.counts = allocate(sum(sizes), self.live)  # draws per task and epoch (before the length preflight)
+        self.by_size = self.counts == sizes  # every example exactly once an epoch: no per-epoch draws needed
 
     def __len__(self) -> int:
         return len(self.index)
@@ -93,6 +96,39 @@ class MixedDataset:
         for position, (part, item) in enumerate(self.index):
             prompt, target = texts[part][item]
             yield position, prompt, target
+
+    def draws(self, indices: Sequence[int]) -> MixDraws | None:
+        """Each epoch's draws over training positions whose examples are ``indices`` (the rows the preflight
+        kept); None where the weights are the sizes and a plain shuffle of the positions already is the mix."""
+        if self.by_size:
+            return None
+        return MixDraws([self.index[i][0] for i in indices], self.live)
+
+
+class MixDraws:
+    """A weighted mix's epochs: ``draws(epoch)`` lists the training positions of that epoch (a sampler shuffles them).
+
+    Task t's share s_t of the epoch (largest remainder over the kept examples) takes its k-th draw of epoch e from
+    position ``order_t[(e * s_t + k) mod n_t]``, ``order_t`` being its n_t positions in their shuffled order: each
+    epoch continues where the last stopped, and an example repeats only once the task's others were all drawn. A
+    function of the epoch alone, so ``--resume`` and every DDP process rebuild any epoch.
+    """
+
+    def __init__(self, task_of: Sequence[int], weights: Sequence[float]) -> None:
+        self.orders: list[list[int]] = [[] for _ in weights]
+        for position, task in enumerate(task_of):
+            self.orders[task].append(position)
+        live = [w if order else 0.0 for w, order in zip(weights, self.orders, strict=True)]
+        if not any(live):
+            raise UserError("no training examples left of the tasks that weigh more than 0 in the mix")
+        self.shares = allocate(len(task_of), live)
+
+    def __len__(self) -> int:
+        return sum(self.shares)
+
+    def __call__(self, epoch: int) -> list[int]:
+        return [order[(epoch * share + k) % len(order)]
+                for order, share in zip(self.orders, self.shares, strict=True) for k in range(share)]
 
 
 @dataclass

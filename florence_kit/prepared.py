@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,12 +247,14 @@ class PreparedDataset:
         bad_slots = {slot for slot, _ in bad}
         marks = getattr(rows, "bad", None)
         self.examples = []
+        self.indices: list[int] = []  # the dataset index of each example (a weighted mix draws by them)
         for position, (img, i, lab) in enumerate(zip(image_of, ids, labels, strict=True)):
             if img in bad_slots:
                 if marks is not None:
                     marks[position] = 1  # counted in ImageGuard.skipped, reported at the end
                 continue
             self.examples.append(PreparedExample(img, list(i), list(lab)))
+            self.indices.append(indices[position])
         if not self.examples:
             raise UserError(f"none of the {len(indices)} training rows has a readable image; check the dataset")
         self.pixels = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
@@ -413,13 +415,17 @@ class PageGroups:
     vision-feature cache runs the tower once per page even in the first epoch.
     """
 
-    def __init__(self, image_of: Sequence[int], seed: int) -> None:
-        self.seed, self.epoch = seed, 0
-        groups: dict[int, list[int]] = {}
-        for index, image in enumerate(image_of):
-            groups.setdefault(image, []).append(index)
-        self.groups = list(groups.values())
+    def __init__(self, image_of: Sequence[int], seed: int, draws: Callable[[int], list[int]] | None = None) -> None:
+        self.seed, self.epoch, self.draws, self.image_of = seed, 0, draws, list(image_of)
+        self.groups = self.grouped(range(len(image_of)))
         self.size = len(image_of)
+
+    def grouped(self, positions: Iterable[int]) -> list[list[int]]:
+        """The positions by image, images in order of first appearance."""
+        groups: dict[int, list[int]] = {}
+        for index in positions:
+            groups.setdefault(self.image_of[index], []).append(index)
+        return list(groups.values())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -431,8 +437,9 @@ class PageGroups:
         import torch
 
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.groups), generator=generator).tolist()
-        return iter([index for g in order for index in self.groups[g]])
+        groups = self.groups if self.draws is None else self.grouped(self.draws(self.epoch))  # a weighted mix's epoch
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        return iter([index for g in order for index in groups[g]])
 
 
 class LengthGroups:
@@ -442,8 +449,10 @@ class LengthGroups:
     into batches, and the batches of the epoch are shuffled. Every example is seen once per epoch.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 50) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 50,
+                 draws: Callable[[int], list[int]] | None = None) -> None:
         self.lengths, self.batch_size, self.seed, self.window, self.epoch = list(lengths), batch_size, seed, window, 0
+        self.draws = draws  # a weighted mix: the epoch's positions (florence_kit.mixing.MixDraws)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -456,6 +465,9 @@ class LengthGroups:
 
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        if self.draws is not None:
+            epoch_draws = self.draws(self.epoch)
+            order = [epoch_draws[i] for i in order]
         span = self.batch_size * self.window
         batches = []
         for start in range(0, len(order), span):

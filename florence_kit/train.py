@@ -220,8 +220,8 @@ class EpochShuffle:
     resume: the demo's measured results were made with it.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, draws: Callable[[int], list[int]] | None = None) -> None:
+        self.size, self.seed, self.epoch, self.draws = size, seed, 0, draws
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -237,7 +237,28 @@ class EpochShuffle:
             torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's base-seed draw
             order = torch.randperm(self.size, generator=generator)
             torch.randperm(self.size, generator=generator)  # RandomSampler's empty remainder permutation
-        return iter(order.tolist())
+        return iter(drawn(order.tolist(), self.draws, self.epoch))
+
+
+def drawn(order: list[int], draws: Callable[[int], list[int]] | None, epoch: int) -> list[int]:
+    """A sampler's shuffled slots as positions: a weighted mix's slots are the epoch's draws
+    (:class:`florence_kit.mixing.MixDraws`), any other's the positions themselves."""
+    if draws is None:
+        return order
+    epoch_draws = draws(epoch)
+    return [epoch_draws[i] for i in order]
+
+
+def mix_draws(rows: Any, dataset: Any) -> Callable[[int], list[int]] | None:
+    """The per-epoch draws of a weighted mix over ``dataset``'s positions (None: each position once an epoch).
+
+    ``rows`` are the training rows before ``--prepare-data``: an ImageGuard, whose ``dataset`` may be the mix;
+    ``dataset`` is what the loader reads, whose ``indices`` are the mix positions it kept.
+    """
+    mixed = getattr(rows, "dataset", rows)
+    if not hasattr(mixed, "draws"):
+        return None
+    return mixed.draws(list(getattr(dataset, "indices", range(len(dataset)))))
 
 
 def training_image_keys(dataset: Any) -> list[str]:
@@ -251,8 +272,9 @@ def training_image_keys(dataset: Any) -> list[str]:
     return image_keys(dataset)
 
 
-def make_sampler(dataset: Any, cfg: TrainConfig) -> Any:
-    """The epoch order: a plain shuffle, or grouped by page (``--group-by-image``) or length (``--group-by-length``)."""
+def make_sampler(dataset: Any, cfg: TrainConfig, draws: Callable[[int], list[int]] | None = None) -> Any:
+    """The epoch order: a plain shuffle, or grouped by page (``--group-by-image``) or length (``--group-by-length``);
+    of a weighted mix's ``draws`` for the epoch, where given."""
     if cfg.group_by_image and cfg.group_by_length:
         raise UserError("choose one of --group-by-image and --group-by-length")
     if cfg.group_by_length:
@@ -260,16 +282,16 @@ def make_sampler(dataset: Any, cfg: TrainConfig) -> Any:
 
         if not hasattr(dataset, "lengths"):
             raise UserError("--group-by-length needs --prepare-data (the lengths come from its tokenisation)")
-        return LengthGroups(dataset.lengths(), cfg.batch_size, cfg.seed)
+        return LengthGroups(dataset.lengths(), cfg.batch_size, cfg.seed, draws=draws)
     if cfg.group_by_image:
         from florence_kit.prepared import PageGroups
 
         if hasattr(dataset, "image_of"):
-            return PageGroups(dataset.image_of(), cfg.seed)
+            return PageGroups(dataset.image_of(), cfg.seed, draws=draws)
         keys = training_image_keys(dataset)
         index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-        return PageGroups([index[k] for k in keys], cfg.seed)
-    return EpochShuffle(len(dataset), cfg.seed)
+        return PageGroups([index[k] for k in keys], cfg.seed, draws=draws)
+    return EpochShuffle(len(dataset), cfg.seed, draws)
 
 
 def multi_process_cpu() -> bool:
@@ -389,6 +411,7 @@ def train_loop(
                                cfg.optim or default_optim(cfg.mode))
     collator: Any = Collator(processor, max_length=max_positions(model.config), truncate=collate_truncate)
     normalizer: Any = None  # --prepare-data: uint8 pixels arrive and are normalised here (PixelNormalizer)
+    rows = dataset  # before --prepare-data: a weighted mix's draws are found through its rows
     if cfg.prepare_data:  # --- trainspeed: decode and resize once, tokenise once ---
         from florence_kit.prepared import prepare_training_data
 
@@ -401,7 +424,7 @@ def train_loop(
         )
     elif getattr(dataset, "skip", False):  # --skip-bad-images: the rows --prepare-data would leave out
         dataset.leave_out_unreadable(workers=cfg.num_workers)
-    sampler = make_sampler(dataset, cfg)
+    sampler = make_sampler(dataset, cfg, mix_draws(rows, dataset))
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),  # page-locked batches: the host-to-GPU copy runs asynchronously

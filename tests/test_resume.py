@@ -85,6 +85,56 @@ def test_resume_in_process_equals_uninterrupted(dropout_tiny, docvqa_dir, docvqa
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "b")] == ["step-3", "step-4"]
 
 
+def test_weighted_mix_moves_on_each_epoch_and_resumes_mid_epoch_exactly(dropout_tiny, docvqa_dir, docvqa_task,
+                                                                        tmp_path, monkeypatch):
+    """A mix of 10 + 2 examples weighted 1:1 (6 draws each an epoch): the 10-example task trains on 6 examples in
+    epoch 0 and the other 4 first in epoch 1; resumed from step 5 (mid-epoch 1) it ends as the uninterrupted run."""
+    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.mixing import MixedDataset
+    from florence_kit.model import load_model
+    from florence_kit.runfolder import ImageGuard
+    from florence_kit.train import train_loop
+
+    split = load_split(docvqa_task, str(docvqa_dir), "train").select(range(12))
+    parts = [TaskDataset(split.select(range(10)), docvqa_task, with_target=True),
+             TaskDataset(split.select(range(10, 12)), docvqa_task, with_target=True)]
+    mixed = MixedDataset(parts, [1, 1], seed=0)
+    seen: list[tuple[int, int]] = []
+    read = MixedDataset.__getitem__
+    monkeypatch.setattr(MixedDataset, "__getitem__", lambda self, i: seen.append(self.index[int(i)]) or read(self, i))
+
+    def run(out: Path, stop_at: int | None = None, resume: Path | None = None) -> dict[str, torch.Tensor]:
+        model, processor = load_model(str(dropout_tiny))
+        out.mkdir(exist_ok=True)
+
+        def on_step(step, total, loss, lr):
+            if step == stop_at:
+                raise Interrupt
+
+        cfg = _cfg(dropout_tiny, docvqa_dir, out, max_steps=9, save_every=1, mix_weights="1,1")
+        with contextlib.suppress(Interrupt):
+            train_loop(model, processor, ImageGuard(mixed, range(12), skip=False), cfg, out / "metrics.jsonl",
+                       on_step=on_step, resume_from=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    straight = run(tmp_path / "a")  # 3 epochs of 12 draws, 3 steps each
+    epochs = [seen[k : k + 12] for k in (0, 12, 24)]
+    assert len(seen) == 36
+    first = [[i for t, i in e if t == 0] for e in epochs]
+    assert [len(f) for f in first] == [6, 6, 6] and all(len(set(f)) == 6 for f in first)
+    assert set(first[0] + first[1]) == set(range(10))  # every example before any repeats
+    assert all(sorted(i for t, i in e if t == 1) == [0, 0, 0, 1, 1, 1] for e in epochs)
+    seen.clear()
+    run(tmp_path / "b", stop_at=6)
+    latest = checkpoints.resolve_resume("latest", tmp_path / "b")
+    state, _ = checkpoints.TrainState.from_file(latest / checkpoints.STATE_FILE)
+    assert (state.step, state.epoch, state.batch) == (5, 1, 4)
+    seen.clear()
+    resumed = run(tmp_path / "b", resume=latest)
+    assert seen == [*epochs[1][8:], *epochs[2]]  # the rest of epoch 1, then epoch 2, as in the uninterrupted run
+    assert all(torch.equal(resumed[n], straight[n]) for n in straight)  # bit-identical on CPU
+
+
 def _model_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 

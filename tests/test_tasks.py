@@ -133,7 +133,7 @@ def test_cauldron_subset_trains_and_evaluates(tiny_dir: Path, cauldron_dir: Path
 
 def test_cauldron_mix_trains_with_weights(tiny_dir: Path, cauldron_dir: Path, tmp_path: Path) -> None:
     _finetune("cauldron/ai2d,cauldron/chartqa", tiny_dir, cauldron_dir, tmp_path / "mix",
-              "--mix-weights", "cauldron/ai2d=1,cauldron/chartqa=3")
+              "--mix-weights", "cauldron/ai2d=1,cauldron/chartqa=3", "--prepare-data", "--group-by-length")
     config = yaml.safe_load((tmp_path / "mix" / "config.yaml").read_text())
     assert config["mix_weights"] == "cauldron/ai2d=1,cauldron/chartqa=3"
     mix = config["run"]["mix"]  # run facts live under run: (the options stay top-level for --config)
@@ -150,7 +150,9 @@ def test_mix_sampling_follows_the_weights(cauldron_dir: Path) -> None:
     parts = data.dataset.parts
     only_second = MixedDataset(parts, [0, 1], seed=0)
     assert only_second.counts == [0, total]
-    assert sorted({i for _, i in only_second.index}) == list(range(CHARTQA_TURNS))  # all seen, then repeats
+    epoch = [only_second.index[p] for p in only_second.draws(range(total))(0)]
+    assert {t for t, _ in epoch} == {1} and len(epoch) == total
+    assert sorted({i for _, i in epoch[:CHARTQA_TURNS]}) == list(range(CHARTQA_TURNS))  # all seen, then repeats
     assert [p for _, p, _ in only_second.texts()] == [only_second[i].prompt for i in range(len(only_second))]
     assert parse_weights("2,1", ["a", "b"]) == [2.0, 1.0] and parse_weights(None, ["a"]) is None
     for bad in ("2", "a=x", "c=1", "0,0"):
@@ -172,6 +174,54 @@ def test_mix_shares_follow_the_weights_exactly_and_by_size_use_every_example_onc
         weighted = MixedDataset([Part(1000), Part(100)], [1, 3], seed=seed)
         assert weighted.counts == [275, 825]  # 1:3 of 1100 positions, not 1:3 on average
     assert [p for p, _ in by_size.index[:20]].count(1) < 20  # still interleaved
+    assert by_size.draws(range(1100)) is None  # by size: each epoch a plain shuffle of every example
+
+
+def test_weighted_mix_continues_through_a_down_weighted_task_epoch_after_epoch() -> None:
+    """A task drawn 200 times an epoch out of 1000 examples sees the next 200 each epoch, all 1000 in 5 epochs.
+
+    The mix's index was once fixed for the run, so such a task trained on the same 200 examples every epoch."""
+    from florence_kit.prepared import LengthGroups, PageGroups
+    from florence_kit.train import EpochShuffle
+
+    class Part:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __len__(self) -> int:
+            return self.n
+
+    mixed = MixedDataset([Part(1000), Part(100)], [1, 4], seed=3)
+    keep = [p for p in range(len(mixed)) if p % 7]  # the length preflight dropped every 7th position
+    sampler = EpochShuffle(len(keep), seed=3, draws=mixed.draws(keep))
+    epochs = []
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert len(order) == len(keep)
+        epochs.append([mixed.index[keep[p]] for p in order])
+    big = [{i for t, i in e if t == 0} for e in epochs]
+    small = [[i for t, i in e if t == 1] for e in epochs]
+    kept_big = {mixed.index[p][1] for p in keep if mixed.index[p][0] == 0}
+    kept_small = {mixed.index[p][1] for p in keep if mixed.index[p][0] == 1}
+    share = sum(1 for t, _ in epochs[0] if t == 0)
+    assert share == round(len(keep) / 5) and all(len(b) == share for b in big)  # no repeats within an epoch
+    assert not big[0] & big[1] and not big[1] & big[2]  # epoch 2 draws the next examples
+    whole = -(-len(kept_big) // share)  # epochs to go through the task once
+    assert set().union(*big[:whole]) == kept_big  # every kept example before any repeats
+    assert sum(len(b) for b in big[: whole - 1]) == len(set().union(*big[: whole - 1]))
+    for drawn in small:  # the up-weighted task: every kept example 8 or 9 times an epoch, the copies moving on
+        counts = [drawn.count(i) for i in kept_small]
+        assert set(counts) <= {len(drawn) // len(kept_small), len(drawn) // len(kept_small) + 1}
+    assert small[0] != small[1] and sorted(small[0]) != sorted(small[1])
+    sampler.set_epoch(2)
+    again = [mixed.index[keep[p]] for p in sampler]
+    assert again == epochs[2]  # a function of the epoch alone: --resume and every DDP process rebuild it
+    draws = mixed.draws(keep)
+    for grouped in (PageGroups([p // 3 for p in range(len(keep))], seed=3, draws=draws),
+                    LengthGroups([p % 11 for p in range(len(keep))], batch_size=4, seed=3, draws=draws)):
+        grouped.set_epoch(4)  # --group-by-image / --group-by-length order the same epoch's draws
+        assert sorted(grouped) == sorted(draws(4))
 
 
 def test_tasks_show_renders_a_cauldron_turn(cauldron_dir: Path) -> None:
