@@ -111,7 +111,7 @@ def test_weighted_mix_moves_on_each_epoch_and_resumes_mid_epoch_exactly(dropout_
             if step == stop_at:
                 raise Interrupt
 
-        cfg = _cfg(dropout_tiny, docvqa_dir, out, max_steps=9, save_every=1, mix_weights="1,1")
+        cfg = _cfg(dropout_tiny, docvqa_dir, out, max_steps=9, save_every=5, mix_weights="1,1")  # one checkpoint
         with contextlib.suppress(Interrupt):
             train_loop(model, processor, ImageGuard(mixed, range(12), skip=False), cfg, out / "metrics.jsonl",
                        on_step=on_step, resume_from=resume)
