@@ -416,12 +416,11 @@ def train_loop(
         from florence_kit.prepared import prepare_training_data
 
         where = cfg.prepare_dir or Path(cfg.output_dir) / "prepared"
-        if accelerator.num_processes > 1:
-            where = where / f"process-{accelerator.process_index}"
-        dataset, collator, normalizer = prepare_training_data(
-            dataset, processor, where, workers=cfg.num_workers, max_length=max_positions(model.config),
-            truncate=collate_truncate, print_fn=print if accelerator.is_main_process else None,
-        )
+        with accelerator.main_process_first():  # one store: the main process fills it, the others read it back
+            dataset, collator, normalizer = prepare_training_data(
+                dataset, processor, where, workers=cfg.num_workers, max_length=max_positions(model.config),
+                truncate=collate_truncate, print_fn=print if accelerator.is_main_process else None,
+            )
     elif getattr(dataset, "skip", False):  # --skip-bad-images: the rows --prepare-data would leave out
         dataset.leave_out_unreadable(workers=cfg.num_workers)
     sampler = make_sampler(dataset, cfg, mix_draws(rows, dataset))

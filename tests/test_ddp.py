@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,59 @@ def test_ctrl_c_reaching_one_ddp_process_stops_all_after_the_same_step(tiny_dir,
     run = yaml.safe_load((out / "config.yaml").read_text())["run"]
     assert run["interrupted_at_step"] >= 1 and run["steps"] == run["interrupted_at_step"]
     load_file(str(out / "model.safetensors"))  # whole and readable
+
+
+def _launch(tiny_dir: Path, data: Path, out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m florence_kit.cli finetune docvqa ...``; a hang fails the test at ``timeout``."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "florence_kit.cli", "finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(data),
+              "--quiet", "--output-dir", str(out), *args]
+    return subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_processes_prepare_one_store_and_finish_an_odd_grouped_run(tiny_dir, docvqa_dir, tmp_path):
+    """--prepare-data under DDP filled one store per process (process-0/, process-1/): every process decoded
+    every image, N copies on disk. Now the main process fills it and the others read it back. The same run
+    (7 examples on 2 processes of 2, grouped by page, vision features cached, evaluated and checkpointed)
+    ends on both processes."""
+    out = tmp_path / "run"
+    done = _launch(tiny_dir, docvqa_dir, out, "--max-samples", "7", "--batch-size", "2", "--max-steps", "3",
+                   "--prepare-data", "--group-by-image", "--mode", "frozen-encoder", "--cache-vision-features",
+                   "--eval-every", "2", "--eval-max-samples", "2", "--save-every", "2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    stores = sorted(p.relative_to(out / "prepared") for p in (out / "prepared").rglob("*.u8"))
+    assert len(stores) == 1 and stores[0].parent == Path("."), stores
+    assert done.stdout.count("decoded and resized once") == 1 and "read back" not in done.stdout
+    assert done.stdout.count("done:") == 1 and (out / "best" / "eval.json").is_file()
+    assert sorted(p.name for p in (out / "checkpoints" / "step-2").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_an_error_is_printed_once_whether_every_process_or_one_raises_it(tiny_dir, docvqa_dir, tmp_path):
+    """A non-empty --output-dir (every process refuses it) printed its error line once per process. An error that
+    one process alone raises (the one that reads an unreadable image) must still be shown, and end the run."""
+    import numpy as np
+    from PIL import Image
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    done = _launch(tiny_dir, docvqa_dir, taken, "--max-steps", "1", timeout=180)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1 and "is not empty" in errors[0], done.stderr[-3000:]
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(5):
+        Image.fromarray(np.full((64, 64, 3), 200 + i, np.uint8)).save(data / f"good{i}.png")
+        rows.append({"image": f"good{i}.png", "question": "What is it?", "answers": ["a page"]})
+    (data / "cut.png").write_bytes(b"not an image")
+    rows.insert(3, {"image": "cut.png", "question": "What is it?", "answers": ["a page"]})
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = _launch(tiny_dir, data, tmp_path / "run", "--batch-size", "1", "--max-steps", "3", timeout=180)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1 and "cut.png" in errors[0], done.stderr[-3000:]
+    # with this seed the process that reads it is rank 1 (the one whose message waits), and it ends the run
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 2", done.stderr), done.stderr[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -40,6 +41,19 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+# A DDP process other than the main one waits this long before printing its error: an error every process
+# raises (a non-empty --output-dir, a bad option) is then printed by the main process alone, since the launcher
+# (torchrun / accelerate launch) stops the other processes as soon as one exits. An error of its own is still shown.
+ECHO_DELAY_S = 3.0
+
+
+def print_error(message: str) -> None:
+    """One red line on stderr; once per run under DDP, not once per process."""
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(ECHO_DELAY_S)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def user_errors(fn: F) -> F:
     """Turn a UserError into one red line on stderr and its exit code (2; 130 for Ctrl-C), no traceback.
 
@@ -55,13 +69,12 @@ def user_errors(fn: F) -> F:
             if isinstance(exc, RunInterrupted) and os.environ.get("RANK", "0") != "0":
                 raise typer.Exit(exc.exit_code) from None  # every DDP process stops at the same step: one says so
             # escaped: a message such as "pip install 'florence-kit[ui]'" is not Rich markup
-            err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
+            print_error(escape(one_line(exc)))
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            err_console.print(f"[bold red]error:[/] disk full ({escape(str(exc))}); free some space and run again",
-                              highlight=False, soft_wrap=True)
+            print_error(f"disk full ({escape(str(exc))}); free some space and run again")
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
