@@ -204,6 +204,19 @@ def test_progress_plain_lines_every_n_steps() -> None:
     assert "eta 0:00:00" in lines[-1] and "lr 1.00e-04" in lines[0] and "samples/s" in lines[0]
 
 
+def test_progress_after_resume_times_only_the_steps_run_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run resumed at step 100 of 200: 2 s for its first 2 steps is 1 step/s, 98 steps (98 s) to go."""
+    from florence_kit import progress
+
+    clock = iter([0.0, 1.0, 2.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    with progress.StepProgress("t", samples_per_step=8, quiet=True, print_fn=lambda _: None) as bar:
+        bar.update(101, 200, 1.0, 1e-4)
+        bar.update(102, 200, 1.0, 1e-4)
+    assert bar.last["rate"] == pytest.approx(8.0)  # not the 100 skipped steps' 800 samples
+    assert bar.last["eta"] == pytest.approx(98.0)
+
+
 def test_progress_bar_in_a_terminal_shows_every_field() -> None:
     import io
 
