@@ -257,3 +257,20 @@ def test_card_lists_eval_metrics_from_the_log(tmp_path: Path) -> None:
     card = write_card(tmp_path, options, {"steps": 3, "final_loss": 0.5}).read_text()
     assert "| eval_anls | 0.75 |" in card and "| step | 2 |" in card
     assert "base_model: florence-community/Florence-2-base" in card
+
+
+def test_card_metrics_ignore_events_and_skipped_steps(tmp_path: Path) -> None:
+    """Early stopping or a resume after the last eval must not replace the eval scores on the card."""
+    from florence_kit.card import write_card
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 4, "eval/anls": 0.5, "best": 0.5, "best_step": 4}\n'
+        '{"step": 4, "event": "early stopping", "evals_without_improvement": 2}\n'
+        '{"step": 4, "event": "resume", "checkpoint": "run/checkpoints/step-4"}\n'
+        '{"step": 5, "loss": null, "skipped": "non-finite loss", "nonfinite_steps": 1}\n'
+    )
+    options = {"task": "docvqa", "model": "base", "mode": "full", "batch_size": 2, "grad_accum": 1}
+    card = write_card(tmp_path, options, {"steps": 5, "final_loss": 0.5}).read_text()
+    assert "| eval/anls | 0.5 |" in card and "| best_step | 4 |" in card
+    for text in ("event", "resume", "checkpoint", "non-finite", "nonfinite_steps"):
+        assert text not in card, text
