@@ -274,3 +274,24 @@ def test_card_metrics_ignore_events_and_skipped_steps(tmp_path: Path) -> None:
     assert "| eval/anls | 0.5 |" in card and "| best_step | 4 |" in card
     for text in ("event", "resume", "checkpoint", "non-finite", "nonfinite_steps"):
         assert text not in card, text
+
+
+def test_elapsed_s_goes_on_counting_after_a_resume(tiny_dir: Path, docvqa_dir: Path, tmp_path: Path) -> None:
+    """metrics.jsonl's elapsed_s is the run's training time: a resume starts from the checkpoint's, not from 0."""
+    import json
+
+    from florence_kit.train import finetune
+
+    out = tmp_path / "run"
+    settings = {"task": "docvqa", "model": str(tiny_dir), "dataset": str(docvqa_dir), "output_dir": out,
+                "batch_size": 2, "max_samples": 8, "log_every": 1, "save_every": 2}
+    finetune(TrainConfig(max_steps=2, **settings), quiet=True, print_fn=lambda _: None)
+    state_file = out / "checkpoints" / "step-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert state["elapsed_s"] >= logged[-1]["elapsed_s"] > 0  # saved just after step 2 was logged
+    state["elapsed_s"] = 1000.0  # as if the first two steps had taken a long time
+    state_file.write_text(json.dumps(state))
+    finetune(TrainConfig(max_steps=3, resume="latest", **settings), quiet=True, print_fn=lambda _: None)
+    step3 = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert step3["step"] == 3 and step3["elapsed_s"] >= 1000.0
