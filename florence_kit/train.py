@@ -761,7 +761,7 @@ def finetune(
             say(f"resuming from {resume_from} (step {resumed.step})")
         else:
             log_path.write_text("")
-            for stale in ("checkpoints", "best"):  # an earlier run's, in a folder reused with --overwrite
+            for stale in ("checkpoints", "best", "tensorboard"):  # an earlier run's, in a folder reused by --overwrite
                 shutil.rmtree(out / stale, ignore_errors=True)
         write_config(cfg, out, run_info)
     procs.wait_for_everyone()

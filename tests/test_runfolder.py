@@ -295,3 +295,23 @@ def test_elapsed_s_goes_on_counting_after_a_resume(tiny_dir: Path, docvqa_dir: P
     finetune(TrainConfig(max_steps=3, resume="latest", **settings), quiet=True, print_fn=lambda _: None)
     step3 = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert step3["step"] == 3 and step3["elapsed_s"] >= 1000.0
+
+
+def test_overwrite_leaves_nothing_of_the_earlier_runs_model_or_logs(
+    run1: Path, tiny_dir: Path, docvqa_dir: Path, tmp_path: Path
+) -> None:
+    """A lora run over a full run's folder: the old config.json made it load the old full model, not the adapter,
+    and the old TensorBoard events were shown as the same run as the new ones."""
+    from florence_kit.adapters import is_adapter_dir
+
+    out = tmp_path / "run"
+    shutil.copytree(run1, out)
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.old").write_bytes(b"old")
+    result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(out), "--mode", "lora", "--max-steps", "1", "--batch-size", "2",
+                                 "--max-samples", "4", "--overwrite", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter_model.safetensors").is_file() and is_adapter_dir(out)
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    assert not (out / "tensorboard").exists()
