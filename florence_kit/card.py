@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 TRAINING_KEYS = {"step", "loss", "lr", "samples", "elapsed_s"}
+NOT_METRICS = ("event", "skipped")  # resume / early-stopping events and non-finite steps are no scores
 
 
 def _base_model(model: str) -> str | None:
@@ -18,7 +19,7 @@ def _base_model(model: str) -> str | None:
 
 
 def last_metrics(metrics_log: Path) -> dict[str, Any]:
-    """Non-training numbers (eval scores) from the last log record that has any."""
+    """Non-training numbers (eval scores) from the last log record that has any (events are not scores)."""
     found: dict[str, Any] = {}
     if metrics_log.is_file():
         for line in metrics_log.read_text().splitlines():
@@ -27,7 +28,7 @@ def last_metrics(metrics_log: Path) -> dict[str, Any]:
             except json.JSONDecodeError:
                 continue
             extra = {k: v for k, v in record.items() if k not in TRAINING_KEYS}
-            if extra:
+            if extra and not any(k in record for k in NOT_METRICS):
                 found = {"step": record.get("step"), **extra}
     return found
 

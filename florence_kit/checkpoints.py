@@ -57,6 +57,7 @@ class TrainState:
     best_step: int | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
+    elapsed_s: float = 0.0  # training seconds up to this step: metrics.jsonl's elapsed_s goes on from it
 
     def to_json(self, fingerprint: dict[str, Any]) -> str:
         return json.dumps({**asdict(self), "fingerprint": fingerprint}, indent=2) + "\n"

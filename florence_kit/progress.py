@@ -65,6 +65,7 @@ class StepProgress:
         self.description = description
         self.task_id: Any = None
         self.start = 0.0
+        self.first_step: int | None = None  # the step before the first one timed here (> 0 after --resume)
         self.last: dict[str, Any] = {}
 
     def __enter__(self) -> StepProgress:
@@ -75,9 +76,12 @@ class StepProgress:
         return self
 
     def update(self, step: int, total: int, loss: float, lr: float) -> None:
+        if self.first_step is None:  # a resumed run starts past step 0: the steps it skips took no time here
+            self.first_step = step - 1
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = step * self.samples_per_step / elapsed
-        eta = elapsed / step * (total - step) if step else float("nan")
+        done = step - self.first_step
+        rate = done * self.samples_per_step / elapsed
+        eta = elapsed / done * (total - step) if done > 0 else float("nan")
         mem = peak_memory_mib()
         self.last = {"step": step, "total": total, "loss": loss, "lr": lr, "rate": rate, "eta": eta, "mem": mem}
         self.progress.update(self.task_id, completed=step, total=total, loss=loss, lr=lr, rate=rate, mem=mem)

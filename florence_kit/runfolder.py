@@ -23,15 +23,28 @@ from typing import Any
 
 from florence_kit.errors import BadImageError, UserError
 
+# What makes a folder one model or the other: an earlier run's left beside the new ones (--overwrite of a full run
+# by a lora run, or the reverse) would be loaded instead of them (a config.json makes a folder a full checkpoint).
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+               "adapter_config.json", "adapter_model.safetensors")
+
 
 def save_atomically(out: Path, save: Callable[[Path], Any]) -> None:
-    """Run ``save(folder)`` (a checkpoint or adapter save) into ``out`` without ever leaving a partial file there."""
+    """Run ``save(folder)`` (a checkpoint or adapter save) into ``out`` without ever leaving a partial file there.
+
+    Model files of an earlier run that this save did not write are removed once the new ones are in place.
+    """
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
     try:
         save(tmp)
+        saved = {path.name for path in tmp.iterdir()}
         for path in sorted(tmp.iterdir()):
             os.replace(path, out / path.name)
+        for pattern in MODEL_FILES:
+            for stale in out.glob(pattern):
+                if stale.name not in saved:
+                    stale.unlink()
     except OSError as exc:
         raise UserError(
             f"could not save the model to '{out}' ({exc.strerror or exc}); nothing there was replaced: "

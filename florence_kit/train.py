@@ -545,7 +545,7 @@ def train_loop(
         accelerator.wait_for_everyone()
 
     set_train_mode()
-    last_loss, start = float("nan"), time.perf_counter()
+    last_loss, start = float("nan"), time.perf_counter() - state.elapsed_s  # a resume goes on counting
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(log_path.open("a")) if accelerator.is_main_process else None
         stack.enter_context(accelerator_trackers_closed(accelerator))
@@ -574,6 +574,7 @@ def train_loop(
                 if state.batch >= len(loader):  # epoch done: the position is the next one's start
                     state.epoch, state.batch = state.epoch + 1, 0
                 if cfg.save_every and state.step % cfg.save_every == 0:
+                    state.elapsed_s = round(time.perf_counter() - start, 3)
                     checkpoints.save(accelerator, cfg.output_dir, state, fingerprint, cfg.keep_checkpoints)
                 if state.batch == 0:
                     break
@@ -782,7 +783,7 @@ def finetune(
             say(f"resuming from {resume_from} (step {resumed.step})")
         else:
             log_path.write_text("")
-            for stale in ("checkpoints", "best"):  # an earlier run's, in a folder reused with --overwrite
+            for stale in ("checkpoints", "best", "tensorboard"):  # an earlier run's, in a folder reused by --overwrite
                 shutil.rmtree(out / stale, ignore_errors=True)
         write_config(cfg, out, run_info)
     procs.wait_for_everyone()

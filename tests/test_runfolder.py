@@ -204,6 +204,19 @@ def test_progress_plain_lines_every_n_steps() -> None:
     assert "eta 0:00:00" in lines[-1] and "lr 1.00e-04" in lines[0] and "samples/s" in lines[0]
 
 
+def test_progress_after_resume_times_only_the_steps_run_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run resumed at step 100 of 200: 2 s for its first 2 steps is 1 step/s, 98 steps (98 s) to go."""
+    from florence_kit import progress
+
+    clock = iter([0.0, 1.0, 2.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    with progress.StepProgress("t", samples_per_step=8, quiet=True, print_fn=lambda _: None) as bar:
+        bar.update(101, 200, 1.0, 1e-4)
+        bar.update(102, 200, 1.0, 1e-4)
+    assert bar.last["rate"] == pytest.approx(8.0)  # not the 100 skipped steps' 800 samples
+    assert bar.last["eta"] == pytest.approx(98.0)
+
+
 def test_progress_bar_in_a_terminal_shows_every_field() -> None:
     import io
 
@@ -244,3 +257,61 @@ def test_card_lists_eval_metrics_from_the_log(tmp_path: Path) -> None:
     card = write_card(tmp_path, options, {"steps": 3, "final_loss": 0.5}).read_text()
     assert "| eval_anls | 0.75 |" in card and "| step | 2 |" in card
     assert "base_model: florence-community/Florence-2-base" in card
+
+
+def test_card_metrics_ignore_events_and_skipped_steps(tmp_path: Path) -> None:
+    """Early stopping or a resume after the last eval must not replace the eval scores on the card."""
+    from florence_kit.card import write_card
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 4, "eval/anls": 0.5, "best": 0.5, "best_step": 4}\n'
+        '{"step": 4, "event": "early stopping", "evals_without_improvement": 2}\n'
+        '{"step": 4, "event": "resume", "checkpoint": "run/checkpoints/step-4"}\n'
+        '{"step": 5, "loss": null, "skipped": "non-finite loss", "nonfinite_steps": 1}\n'
+    )
+    options = {"task": "docvqa", "model": "base", "mode": "full", "batch_size": 2, "grad_accum": 1}
+    card = write_card(tmp_path, options, {"steps": 5, "final_loss": 0.5}).read_text()
+    assert "| eval/anls | 0.5 |" in card and "| best_step | 4 |" in card
+    for text in ("event", "resume", "checkpoint", "non-finite", "nonfinite_steps"):
+        assert text not in card, text
+
+
+def test_elapsed_s_goes_on_counting_after_a_resume(tiny_dir: Path, docvqa_dir: Path, tmp_path: Path) -> None:
+    """metrics.jsonl's elapsed_s is the run's training time: a resume starts from the checkpoint's, not from 0."""
+    import json
+
+    from florence_kit.train import finetune
+
+    out = tmp_path / "run"
+    settings = {"task": "docvqa", "model": str(tiny_dir), "dataset": str(docvqa_dir), "output_dir": out,
+                "batch_size": 2, "max_samples": 8, "log_every": 1, "save_every": 2}
+    finetune(TrainConfig(max_steps=2, **settings), quiet=True, print_fn=lambda _: None)
+    state_file = out / "checkpoints" / "step-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert state["elapsed_s"] >= logged[-1]["elapsed_s"] > 0  # saved just after step 2 was logged
+    state["elapsed_s"] = 1000.0  # as if the first two steps had taken a long time
+    state_file.write_text(json.dumps(state))
+    finetune(TrainConfig(max_steps=3, resume="latest", **settings), quiet=True, print_fn=lambda _: None)
+    step3 = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert step3["step"] == 3 and step3["elapsed_s"] >= 1000.0
+
+
+def test_overwrite_leaves_nothing_of_the_earlier_runs_model_or_logs(
+    run1: Path, tiny_dir: Path, docvqa_dir: Path, tmp_path: Path
+) -> None:
+    """A lora run over a full run's folder: the old config.json made it load the old full model, not the adapter,
+    and the old TensorBoard events were shown as the same run as the new ones."""
+    from florence_kit.adapters import is_adapter_dir
+
+    out = tmp_path / "run"
+    shutil.copytree(run1, out)
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.old").write_bytes(b"old")
+    result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
+                                 "--output-dir", str(out), "--mode", "lora", "--max-steps", "1", "--batch-size", "2",
+                                 "--max-samples", "4", "--overwrite", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter_model.safetensors").is_file() and is_adapter_dir(out)
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    assert not (out / "tensorboard").exists()
