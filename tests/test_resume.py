@@ -47,27 +47,35 @@ class Interrupt(Exception):
     pass
 
 
+def _train(model_dir: Path, dataset, cfg: TrainConfig, stop_at: int | None = None,
+           resume: Path | None = None) -> dict[str, torch.Tensor]:
+    """train_loop on ``dataset`` (killed after step ``stop_at``, or resumed from ``resume``); its final weights."""
+    from florence_kit.model import load_model
+    from florence_kit.train import train_loop
+
+    model, processor = load_model(str(model_dir))
+    cfg.output_dir.mkdir(exist_ok=True)
+
+    def on_step(step, total, loss, lr):
+        if step == stop_at:
+            raise Interrupt
+
+    with contextlib.suppress(Interrupt):
+        train_loop(model, processor, dataset, cfg, cfg.output_dir / "metrics.jsonl", on_step=on_step,
+                   resume_from=resume)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def test_resume_in_process_equals_uninterrupted(dropout_tiny, docvqa_dir, docvqa_task, tmp_path, monkeypatch):
     """12 rows, 2 x 2 per step: 3 steps an epoch; interrupted at step 3, resumed from step-2 (mid-epoch 0)."""
     from florence_kit.data import TaskDataset, load_split
-    from florence_kit.model import load_model
-    from florence_kit.train import train_loop
 
     split = load_split(docvqa_task, str(docvqa_dir), "train").select(range(12))
     dataset = TaskDataset(split, docvqa_task, with_target=True)
 
     def run(out: Path, stop_at: int | None = None, resume: Path | None = None) -> dict[str, torch.Tensor]:
-        model, processor = load_model(str(dropout_tiny))
-        out.mkdir(exist_ok=True)
-
-        def on_step(step, total, loss, lr):
-            if step == stop_at:
-                raise Interrupt
-
-        with contextlib.suppress(Interrupt):
-            train_loop(model, processor, dataset, _cfg(dropout_tiny, docvqa_dir, out, max_steps=4, save_every=1),
-                       out / "metrics.jsonl", on_step=on_step, resume_from=resume)
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
+        return _train(dropout_tiny, dataset, _cfg(dropout_tiny, docvqa_dir, out, max_steps=4, save_every=1),
+                      stop_at, resume)
 
     straight = run(tmp_path / "a")
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "a")] == ["step-3", "step-4"]  # keep 2
@@ -91,9 +99,7 @@ def test_weighted_mix_moves_on_each_epoch_and_resumes_mid_epoch_exactly(dropout_
     epoch 0 and the other 4 first in epoch 1; resumed from step 5 (mid-epoch 1) it ends as the uninterrupted run."""
     from florence_kit.data import TaskDataset, load_split
     from florence_kit.mixing import MixedDataset
-    from florence_kit.model import load_model
     from florence_kit.runfolder import ImageGuard
-    from florence_kit.train import train_loop
 
     split = load_split(docvqa_task, str(docvqa_dir), "train").select(range(12))
     parts = [TaskDataset(split.select(range(10)), docvqa_task, with_target=True),
@@ -104,18 +110,8 @@ def test_weighted_mix_moves_on_each_epoch_and_resumes_mid_epoch_exactly(dropout_
     monkeypatch.setattr(MixedDataset, "__getitem__", lambda self, i: seen.append(self.index[int(i)]) or read(self, i))
 
     def run(out: Path, stop_at: int | None = None, resume: Path | None = None) -> dict[str, torch.Tensor]:
-        model, processor = load_model(str(dropout_tiny))
-        out.mkdir(exist_ok=True)
-
-        def on_step(step, total, loss, lr):
-            if step == stop_at:
-                raise Interrupt
-
         cfg = _cfg(dropout_tiny, docvqa_dir, out, max_steps=9, save_every=5, mix_weights="1,1")  # one checkpoint
-        with contextlib.suppress(Interrupt):
-            train_loop(model, processor, ImageGuard(mixed, range(12), skip=False), cfg, out / "metrics.jsonl",
-                       on_step=on_step, resume_from=resume)
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
+        return _train(dropout_tiny, ImageGuard(mixed, range(12), skip=False), cfg, stop_at, resume)
 
     straight = run(tmp_path / "a")  # 3 epochs of 12 draws, 3 steps each
     epochs = [seen[k : k + 12] for k in (0, 12, 24)]
