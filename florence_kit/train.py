@@ -98,6 +98,7 @@ class TrainResult:
     dropped: int
     trainable: dict[str, tuple[int, int]]
     state: TrainState = field(default_factory=TrainState)
+    start_step: int = 0  # the checkpoint's step a resumed run started from: ``seconds`` timed the steps after it
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -775,12 +776,12 @@ def finetune(
     log_path = out / "metrics.jsonl"
     run_info: dict[str, Any] = {"task_origin": task.origin, "examples": len(report.keep),
                                 "dropped": len(report.too_long), **({"mix": task.mix} if task.mix else {})}
+    start_step = TrainState.from_file(resume_from / "trainer_state.json")[0].step if resume_from is not None else 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
-            resumed, _ = TrainState.from_file(resume_from / "trainer_state.json")
-            restart_log(log_path, resumed.step, resume_from)
-            say(f"resuming from {resume_from} (step {resumed.step})")
+            restart_log(log_path, start_step, resume_from)
+            say(f"resuming from {resume_from} (step {start_step})")
         else:
             log_path.write_text("")
             for stale in ("checkpoints", "best", "tensorboard"):  # an earlier run's, in a folder reused by --overwrite
@@ -834,4 +835,4 @@ def finetune(
         )
     if cfg.push_to_hub and main:
         say(f"pushed to {push_run(out, cfg.push_to_hub)}")
-    return TrainResult(out, steps, loss, seconds, len(report.too_long), counts, state)
+    return TrainResult(out, steps, loss, seconds, len(report.too_long), counts, state, start_step)

@@ -212,6 +212,7 @@ def test_finetune_fit_auto_resume_reuses_the_runs_split(tiny_dir, docvqa_dir, tm
     result = runner.invoke(app, [*args, "--max-steps", "2", "--resume", "latest"])
     assert result.exit_code == 0, result.output
     assert "fit auto: resuming, so batch 2 × accumulation 2 as the run chose" in " ".join(result.output.split())
+    assert "done: 2 steps (1 after resuming at step 1) in" in " ".join(result.output.split())  # timed: this one
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert (cfg["batch_size"], cfg["grad_accum"], cfg["gradient_checkpointing"]) == (2, 2, False)
     assert cfg["run"]["steps"] == 2

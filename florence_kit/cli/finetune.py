@@ -229,6 +229,9 @@ def finetune(
     if state.stopped_early:
         console.print(f"stopped early: no improvement in {early_stopping_patience} evaluations")
     console.print(
-        f"[green]done:[/] {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}; "
+        f"[green]done:[/] {result.steps} steps"
+        + (f" ({result.steps - result.start_step} after resuming at step {result.start_step})" if result.start_step
+           else "")
+        + f" in {result.seconds:.1f}s, final loss {result.final_loss:.4f}; "
         f"model saved to {result.output_dir}"
     )

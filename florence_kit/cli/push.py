@@ -16,9 +16,10 @@ def push(
     repo: Annotated[str, typer.Argument(help="Hub repo id, owner/name (created if missing).")],
     private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
 ) -> None:
-    """Upload RUN_DIR's weights (safetensors), processor files, README.md card and config.yaml to REPO.
+    """Upload RUN_DIR's top-level files to REPO: weights (safetensors), processor files, README.md card,
+    config.yaml and the training log (metrics.jsonl).
 
-    Checkpoints and other sub-folders stay local.
+    Checkpoints and other sub-folders stay local, and so do pickles (.bin, .pt, .pth, .ckpt, .pkl).
 
     Example:
 
