@@ -30,20 +30,25 @@ def _prepared(parts, tmp_path: Path, workers: int = 2, skip: bool = False):
     return rows, PreparedDataset(rows, processor, tmp_path / "prepared", workers=workers)
 
 
+def count_calls(monkeypatch, owner, name: str) -> dict:
+    """Patch ``owner.name`` (a function or a method) to count its calls; it still does its work."""
+    calls = {"n": 0}
+    original = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 @pytest.fixture()
 def decodes(monkeypatch) -> dict:
     """Counts the images the preparation pass decodes and resizes (in this process: workers=1)."""
     import florence_kit.prepared as prepared_module
 
-    calls = {"n": 0}
-    original = prepared_module.resized
-
-    def counting(image_processor, image):
-        calls["n"] += 1
-        return original(image_processor, image)
-
-    monkeypatch.setattr(prepared_module, "resized", counting)
-    return calls
+    return count_calls(monkeypatch, prepared_module, "resized")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -215,14 +220,7 @@ def test_prepared_training_gives_identical_losses(tiny_dir, docvqa_dir, tmp_path
     from florence_kit.prepared import PixelNormalizer
 
     plain = _losses(tiny_dir, docvqa_dir, tmp_path / "plain")
-    calls = {"n": 0}
-    original = PixelNormalizer.__call__
-
-    def counting(self, pixels):
-        calls["n"] += 1
-        return original(self, pixels)
-
-    monkeypatch.setattr(PixelNormalizer, "__call__", counting)
+    calls = count_calls(monkeypatch, PixelNormalizer, "__call__")
     prepared = _losses(tiny_dir, docvqa_dir, tmp_path / "prepared", prepare_data=True)
     assert calls["n"] >= 5  # the training batches came as uint8 and were normalised in the step
     assert len(plain) == 5 and prepared == plain  # same batches, same order: the same run, bit for bit
