@@ -28,19 +28,19 @@ def build(model_name: str, mode: str, lora_r: int, cuda: bool = False, lora_visi
     import torch
     from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.memory import load_config
+    from florence_kit.model.memory import load_config
 
     config = load_config(model_name)
     torch.manual_seed(0)
     model = _quantized(config, cuda) if mode == "qlora" else Florence2ForConditionalGeneration(config)
     if mode in ("lora", "qlora"):
         model = _wrap_lora(model, lora_r, lora_vision)
-    from florence_kit.modes import Mode, apply_mode, frozen_components
+    from florence_kit.model.modes import Mode, apply_mode, frozen_components
 
     if mode in {m.value for m in Mode}:
         apply_mode(model, mode, lora_vision)
         return model, "vision" in frozen_components(mode, lora_vision)
-    # lora/qlora before florence_kit.modes knows them: adapters and the projector copy train, nothing else
+    # lora/qlora before florence_kit.model.modes knows them: adapters and the projector copy train, nothing else
     for name, param in model.named_parameters():
         trains = "lora_" in name or ("multi_modal_projector" in name and "original_module" not in name)
         param.requires_grad_(trains and param.is_floating_point())
@@ -49,7 +49,7 @@ def build(model_name: str, mode: str, lora_r: int, cuda: bool = False, lora_visi
 
 def _wrap_lora(model, r: int, lora_vision: bool = False):
     try:  # the shared function once helper "lora" is merged
-        from florence_kit.adapters import wrap_lora
+        from florence_kit.model.adapters import wrap_lora
 
         return wrap_lora(model, r=r, alpha=2 * r, dropout=0.05, lora_vision=lora_vision)
     except ImportError:
@@ -70,7 +70,7 @@ def _quantized(config, cuda: bool = False):
 
     from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.adapters import own_unquantized_weights, quantization_config
+    from florence_kit.model.adapters import own_unquantized_weights, quantization_config
 
     with tempfile.TemporaryDirectory() as tmp:
         Florence2ForConditionalGeneration(config).save_pretrained(tmp)
@@ -80,14 +80,14 @@ def _quantized(config, cuda: bool = False):
         quant = quantization_config()  # what a user's qlora run loads with (compute dtype follows the device)
         placement = {"device_map": {"": 0}} if cuda else {}  # quantised while moved to the GPU, as a user's run
         model = Florence2ForConditionalGeneration.from_pretrained(tmp, quantization_config=quant, **placement)
-        own_unquantized_weights(model)  # as florence_kit.adapters.load_quantized: the checkpoint is unmapped
+        own_unquantized_weights(model)  # as florence_kit.model.adapters.load_quantized: the checkpoint is unmapped
         return model
 
 
 def batch_for(config, batch: int, image_size: int, prompt: int, target: int) -> dict:
     import torch
 
-    from florence_kit.memory import image_tokens
+    from florence_kit.model.memory import image_tokens
 
     n_img = image_tokens(config, image_size)
     ids = torch.randint(5, 1000, (batch, n_img + prompt + 2))
@@ -104,8 +104,8 @@ def batch_for(config, batch: int, image_size: int, prompt: int, target: int) -> 
 def main(spec: dict) -> dict:
     import torch
 
-    from florence_kit.checkpointing import enable_gradient_checkpointing
-    from florence_kit.train import forward_loss, make_optimizer
+    from florence_kit.model.activation_checkpointing import enable_gradient_checkpointing
+    from florence_kit.train.step import forward_loss, make_optimizer
 
     torch.set_num_threads(spec.get("threads", 2))
     cuda = spec.get("device") == "cuda"
@@ -114,7 +114,7 @@ def main(spec: dict) -> dict:
     if spec["mode"] in ("lora", "qlora"):  # imports belong to the baseline, as for the other modes
         import peft  # noqa: F401
 
-        import florence_kit.adapters  # noqa: F401
+        import florence_kit.model.adapters  # noqa: F401
     if spec["mode"] == "qlora":
         import bitsandbytes  # noqa: F401
     base = _status("VmRSS")
@@ -128,7 +128,7 @@ def main(spec: dict) -> dict:
         enable_gradient_checkpointing(model)
     model.train()
     if frozen_vision:
-        from florence_kit.modes import component
+        from florence_kit.model.modes import component
 
         component(model, "vision").eval()
     optim = spec.get("optim", "adamw")

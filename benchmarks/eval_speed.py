@@ -3,7 +3,7 @@
     python -m benchmarks.eval_speed                 # tiny model, 48 examples
     python -m benchmarks.eval_speed --model small   # 4+4-layer BART d=256, 384 px (145 image tokens)
 
-Both sides run :func:`florence_kit.evaluate.evaluate` on the same model and the same examples in the
+Both sides run :func:`florence_kit.evaluate.scoring.evaluate` on the same model and the same examples in the
 same process; the baseline is ``batch_size=1`` without sorting (what a plain loop does). Each row
 prints samples/s, the speed-up over that baseline, and how many predictions differ from it (must be 0).
 
@@ -59,7 +59,7 @@ def build_model(name: str, seed: int = 0):
     import torch
     from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.tiny import VOCAB_SIZE, build_processor, reinit_default, tiny_config
+    from florence_kit.model.tiny import VOCAB_SIZE, build_processor, reinit_default, tiny_config
 
     overrides, image_size = MODELS[name]
     processor = build_processor(image_size)
@@ -76,7 +76,7 @@ def build_model(name: str, seed: int = 0):
 
 def build_split(n: int, seed: int = 0):
     """``n`` rendered DocVQA pages (public schema) with questions of varied length."""
-    from florence_kit.synthetic import demo_splits
+    from florence_kit.demo.synthetic_docvqa import demo_splits
 
     pages = demo_splits(seed=seed, n_train_docs=1, n_eval_docs=n, n_fields=1)["validation"].select(range(n))
     return pages.map(lambda row, i: {"question": QUESTIONS[i % len(QUESTIONS)]}, with_indices=True)
@@ -85,8 +85,8 @@ def build_split(n: int, seed: int = 0):
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from florence_kit.evaluate import evaluate
-    from florence_kit.registry import get_task
+    from florence_kit.evaluate.scoring import evaluate
+    from florence_kit.tasks.registry import get_task
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ Each configuration runs in a fresh subprocess (benchmarks/_measure.py): model bu
 random weights, mode applied, two forward+backward+AdamW steps (the second with the optimizer state
 allocated). On CPU the measurement is the peak resident set minus the resident set after the imports;
 on a CUDA machine (``--device cuda``) ``torch.cuda.max_memory_reserved``. The prediction is
-florence_kit.memory.estimate for the same setting; the goal is |measured/predicted - 1| <= 15 %.
+florence_kit.model.memory.estimate for the same setting; the goal is |measured/predicted - 1| <= 15 %.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def measure(spec: dict) -> dict:
 
 
 def predict(spec: dict) -> float:
-    from florence_kit.memory import Setting, Shape, estimate, load_config, sizes
+    from florence_kit.model.memory import Setting, Shape, estimate, load_config, sizes
 
     s = sizes(load_config(spec["model"]))
     setting = Setting(

@@ -17,7 +17,7 @@ for an H100/H200 SXM; ``--peak-tflops`` for other cards).
 
 * ``model step``: florence-kit's step (``forward_loss`` under bf16 autocast, backward, gradient clipping,
   AdamW) on a batch already on the GPU: what the model and the optimizer reach.
-* ``--end-to-end``: ``florence_kit.train.train_loop`` on rendered DocVQA pages with ``--prepare-data`` (pages
+* ``--end-to-end``: ``florence_kit.train.recipe.train_loop`` on rendered DocVQA pages with ``--prepare-data`` (pages
   decoded and resized once, batches gathered in DataLoader workers, Accelerate bf16): what a user's run reaches.
 """
 
@@ -51,14 +51,14 @@ def build(compiled: bool, flags: set[str] = frozenset()) -> Any:
     import torch
     from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.memory import load_config
+    from florence_kit.model.memory import load_config
 
     torch.manual_seed(0)
     model = Florence2ForConditionalGeneration(load_config(SIZE["model"])).to(DEVICE).train()
     if "visioneager" in flags:  # the attention modules read their (shared) vision config at every call
         model.model.vision_tower.config._attn_implementation = "eager"
     if compiled:
-        from florence_kit.compiling import VISION_BLOCK_CLASS, compile_regions, regions
+        from florence_kit.model.compiling import VISION_BLOCK_CLASS, compile_regions, regions
 
         torch._dynamo.reset()  # each variant compiles its own graphs (no recompile-limit carried between them)
         if flags & {"tower", "autotune"}:
@@ -84,7 +84,7 @@ def count_flops(model: Any, batch: dict) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from florence_kit.train import forward_loss
+    from florence_kit.train.step import forward_loss
 
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -95,7 +95,7 @@ def count_flops(model: Any, batch: dict) -> float:
 
 
 FLAGS = {
-    "compiled": "regional torch.compile (florence_kit/compiling.py, as --compile)",
+    "compiled": "regional torch.compile (florence_kit/model/compiling.py, as --compile)",
     "fused": "AdamW(fused=True) instead of the product's foreach",
     "cudnn": "torch.backends.cudnn.benchmark = True (image size is fixed: convolution algorithms tuned once)",
     "mathred": "allow_fp16_bf16_reduction_math_sdp(True): the math SDPA kernel (the channel attention's "
@@ -156,7 +156,7 @@ def model_step(variant: str, batch_size: int, steps: int, warmup: int, profile: 
     import torch
 
     from benchmarks._measure import batch_for
-    from florence_kit.train import forward_loss, make_optimizer
+    from florence_kit.train.step import forward_loss, make_optimizer
 
     flags = parse_variant(variant)
     apply_flags(flags)
@@ -265,13 +265,13 @@ def end_to_end(batch_size: int, steps: int, workers: int, compiled: bool) -> dic
     from datasets import DatasetDict
     from transformers import Florence2ForConditionalGeneration
 
-    import florence_kit.train as train
+    import florence_kit.train.loop as train
     from benchmarks._measure import batch_for
     from benchmarks.train_speed import BASE_IMAGE_SIZE, BASE_OVERRIDES
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.registry import get_task
-    from florence_kit.synthetic import render_docvqa
-    from florence_kit.tiny import build_processor, image_seq_length, tiny_config
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.demo.synthetic_docvqa import render_docvqa
+    from florence_kit.model.tiny import build_processor, image_seq_length, tiny_config
+    from florence_kit.tasks.registry import get_task
 
     base = SIZE["model"] == "base"
     overrides, side = (BASE_OVERRIDES, BASE_IMAGE_SIZE) if base else ({}, SIZE["image"])

@@ -14,7 +14,7 @@ to its first epoch. "steady" leaves out the first step. "data" is the time the l
 florence-kit runs with ``--prepare-data``; ``florence-kit+cache`` (frozen-encoder) adds
 ``--cache-vision-features --group-by-image``.
 
-Models: ``tiny`` is florence_kit.tiny (1.8 M parameters, 128 px: the data path dominates); ``base`` is a
+Models: ``tiny`` is florence_kit.model.tiny (1.8 M parameters, 128 px: the data path dominates); ``base`` is a
 Florence-2-base-sized random model built from its config (DaViT 128/256/512/1024, depths 1/1/9/1, BART
 768-d 6+6 layers, vocab 51289) at 768 px, where the model dominates.
 """
@@ -34,7 +34,7 @@ from typing import Any
 IMPLS = ("reference", "florence-kit")
 CACHED = "florence-kit+cache"  # frozen-encoder only: --cache-vision-features
 
-# Florence-2-base's DaViT and BART sizes (microsoft/Florence-2-base config.json), as florence_kit.tiny overrides.
+# Florence-2-base's DaViT and BART sizes (microsoft/Florence-2-base config.json), as florence_kit.model.tiny overrides.
 BASE_OVERRIDES: dict[str, Any] = {
     "vocab_size": 51289,
     "d_model": 768,
@@ -76,8 +76,8 @@ def prepare(root: Path, *, tiny_docs: int, base_docs: int, page_size: int = PAGE
     """
     from datasets import DatasetDict
 
-    from florence_kit.synthetic import render_docvqa
-    from florence_kit.tiny import build_processor, image_seq_length, save_tiny, tiny_config
+    from florence_kit.demo.synthetic_docvqa import render_docvqa
+    from florence_kit.model.tiny import build_processor, image_seq_length, save_tiny, tiny_config
 
     paths = {"tiny_model": root / "tiny", "base_model": root / "base", "tiny_data": root / "data128",
              "base_data": root / "data768"}
@@ -150,9 +150,9 @@ def run_reference(model: Any, processor: Any, data_dir: Path, args: argparse.Nam
 
 
 def run_kit(model: Any, processor: Any, data_dir: Path, args: argparse.Namespace, clock: Clock) -> list[float]:
-    import florence_kit.train as train
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.registry import get_task
+    import florence_kit.train.loop as train
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.tasks.registry import get_task
 
     task = get_task("docvqa")
     dataset = TaskDataset(load_split(task, str(data_dir), "train"), task, with_target=True)

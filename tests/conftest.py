@@ -16,14 +16,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from florence_kit.tiny import save_tiny
+    from florence_kit.model.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def docvqa_splits():
-    from florence_kit.synthetic import demo_splits
+    from florence_kit.demo.synthetic_docvqa import demo_splits
 
     return demo_splits(seed=0, n_train_docs=12, n_eval_docs=4, n_fields=2)
 
@@ -37,7 +37,7 @@ def docvqa_dir(tmp_path_factory: pytest.TempPathFactory, docvqa_splits) -> Path:
 
 @pytest.fixture()
 def docvqa_task():
-    from florence_kit.registry import get_task
+    from florence_kit.tasks.registry import get_task
 
     return get_task("docvqa")
 

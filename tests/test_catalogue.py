@@ -503,7 +503,7 @@ def _(env: Env) -> list[str]:
 
 @case("full disk while writing config.yaml", "disk full")
 def _(env: Env) -> list[str]:
-    import florence_kit.train as train
+    import florence_kit.train.recipe as train
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -706,7 +706,7 @@ def test_ctrl_c_saves_and_exits_cleanly(request: pytest.FixtureRequest, tmp_path
     run = yaml.safe_load((out / "config.yaml").read_text())["run"]
     assert run["interrupted_at_step"] >= 1 and run["steps"] == run["interrupted_at_step"]
     assert (out / "model.safetensors").is_file() and "interrupted (Ctrl-C)" in (out / "README.md").read_text()
-    from florence_kit.model import load_model
+    from florence_kit.model.loading import load_model
 
     load_model(str(out))  # what was saved is a whole, loadable model
     record(request, "Ctrl-C during training", "exit 130, model saved")

@@ -64,8 +64,8 @@ def test_eval_on_the_test_split_without_answers(run_dir: Path, docvqa_dir: Path,
 
 OUTPUTS_SCRIPT = """
 import json, sys, torch
-from florence_kit.model import load_model
-from florence_kit.synthetic import demo_splits
+from florence_kit.model.loading import load_model
+from florence_kit.demo.synthetic_docvqa import demo_splits
 
 def outputs(model, processor):
     rows = demo_splits(seed=0, n_train_docs=12, n_eval_docs=4, n_fields=2)["validation"]
@@ -86,9 +86,11 @@ if __name__ == "__main__":
 def test_saved_model_reloads_in_a_fresh_process_with_the_same_outputs(
     tiny_dir: Path, docvqa_dir: Path, docvqa_task, tmp_path: Path
 ) -> None:
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.model import load_model, save_checkpoint
-    from florence_kit.train import TrainConfig, train_loop
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.model.checkpoint_io import save_checkpoint
+    from florence_kit.model.loading import load_model
+    from florence_kit.train.config import TrainConfig
+    from florence_kit.train.loop import train_loop
 
     model, processor = load_model(str(tiny_dir))
     data = TaskDataset(load_split(docvqa_task, str(docvqa_dir), "train"), docvqa_task, with_target=True)
@@ -123,8 +125,8 @@ def test_predict_answers_one_image(run_dir: Path, docvqa_splits, tmp_path: Path)
 def test_generation_settings_come_from_the_task_not_the_checkpoint(tiny_dir: Path, docvqa_task) -> None:
     from transformers import GenerationConfig
 
-    from florence_kit.evaluate import generation_config_for
-    from florence_kit.model import load_model
+    from florence_kit.evaluate.generation import generation_config_for
+    from florence_kit.model.loading import load_model
 
     model, processor = load_model(str(tiny_dir))
     model.generation_config = GenerationConfig(num_beams=3, no_repeat_ngram_size=3, early_stopping=True,
@@ -236,7 +238,7 @@ def test_predict_turns_a_photo_upright_as_its_exif_says(run_dir: Path, tmp_path:
     import datasets
     from PIL import Image
 
-    import florence_kit.evaluate
+    import florence_kit.evaluate.generation
 
     stored = Image.new("RGB", (120, 60), "white")
     stored.paste((0, 0, 0), (0, 0, 30, 60))  # a black band on the left of the stored pixels
@@ -253,7 +255,7 @@ def test_predict_turns_a_photo_upright_as_its_exif_says(run_dir: Path, tmp_path:
         seen.extend(images)
         return ["ok"]
 
-    monkeypatch.setattr(florence_kit.evaluate, "generate", spy)
+    monkeypatch.setattr(florence_kit.evaluate.generation, "generate", spy)
     result = runner.invoke(app, ["predict", str(photo), "--model", str(run_dir), "--question", "What?"])
     assert result.exit_code == 0, result.output
     assert seen[0].size == upright.size
@@ -264,7 +266,7 @@ def test_one_task_eval_into_a_several_task_folder_is_what_report_shows(
     run_dir: Path, docvqa_dir: Path, tmp_path: Path
 ) -> None:
     """`eval a,b` then `eval docvqa` into the same --output-dir (both default to runs/eval): the report is docvqa's."""
-    from florence_kit.report import find_inputs
+    from florence_kit.present.report import find_inputs
 
     tasks = _two_task_folder(tmp_path, docvqa_dir)
     out = tmp_path / "eval"

@@ -10,9 +10,10 @@ import pytest
 def _losses(tiny_dir: Path, docvqa_dir: Path, out: Path, **cfg_kw) -> list[float]:
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.registry import get_task
-    from florence_kit.train import TrainConfig, train_loop
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.tasks.registry import get_task
+    from florence_kit.train.config import TrainConfig
+    from florence_kit.train.loop import train_loop
 
     task = get_task("docvqa")
     model = Florence2ForConditionalGeneration.from_pretrained(tiny_dir)
@@ -30,7 +31,7 @@ def _losses(tiny_dir: Path, docvqa_dir: Path, out: Path, **cfg_kw) -> list[float
 def test_regions_are_every_davit_block_and_bart_layer(tiny_dir):
     from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.compiling import compile_regions
+    from florence_kit.model.compiling import compile_regions
 
     model = Florence2ForConditionalGeneration.from_pretrained(tiny_dir)
     vision = sum(model.config.vision_config.depths)

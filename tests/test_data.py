@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from florence_kit.data import TaskDataset, load_split, to_rgb
-from florence_kit.errors import UserError
-from florence_kit.synthetic import DOCVQA_FEATURES
+from florence_kit.common.errors import UserError
+from florence_kit.data.dataset import TaskDataset, load_split, to_rgb
+from florence_kit.demo.synthetic_docvqa import DOCVQA_FEATURES
 
 DOCVQA_COLUMNS = [
     "questionId", "question", "question_types", "image", "docId", "ucsf_document_id", "ucsf_document_page_no",
@@ -118,7 +118,7 @@ def test_missing_local_path_and_unreachable_hub_are_clear(docvqa_task, tmp_path:
 
 def test_a_loading_script_dataset_reads_the_hubs_parquet_conversion(docvqa_splits, monkeypatch) -> None:
     """datasets >= 4 refuses script datasets (HuggingFaceM4/VQAv2): the hub's parquet branch is read instead."""
-    from florence_kit.registry import get_task
+    from florence_kit.tasks.registry import get_task
 
     calls = []
 

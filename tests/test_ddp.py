@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from florence_kit.train import TrainConfig, finetune
+from florence_kit.train.config import TrainConfig
+from florence_kit.train.recipe import finetune
 
 
 def test_two_process_ddp_equals_one_process(tiny_dir, docvqa_dir, tmp_path):

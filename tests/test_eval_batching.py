@@ -39,7 +39,7 @@ def one_thread():
 def model_and_processor(one_thread):
     import torch
 
-    from florence_kit.tiny import make_tiny
+    from florence_kit.model.tiny import make_tiny
 
     model, processor = make_tiny(seed=0)
     with torch.no_grad():
@@ -57,8 +57,8 @@ def varied_split(docvqa_splits):
 
 
 def _one_at_a_time(model, processor, task, split, **overrides):
-    from florence_kit.data import TaskDataset
-    from florence_kit.evaluate import generate, generation_config_for
+    from florence_kit.data.dataset import TaskDataset
+    from florence_kit.evaluate.generation import generate, generation_config_for
 
     config = generation_config_for(task, model, processor, **{"max_new_tokens": 8, **overrides})
     dataset = TaskDataset(split, task, with_target=False)
@@ -67,7 +67,7 @@ def _one_at_a_time(model, processor, task, split, **overrides):
 
 
 def test_length_order_is_longest_first_and_stable(model_and_processor):
-    from florence_kit.evaluate import length_order
+    from florence_kit.evaluate.generation import length_order
 
     _, processor = model_and_processor
     prompts = ["<DocVQA>a", "<DocVQA>a much longer question", "<DocVQA>b", "<DocVQA>medium one"]
@@ -77,7 +77,7 @@ def test_length_order_is_longest_first_and_stable(model_and_processor):
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_batched_eval_equals_one_at_a_time(model_and_processor, docvqa_task, varied_split, num_beams):
-    from florence_kit.evaluate import evaluate, thumbnail_jpeg
+    from florence_kit.evaluate.scoring import evaluate, thumbnail_jpeg
 
     model, processor = model_and_processor
     single, examples = _one_at_a_time(model, processor, docvqa_task, varied_split, num_beams=num_beams)
@@ -95,7 +95,8 @@ def test_left_padding_would_change_answers_and_is_overridden(model_and_processor
     """Left padding shifts BART's absolute positions: answers change. evaluate() pads right regardless."""
     import torch
 
-    from florence_kit.evaluate import evaluate, generation_config_for
+    from florence_kit.evaluate.generation import generation_config_for
+    from florence_kit.evaluate.scoring import evaluate
 
     model, processor = model_and_processor
     single, examples = _one_at_a_time(model, processor, docvqa_task, varied_split)
@@ -118,7 +119,7 @@ def test_left_padding_would_change_answers_and_is_overridden(model_and_processor
 
 
 def test_unsorted_and_worker_loading_give_the_same_records(model_and_processor, docvqa_task, varied_split):
-    from florence_kit.evaluate import evaluate
+    from florence_kit.evaluate.scoring import evaluate
 
     model, processor = model_and_processor
     common = {"max_new_tokens": 8, "show_progress": False, "thumbnail_size": 64}
@@ -131,8 +132,8 @@ def test_unsorted_and_worker_loading_give_the_same_records(model_and_processor, 
 
 
 def test_bad_batch_size_is_a_user_error(model_and_processor, docvqa_task, varied_split):
-    from florence_kit.errors import UserError
-    from florence_kit.evaluate import evaluate
+    from florence_kit.common.errors import UserError
+    from florence_kit.evaluate.scoring import evaluate
 
     model, processor = model_and_processor
     with pytest.raises(UserError, match="--batch-size"):
@@ -148,7 +149,7 @@ def test_cli_eval_with_beams_and_workers_keeps_dataset_order(tiny_dir, docvqa_di
     from typer.testing import CliRunner
 
     from florence_kit.cli import app
-    from florence_kit.model import load_model
+    from florence_kit.model.loading import load_model
 
     out = tmp_path / "eval"
     args = ["eval", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir), "--output-dir", str(out),

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from florence_kit.errors import UserError
+from florence_kit.common.errors import UserError
 
 
 def _train(tiny_dir: Path, docvqa_dir: Path, docvqa_task, out: Path, **cfg_kw) -> tuple[list[float], object]:
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.train import TrainConfig, train_loop
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.train.config import TrainConfig
+    from florence_kit.train.loop import train_loop
 
     model = Florence2ForConditionalGeneration.from_pretrained(tiny_dir)
     processor = AutoProcessor.from_pretrained(tiny_dir)
@@ -66,7 +67,7 @@ def test_keys_follow_weights_and_pixels(tiny_dir):
     import torch
     from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.feature_cache import image_key, model_fingerprint
+    from florence_kit.train.feature_cache import image_key, model_fingerprint
 
     tower = Florence2ForConditionalGeneration.from_pretrained(tiny_dir).model.vision_tower
     before = model_fingerprint(tower)
@@ -85,7 +86,7 @@ def test_runs_of_other_precisions_sharing_a_cache_keep_apart(tiny_dir, tmp_path)
     """bf16-autocast features are not fp32 ones: a shared --vision-cache-dir keeps one folder per precision."""
     from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.feature_cache import VisionFeatureCache
+    from florence_kit.train.feature_cache import VisionFeatureCache
 
     tower = Florence2ForConditionalGeneration.from_pretrained(tiny_dir).model.vision_tower
     folders = {VisionFeatureCache(tmp_path, tower, compute=p).dir for p in ("no", "bf16", "fp16")}

@@ -10,13 +10,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from florence_kit import adapters
-from florence_kit.adapters import load_adapter_model, wrap_lora, wrapped_modules
 from florence_kit.cli import app
-from florence_kit.data import TaskDataset, load_split
-from florence_kit.model import load_model
-from florence_kit.modes import apply_mode, component, trainable_counts, unwrap
-from florence_kit.train import TrainConfig, make_optimizer, train_loop
+from florence_kit.data.dataset import TaskDataset, load_split
+from florence_kit.model import adapters
+from florence_kit.model.adapters import load_adapter_model, wrap_lora, wrapped_modules
+from florence_kit.model.loading import load_model
+from florence_kit.model.modes import apply_mode, component, trainable_counts, unwrap
+from florence_kit.train.config import TrainConfig
+from florence_kit.train.loop import train_loop
+from florence_kit.train.step import make_optimizer
 
 runner = CliRunner()
 R = 4  # a small rank keeps the arithmetic readable
@@ -72,7 +74,7 @@ def test_base_shaped_model_wraps_96_language_modules_and_none_of_the_48_vision_m
     from peft import LoraConfig, get_peft_model
     from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.tiny import tiny_config
+    from florence_kit.model.tiny import tiny_config
 
     config = tiny_config(
         vision_depths=(1, 1, 9, 1), vision_patch_size=(7, 3, 3, 3), vision_patch_stride=(4, 2, 2, 2),
@@ -282,7 +284,7 @@ def test_qlora_without_bitsandbytes_exits_2_naming_the_fix(tiny_dir, docvqa_dir,
 
 @pytest.mark.parametrize("where", ["load", "first matmul"])
 def test_qlora_on_hardware_without_4bit_exits_2_naming_lora(tiny_dir, docvqa_dir, tmp_path, monkeypatch, where):
-    import florence_kit.model as model_module
+    import florence_kit.model.checkpoint_io as model_module
 
     def fail(*args, **kwargs):
         raise RuntimeError("4-bit kernels are not available on this CPU")
@@ -321,7 +323,7 @@ def _tensors_in_file_mapping(model, path: Path) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings (Linux)")
 def test_4bit_load_keeps_no_tensor_in_the_mapped_checkpoint(tiny_dir, monkeypatch):
     """A 4-bit load on CPU must not keep the checkpoint mapped: that kept every fp32 original resident."""
-    from florence_kit.errors import UserError
+    from florence_kit.common.errors import UserError
 
     checkpoint = (tiny_dir / "model.safetensors").resolve()
     monkeypatch.setattr(adapters, "own_unquantized_weights", lambda model: None)
@@ -349,7 +351,7 @@ def test_4bit_load_keeps_no_tensor_in_the_mapped_checkpoint(tiny_dir, monkeypatc
 )
 def test_4bit_layers_compute_in_the_runs_precision(monkeypatch, cuda, bf16, dtype):
     """bf16 where the GPU has it natively, fp16 on a T4 (whose is_bf16_supported() says True: emulation)."""
-    import florence_kit.precision as precision
+    import florence_kit.model.precision as precision
 
     monkeypatch.setattr(precision, "device_facts", lambda: precision.DeviceFacts(cuda=cuda, bf16=bf16))
     assert adapters.quantization_config().bnb_4bit_compute_dtype == dtype
@@ -378,7 +380,7 @@ def test_the_same_seed_gives_the_same_lora_run(tiny_dir, docvqa_dir, tmp_path):
     """LoRA's A matrices start random: they must come from --seed, not from whatever the process drew before."""
     from safetensors.torch import load_file
 
-    from florence_kit.train import finetune
+    from florence_kit.train.recipe import finetune
 
     adapters_of = []
     for i, noise in enumerate((1, 2)):  # the global RNG in another state, as in a fresh process or a resume

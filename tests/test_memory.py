@@ -10,9 +10,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from florence_kit.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from florence_kit.cli import app
-from florence_kit.memory import (
+from florence_kit.model.activation_checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from florence_kit.model.memory import (
     GPUS,
     MODES,
     Budget,
@@ -39,7 +39,7 @@ def _tiny_with_dropout():
     """Tiny model with two DaViT blocks, drop-path and dropout on: checkpointing must replay the same masks."""
     from transformers import Florence2ForConditionalGeneration
 
-    from florence_kit.tiny import tiny_config
+    from florence_kit.model.tiny import tiny_config
 
     config = tiny_config(vision_depths=(2,), vision_drop_path_rate=0.2, dropout=0.1, attention_dropout=0.1)
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def test_plan_refuses_a_folder_that_is_not_a_native_florence2(tiny_dir, tmp_path
 
 def test_finetune_fit_auto_splits_the_batch_to_fit(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
     """With a budget that fits two samples, an effective batch of 4 becomes 2 × accumulation 2."""
-    import florence_kit.memory as memory
+    import florence_kit.model.memory as memory
 
     s = memory.sizes(load_config(str(tiny_dir)))
     shape = Shape(128, 600, 100)
@@ -193,7 +193,7 @@ def test_finetune_fit_auto_splits_the_batch_to_fit(tiny_dir, docvqa_dir, tmp_pat
 def test_finetune_fit_auto_resume_reuses_the_runs_split(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
     """On resume --fit auto keeps the checkpoint's batch × accumulation (and checkpointing): the RAM free now
     would pick another split (here checkpointing + another micro-batch), which the fingerprint refuses."""
-    import florence_kit.memory as memory
+    import florence_kit.model.memory as memory
 
     s = memory.sizes(load_config(str(tiny_dir)))
     shape = Shape(128, 600, 100)
@@ -220,7 +220,7 @@ def test_finetune_fit_auto_resume_reuses_the_runs_split(tiny_dir, docvqa_dir, tm
 
 def test_lora_vision_keeps_the_vision_towers_activations_and_adapters(base):
     """--lora-vision: the backward runs through DaViT, so its blocks keep activations as in full fine-tuning."""
-    from florence_kit.memory import VISION_BLOCK_LORA, _stage_tokens, trainable
+    from florence_kit.model.memory import VISION_BLOCK_LORA, _stage_tokens, trainable
 
     shape = Shape(768, 20, 16)
     lora = estimate(base, Setting("lora", 1), shape)
@@ -246,7 +246,7 @@ def test_lora_vision_keeps_the_vision_towers_activations_and_adapters(base):
 
 def test_finetune_fit_auto_counts_lora_vision(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
     """A budget between the lora+vision peaks at batch 1 and 2 (where plain lora fits 2) must pick batch 1."""
-    import florence_kit.memory as memory
+    import florence_kit.model.memory as memory
 
     s = memory.sizes(load_config(str(tiny_dir)))
     shape = Shape(128, 5, 5)
@@ -273,7 +273,7 @@ def test_finetune_with_gradient_checkpointing_trains(tiny_dir, docvqa_dir, tmp_p
 
 def test_qlora_on_cpu_peaks_at_the_load_when_the_checkpoint_outweighs_training(base):
     """qlora on CPU: loading holds the mapped fp32 checkpoint + the 4-bit weights + the unquantised copies."""
-    from florence_kit.memory import QUANT_BYTES
+    from florence_kit.model.memory import QUANT_BYTES
 
     shape = Shape(768, 20, 16)
     est = estimate(base, Setting("qlora", batch=1), shape, "cpu")

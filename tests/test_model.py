@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from florence_kit.errors import UserError
-from florence_kit.model import check_local_checkpoint, load_model, resolve_model_id
+from florence_kit.common.errors import UserError
+from florence_kit.model.checkpoint_io import check_local_checkpoint, resolve_model_id
+from florence_kit.model.loading import load_model
 
 
 @pytest.mark.parametrize(

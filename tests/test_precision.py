@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from florence_kit.errors import UserError
-from florence_kit.precision import DeviceFacts, resolve_precision
+from florence_kit.common.errors import UserError
+from florence_kit.model.precision import DeviceFacts, resolve_precision
 
 CPU = DeviceFacts(cuda=False, bf16=False)
 T4 = DeviceFacts(cuda=True, bf16=False, name="Tesla T4")
@@ -59,10 +59,11 @@ def fresh_accelerate_state():
 
 
 def _loop(tiny_dir, docvqa_dir, task, tmp_path, **overrides):
-    from florence_kit.checkpoints import TrainState
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.model import load_model
-    from florence_kit.train import TrainConfig, train_loop
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.model.loading import load_model
+    from florence_kit.train.checkpoints import TrainState
+    from florence_kit.train.config import TrainConfig
+    from florence_kit.train.loop import train_loop
 
     model, processor = load_model(str(tiny_dir))
     dataset = TaskDataset(load_split(task, str(docvqa_dir), "train"), task, with_target=True)
@@ -90,7 +91,7 @@ def test_bf16_autocast_trains_on_cpu(tiny_dir, docvqa_dir, docvqa_task, tmp_path
 
 def _nan_on_calls(monkeypatch, calls: set[int]) -> None:
     """Make ``forward_loss`` return NaN on the given (1-based) calls: a poisoned batch."""
-    import florence_kit.train as train
+    import florence_kit.train.loop as train
 
     original, count = train.forward_loss, [0]
 
@@ -115,7 +116,7 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tiny_dir, docvqa_dir, docv
 
 
 def test_nonfinite_losses_in_a_row_stop_the_run(tiny_dir, docvqa_dir, docvqa_task, tmp_path, monkeypatch):
-    from florence_kit.train import NONFINITE_LIMIT
+    from florence_kit.train.loop import NONFINITE_LIMIT
 
     _nan_on_calls(monkeypatch, set(range(1, 100)))
     error, state, snaps = _loop(tiny_dir, docvqa_dir, docvqa_task, tmp_path, max_steps=20)

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from florence_kit.errors import UserError
+from florence_kit.common.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_dir, docvqa_dir):
     from transformers import AutoProcessor
 
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.registry import get_task
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.tasks.registry import get_task
 
     task = get_task("docvqa")
     dataset = TaskDataset(load_split(task, str(docvqa_dir), "train"), task, with_target=True)
@@ -22,8 +22,8 @@ def parts(tiny_dir, docvqa_dir):
 
 
 def _prepared(parts, tmp_path: Path, workers: int = 2, skip: bool = False):
-    from florence_kit.prepared import PreparedDataset
-    from florence_kit.runfolder import ImageGuard
+    from florence_kit.data.prepared import PreparedDataset
+    from florence_kit.train.runfolder import ImageGuard
 
     processor, dataset = parts
     rows = ImageGuard(dataset, list(range(len(dataset))), skip=skip)
@@ -46,7 +46,7 @@ def count_calls(monkeypatch, owner, name: str) -> dict:
 @pytest.fixture()
 def decodes(monkeypatch) -> dict:
     """Counts the images the preparation pass decodes and resizes (in this process: workers=1)."""
-    import florence_kit.prepared as prepared_module
+    import florence_kit.data.prepared as prepared_module
 
     return count_calls(monkeypatch, prepared_module, "resized")
 
@@ -55,8 +55,8 @@ def decodes(monkeypatch) -> dict:
 def test_batches_equal_the_processors(parts, tmp_path, workers):
     import torch
 
-    from florence_kit.collate import Collator
-    from florence_kit.prepared import PreparedCollator
+    from florence_kit.data.collate import Collator
+    from florence_kit.data.prepared import PreparedCollator
 
     processor, dataset = parts
     _, prepared = _prepared(parts, tmp_path, workers)
@@ -85,7 +85,7 @@ def test_each_page_is_decoded_once(parts, tmp_path, decodes):
 
 
 def test_page_groups_put_a_pages_questions_in_one_batch():
-    from florence_kit.prepared import PageGroups
+    from florence_kit.data.prepared import PageGroups
 
     image_of = [i // 4 for i in range(40)]  # 10 pages, 4 questions each
     sampler = PageGroups(image_of, seed=3)
@@ -101,8 +101,8 @@ def test_page_groups_put_a_pages_questions_in_one_batch():
 def test_length_groups_cut_padding():
     import random
 
-    from florence_kit.prepared import LengthGroups
-    from florence_kit.train import EpochShuffle
+    from florence_kit.data.prepared import LengthGroups
+    from florence_kit.train.sampling import EpochShuffle
 
     lengths = [random.Random(i).randint(20, 120) for i in range(400)]
 
@@ -119,11 +119,11 @@ def test_bad_image_fails_or_is_skipped(tmp_path, tiny_dir):
     import datasets
     from transformers import AutoProcessor
 
-    from florence_kit.data import TaskDataset
-    from florence_kit.prepared import PreparedDataset
-    from florence_kit.registry import get_task
-    from florence_kit.runfolder import ImageGuard
-    from florence_kit.synthetic import render_docvqa
+    from florence_kit.data.dataset import TaskDataset
+    from florence_kit.data.prepared import PreparedDataset
+    from florence_kit.demo.synthetic_docvqa import render_docvqa
+    from florence_kit.tasks.registry import get_task
+    from florence_kit.train.runfolder import ImageGuard
 
     ds = render_docvqa(3, 0, n_fields=2)
     good = ds.cast_column("image", datasets.Image(decode=False))
@@ -143,10 +143,11 @@ def test_bad_image_fails_or_is_skipped(tmp_path, tiny_dir):
 def _losses(tiny_dir, docvqa_dir, out: Path, **cfg_kw) -> list[float]:
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.registry import get_task
-    from florence_kit.runfolder import ImageGuard
-    from florence_kit.train import TrainConfig, train_loop
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.tasks.registry import get_task
+    from florence_kit.train.config import TrainConfig
+    from florence_kit.train.loop import train_loop
+    from florence_kit.train.runfolder import ImageGuard
 
     task = get_task("docvqa")
     model = Florence2ForConditionalGeneration.from_pretrained(tiny_dir)
@@ -168,11 +169,12 @@ def test_skipped_bad_images_are_left_out_alike_with_or_without_prepare_data(tiny
     import datasets
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    from florence_kit.data import TaskDataset
-    from florence_kit.registry import get_task
-    from florence_kit.runfolder import ImageGuard
-    from florence_kit.synthetic import render_docvqa
-    from florence_kit.train import TrainConfig, train_loop
+    from florence_kit.data.dataset import TaskDataset
+    from florence_kit.demo.synthetic_docvqa import render_docvqa
+    from florence_kit.tasks.registry import get_task
+    from florence_kit.train.config import TrainConfig
+    from florence_kit.train.loop import train_loop
+    from florence_kit.train.runfolder import ImageGuard
 
     good = render_docvqa(4, 0, n_fields=2).cast_column("image", datasets.Image(decode=False))
     rows = good.to_list()
@@ -202,7 +204,7 @@ def test_uint8_batches_normalised_on_the_device_equal_the_processors(parts, tmp_
     import numpy as np
     import torch
 
-    from florence_kit.prepared import PixelNormalizer, PreparedCollator
+    from florence_kit.data.prepared import PixelNormalizer, PreparedCollator
 
     processor, _ = parts
     _, prepared = _prepared(parts, tmp_path, workers=1)
@@ -217,7 +219,7 @@ def test_uint8_batches_normalised_on_the_device_equal_the_processors(parts, tmp_
 
 
 def test_prepared_training_gives_identical_losses(tiny_dir, docvqa_dir, tmp_path, monkeypatch):
-    from florence_kit.prepared import PixelNormalizer
+    from florence_kit.data.prepared import PixelNormalizer
 
     plain = _losses(tiny_dir, docvqa_dir, tmp_path / "plain")
     calls = count_calls(monkeypatch, PixelNormalizer, "__call__")
@@ -274,7 +276,7 @@ def test_an_interrupted_refill_leaves_a_readers_store_whole(parts, tmp_path, mon
     """A run reading a store keeps its pages while another run refills that store and is interrupted."""
     import numpy as np
 
-    import florence_kit.prepared as prepared
+    import florence_kit.data.prepared as prepared
 
     _, reader = _prepared(parts, tmp_path, workers=1)
     pages = np.array(reader.pixels)
@@ -297,7 +299,7 @@ def test_a_run_waits_for_a_store_being_filled_then_reuses_it(parts, tmp_path, de
     import threading
     import time
 
-    from florence_kit.prepared import store_lock
+    from florence_kit.data.prepared import store_lock
 
     _prepared(parts, tmp_path, workers=1)
     (record,) = (tmp_path / "prepared").glob("pixels-*.json")
@@ -320,9 +322,9 @@ def test_truncated_targets_keep_their_end_token_as_the_per_batch_path(parts, doc
     """--too-long truncate: a target longer than the model's positions ends in </s> on both paths."""
     import torch
 
-    from florence_kit.collate import Collator
-    from florence_kit.data import TaskDataset
-    from florence_kit.prepared import PreparedCollator, PreparedDataset
+    from florence_kit.data.collate import Collator
+    from florence_kit.data.dataset import TaskDataset
+    from florence_kit.data.prepared import PreparedCollator, PreparedDataset
 
     processor, dataset = parts
     long = docvqa_splits["train"].select(range(3)).map(lambda r: {"answers": ["word " * 1100]})
@@ -339,9 +341,10 @@ def test_truncated_targets_keep_their_end_token_as_the_per_batch_path(parts, doc
 
 def test_group_by_image_without_prepared_data_groups_the_training_rows(parts):
     """The loop trains on an ImageGuard over the kept rows: its pages must still be grouped, every row once."""
-    from florence_kit.prepared import image_keys
-    from florence_kit.runfolder import ImageGuard
-    from florence_kit.train import TrainConfig, make_sampler
+    from florence_kit.data.prepared import image_keys
+    from florence_kit.train.config import TrainConfig
+    from florence_kit.train.runfolder import ImageGuard
+    from florence_kit.train.sampling import make_sampler
 
     _, dataset = parts
     kept = [i for i in range(len(dataset)) if i != 3]  # a row dropped by the length preflight
@@ -362,9 +365,9 @@ def test_an_image_file_changed_in_place_is_prepared_again(tmp_path, tiny_dir):
     from PIL import Image
     from transformers import AutoProcessor
 
-    from florence_kit.data import TaskDataset
-    from florence_kit.prepared import PreparedDataset, resized
-    from florence_kit.registry import get_task
+    from florence_kit.data.dataset import TaskDataset
+    from florence_kit.data.prepared import PreparedDataset, resized
+    from florence_kit.tasks.registry import get_task
 
     pages = tmp_path / "pages"
     pages.mkdir()

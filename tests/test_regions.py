@@ -12,13 +12,13 @@ import datasets
 import pytest
 from typer.testing import CliRunner
 
-from florence_kit.boxes import encode_regions, ensure_parse_config, iou, parse_boxes, parse_quads, quantize
 from florence_kit.cli import app
-from florence_kit.data import TaskDataset, load_source, load_split
+from florence_kit.common.geometry import encode_regions, ensure_parse_config, iou, parse_boxes, parse_quads, quantize
+from florence_kit.data.dataset import TaskDataset, load_source, load_split
+from florence_kit.data.regions import RegionCounts, region_fields
+from florence_kit.demo.synthetic_regions import CLASSES, hub_splits, shape_scenes, text_scenes, write_coco, write_yolo
 from florence_kit.metrics import get_metric
-from florence_kit.region_data import RegionCounts, region_fields
-from florence_kit.registry import get_task
-from florence_kit.synthetic_regions import CLASSES, hub_splits, shape_scenes, text_scenes, write_coco, write_yolo
+from florence_kit.tasks.registry import get_task
 
 runner = CliRunner()
 TRAIN = ["--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--quiet"]
@@ -370,7 +370,7 @@ def test_class_ids_without_names_warn_once() -> None:
 def test_objects_without_the_box_or_class_key_is_an_error(tiny_dir: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from florence_kit.errors import UserError
+    from florence_kit.common.errors import UserError
 
     regions, image = get_task("od").regions, Image.new("RGB", (100, 50))
     for objects in ({"boxes": [[1, 2, 3, 4]], "label": ["cat"]}, [{"bbox": [1, 2, 3, 4], "label": "cat"}]):
@@ -521,7 +521,8 @@ def test_hub_layout_with_xyxy_boxes_needs_the_box_format(scenes: dict) -> None:
 def test_answer_is_parsed_and_drawn_into_a_png(processor, tmp_path: Path) -> None:
     from PIL import Image
 
-    from florence_kit.region_view import draw_answer, parse_answer, png_path
+    from florence_kit.evaluate.regions import parse_answer, png_path
+    from florence_kit.present.draw import draw_answer
 
     spec = get_task("od")
     image = Image.new("RGB", (128, 128), "white")
@@ -550,8 +551,8 @@ def test_predict_on_a_region_task_prints_json_and_says_what_it_drew(tiny_dir: Pa
 
 
 def test_box_format_flag(scenes: dict, tmp_path: Path) -> None:
-    from florence_kit.region_data import with_box_format
-    from florence_kit.train import TrainConfig
+    from florence_kit.tasks.regions import with_box_format
+    from florence_kit.train.config import TrainConfig
 
     assert with_box_format(get_task("od"), "xyxy").regions["box_format"] == "xyxy"
     assert with_box_format(get_task("od"), None) == get_task("od")
@@ -567,9 +568,9 @@ def test_report_thumbnails_show_true_and_predicted_boxes(tmp_path: Path) -> None
 
     from PIL import Image
 
-    from florence_kit.evaluate import EvalResult, thumbnail_jpeg, write_results
-    from florence_kit.region_view import overlay_thumbnail
-    from florence_kit.report import write_report
+    from florence_kit.evaluate.scoring import EvalResult, thumbnail_jpeg, write_results
+    from florence_kit.present.draw import overlay_thumbnail
+    from florence_kit.present.report import write_report
 
     image = Image.new("RGB", (512, 512), "white")
     ref = json.dumps({"size": [512, 512], "labels": ["circle"], "boxes": [[40, 40, 200, 200]]})
@@ -589,8 +590,8 @@ def test_report_thumbnails_show_true_and_predicted_boxes(tmp_path: Path) -> None
 def test_location_tokens_survive_decoding_where_the_tokenizer_calls_them_special(tiny_dir: Path) -> None:
     from transformers import AutoProcessor
 
-    from florence_kit.boxes import decode_answers
-    from florence_kit.tiny import LOC_TOKENS
+    from florence_kit.common.geometry import decode_answers
+    from florence_kit.model.tiny import LOC_TOKENS
 
     proc = AutoProcessor.from_pretrained(str(tiny_dir))
     text = "traffic-light<loc_1><loc_20><loc_300><loc_999>"

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
-from florence_kit.errors import UserError
-from florence_kit.registry import BUILTIN_DIR, all_tasks, get_task, task_files
-from florence_kit.task import load_task_specs
+from florence_kit.common.errors import UserError
+from florence_kit.tasks.registry import BUILTIN_DIR, all_tasks, get_task, task_files
+from florence_kit.tasks.spec import load_task_specs
 
 runner = CliRunner()
 
@@ -121,7 +121,7 @@ def test_a_prompt_field_of_the_wrong_type_names_the_row(tmp_path: Path) -> None:
     import datasets
     from PIL import Image
 
-    from florence_kit.data import TaskDataset
+    from florence_kit.data.dataset import TaskDataset
 
     (tmp_path / "t.yaml").write_text(GOOD_TASK.replace("{question}", "{question[0]}"))
     rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "question": [7], "answers": [["a"]]})

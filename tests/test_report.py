@@ -136,7 +136,7 @@ def test_error_rates_count_down_as_better_and_list_the_highest_first(tmp_path: P
 
 
 def test_training_plots_include_every_logged_eval_metric() -> None:
-    from florence_kit.report import training_plots
+    from florence_kit.present.report import training_plots
 
     log = [{"step": s, "loss": 3.0 / s, "lr": 1e-4} for s in range(1, 6)]
     log += [{"step": 2, "eval/anls": 0.1, "eval/exact_match": 0.0}, {"step": 4, "eval/anls": 0.3}]
@@ -182,7 +182,7 @@ def _task_folder(folder: Path, task: str, metric: str, scores: list[float], high
 def test_report_of_a_several_task_eval_has_a_column_and_a_sortable_table_per_task(tmp_path: Path) -> None:
     from browser import open_page
 
-    from florence_kit.evaluate import write_summary
+    from florence_kit.evaluate.scoring import write_summary
 
     root = tmp_path / "eval"  # what `eval grp` writes: grp/a/, grp/b/ (task names hold a slash) + summary.json
     scored = {"grp/a": _task_folder(root / "grp" / "a", "grp/a", "anls", [0.9, 0.1, 0.5], True),
@@ -219,7 +219,7 @@ def test_eval_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
 
     script = (
         "import sys; from pathlib import Path\n"
-        "from florence_kit.evaluate import EvalResult, write_results, read_predictions\n"
+        "from florence_kit.evaluate.scoring import EvalResult, write_results, read_predictions\n"
         "out = Path(sys.argv[1])\n"
         "rec = {'prediction': 'caf\\u00e9 \\u4fe1\\u53f7', 'references': ['caf\\u00e9']}\n"
         "write_results(EvalResult({'metric': 'anls', 'anls': 1.0}, [rec]), out)\n"

@@ -19,9 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from florence_kit import checkpoints
-from florence_kit.errors import UserError
-from florence_kit.train import TrainConfig, finetune
+from florence_kit.common.errors import UserError
+from florence_kit.train import checkpoints
+from florence_kit.train.config import TrainConfig
+from florence_kit.train.recipe import finetune
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ class Interrupt(Exception):
 def _train(model_dir: Path, dataset, cfg: TrainConfig, stop_at: int | None = None,
            resume: Path | None = None) -> dict[str, torch.Tensor]:
     """train_loop on ``dataset`` (killed after step ``stop_at``, or resumed from ``resume``); its final weights."""
-    from florence_kit.model import load_model
-    from florence_kit.train import train_loop
+    from florence_kit.model.loading import load_model
+    from florence_kit.train.loop import train_loop
 
     model, processor = load_model(str(model_dir))
     cfg.output_dir.mkdir(exist_ok=True)
@@ -68,7 +69,7 @@ def _train(model_dir: Path, dataset, cfg: TrainConfig, stop_at: int | None = Non
 
 def test_resume_in_process_equals_uninterrupted(dropout_tiny, docvqa_dir, docvqa_task, tmp_path, monkeypatch):
     """12 rows, 2 x 2 per step: 3 steps an epoch; interrupted at step 3, resumed from step-2 (mid-epoch 0)."""
-    from florence_kit.data import TaskDataset, load_split
+    from florence_kit.data.dataset import TaskDataset, load_split
 
     split = load_split(docvqa_task, str(docvqa_dir), "train").select(range(12))
     dataset = TaskDataset(split, docvqa_task, with_target=True)
@@ -97,9 +98,9 @@ def test_weighted_mix_moves_on_each_epoch_and_resumes_mid_epoch_exactly(dropout_
                                                                         tmp_path, monkeypatch):
     """A mix of 10 + 2 examples weighted 1:1 (6 draws each an epoch): the 10-example task trains on 6 examples in
     epoch 0 and the other 4 first in epoch 1; resumed from step 5 (mid-epoch 1) it ends as the uninterrupted run."""
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.mixing import MixedDataset
-    from florence_kit.runfolder import ImageGuard
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.data.mixing import MixedDataset
+    from florence_kit.train.runfolder import ImageGuard
 
     split = load_split(docvqa_task, str(docvqa_dir), "train").select(range(12))
     parts = [TaskDataset(split.select(range(10)), docvqa_task, with_target=True),
@@ -249,7 +250,7 @@ def test_resume_refuses_a_setting_it_would_silently_ignore(tiny_dir, docvqa_dir,
 
 def test_eval_every_keeps_best_and_stops_early(tiny_dir, docvqa_dir, tmp_path):
     """With lr 0 the score can never improve: best stays at the first eval, patience 1 stops at the second."""
-    from florence_kit.model import load_model
+    from florence_kit.model.loading import load_model
 
     cfg = _cfg(tiny_dir, docvqa_dir, tmp_path / "run", max_steps=20, lr=0.0, save_every=0, eval_every=1,
                eval_max_samples=2, early_stopping_patience=1)
@@ -269,7 +270,7 @@ def test_epoch_order_is_the_shuffled_dataloaders_rebuilt_from_the_seed():
     """Epoch e's order equals a shuffled DataLoader's e-th epoch (what the demo's numbers were measured with)."""
     from torch.utils.data import DataLoader
 
-    from florence_kit.train import EpochShuffle
+    from florence_kit.train.sampling import EpochShuffle
 
     loader = DataLoader(list(range(37)), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(4))
     expected = [[i for batch in loader for i in batch.tolist()] for _ in range(4)]
@@ -282,10 +283,11 @@ def test_epoch_order_is_the_shuffled_dataloaders_rebuilt_from_the_seed():
 
 def test_eval_every_keeps_the_lowest_error_rate_as_best(tiny_dir, docvqa_dir, tmp_path):
     """CER/WER are lower-is-better: the best model is the lowest one, and patience counts from it."""
-    from florence_kit.data import TaskDataset, load_split
-    from florence_kit.model import load_model
-    from florence_kit.registry import get_task
-    from florence_kit.train import TrainState, train_loop
+    from florence_kit.data.dataset import TaskDataset, load_split
+    from florence_kit.model.loading import load_model
+    from florence_kit.tasks.registry import get_task
+    from florence_kit.train.checkpoints import TrainState
+    from florence_kit.train.loop import train_loop
 
     model, processor = load_model(str(tiny_dir))
     task = get_task("docvqa")

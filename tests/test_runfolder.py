@@ -11,9 +11,8 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
-from florence_kit.errors import UserError
-from florence_kit.runconfig import RECORD_KEYS, apply_config_file
-from florence_kit.train import TrainConfig
+from florence_kit.common.errors import UserError
+from florence_kit.train.config import RECORD_KEYS, TrainConfig, apply_config_file
 
 runner = CliRunner()
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -53,7 +52,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> type[FakeHub]:
 
     FakeHub.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
-    monkeypatch.setattr("florence_kit.hub.is_offline", lambda: False)
+    monkeypatch.setattr("florence_kit.present.hub.is_offline", lambda: False)
     return FakeHub
 
 
@@ -194,7 +193,7 @@ def test_examples_exist() -> None:
 
 
 def test_progress_plain_lines_every_n_steps() -> None:
-    from florence_kit.progress import StepProgress
+    from florence_kit.train.progress import StepProgress
 
     lines: list[str] = []
     with StepProgress("t", samples_per_step=4, quiet=True, log_every=5, print_fn=lines.append) as bar:
@@ -206,7 +205,7 @@ def test_progress_plain_lines_every_n_steps() -> None:
 
 def test_progress_after_resume_times_only_the_steps_run_here(monkeypatch: pytest.MonkeyPatch) -> None:
     """A run resumed at step 100 of 200: 2 s for its first 2 steps is 1 step/s, 98 steps (98 s) to go."""
-    from florence_kit import progress
+    from florence_kit.train import progress
 
     clock = iter([0.0, 1.0, 2.0])
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
@@ -222,7 +221,7 @@ def test_progress_bar_in_a_terminal_shows_every_field() -> None:
 
     from rich.console import Console
 
-    from florence_kit.progress import StepProgress
+    from florence_kit.train.progress import StepProgress
 
     screen, lines = io.StringIO(), []
     console = Console(file=screen, force_terminal=True, width=200, color_system=None)
@@ -238,7 +237,7 @@ def test_progress_bar_in_a_terminal_shows_every_field() -> None:
 def test_missing_tracker_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from florence_kit.trackers import check_report_to
+    from florence_kit.train.trackers import check_report_to
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"pip install 'florence-kit\[wandb\]'"):
@@ -247,7 +246,7 @@ def test_missing_tracker_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
 
 
 def test_card_lists_eval_metrics_from_the_log(tmp_path: Path) -> None:
-    from florence_kit.card import write_card
+    from florence_kit.train.card import write_card
 
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "loss": 1.0, "lr": 0.1, "eval_anls": 0.75}\n'
@@ -261,7 +260,7 @@ def test_card_lists_eval_metrics_from_the_log(tmp_path: Path) -> None:
 
 def test_card_metrics_ignore_events_and_skipped_steps(tmp_path: Path) -> None:
     """Early stopping or a resume after the last eval must not replace the eval scores on the card."""
-    from florence_kit.card import write_card
+    from florence_kit.train.card import write_card
 
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 4, "eval/anls": 0.5, "best": 0.5, "best_step": 4}\n'
@@ -280,7 +279,7 @@ def test_elapsed_s_goes_on_counting_after_a_resume(tiny_dir: Path, docvqa_dir: P
     """metrics.jsonl's elapsed_s is the run's training time: a resume starts from the checkpoint's, not from 0."""
     import json
 
-    from florence_kit.train import finetune
+    from florence_kit.train.recipe import finetune
 
     out = tmp_path / "run"
     settings = {"task": "docvqa", "model": str(tiny_dir), "dataset": str(docvqa_dir), "output_dir": out,
@@ -302,7 +301,7 @@ def test_overwrite_leaves_nothing_of_the_earlier_runs_model_or_logs(
 ) -> None:
     """A lora run over a full run's folder: the old config.json made it load the old full model, not the adapter,
     and the old TensorBoard events were shown as the same run as the new ones."""
-    from florence_kit.adapters import is_adapter_dir
+    from florence_kit.model.checkpoint_io import is_adapter_dir
 
     out = tmp_path / "run"
     shutil.copytree(run1, out)

@@ -17,8 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
-from florence_kit.errors import UserError
-from florence_kit.serve import Predictor, draw_regions
+from florence_kit.common.errors import UserError
+from florence_kit.present.draw import draw_regions
+from florence_kit.present.serve import Predictor
 
 runner = CliRunner()
 WHITE = (255, 255, 255)
@@ -67,7 +68,7 @@ def page_png(docvqa_splits, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_predictor_answers_text_and_region_tasks_on_the_tiny_model(tiny_dir: Path, page_png: Path,
                                                                   docvqa_task) -> None:
-    from florence_kit.model import load_model
+    from florence_kit.model.loading import load_model
 
     model, processor = load_model(str(tiny_dir))
     predictor = Predictor(model, processor, {"docvqa": docvqa_task}, region_max_tokens=12)
@@ -164,10 +165,10 @@ def test_the_page_answers_as_predict_does_for_text_and_custom_region_tasks(tiny_
     """Same decoding as `predict`/`eval`: a region task of the user's own prompt gets its boxes parsed too."""
     from dataclasses import replace
 
-    from florence_kit.evaluate import generate, generation_config_for
-    from florence_kit.model import load_model
-    from florence_kit.region_view import generate_raw, parse_answer
-    from florence_kit.registry import get_task
+    from florence_kit.evaluate.generation import generate, generation_config_for
+    from florence_kit.evaluate.regions import generate_raw, parse_answer
+    from florence_kit.model.loading import load_model
+    from florence_kit.tasks.registry import get_task
 
     model, processor = load_model(str(tiny_dir))
     shapes = replace(get_task("od"), name="shapes", prompt="find the shapes")  # not a Florence-2 task token

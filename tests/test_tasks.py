@@ -15,12 +15,12 @@ import yaml
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
-from florence_kit.data import TaskDataset, cap_rows, load_split
-from florence_kit.errors import UserError
+from florence_kit.common.errors import UserError
+from florence_kit.data.dataset import TaskDataset, cap_rows, load_split
+from florence_kit.data.mixing import MixedDataset, parse_weights, training_data
+from florence_kit.demo.synthetic_tasks import caption_rows, cauldron_rows, ocr_rows, shape_image, splits, vqa_rows
 from florence_kit.metrics import get_metric
-from florence_kit.mixing import MixedDataset, parse_weights, training_data
-from florence_kit.registry import all_tasks, get_task, resolve_tasks
-from florence_kit.synthetic_tasks import caption_rows, cauldron_rows, ocr_rows, shape_image, splits, vqa_rows
+from florence_kit.tasks.registry import all_tasks, get_task, resolve_tasks
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,8 +181,8 @@ def test_weighted_mix_continues_through_a_down_weighted_task_epoch_after_epoch()
     """A task drawn 200 times an epoch out of 1000 examples sees the next 200 each epoch, all 1000 in 5 epochs.
 
     The mix's index was once fixed for the run, so such a task trained on the same 200 examples every epoch."""
-    from florence_kit.prepared import LengthGroups, PageGroups
-    from florence_kit.train import EpochShuffle
+    from florence_kit.data.prepared import LengthGroups, PageGroups
+    from florence_kit.train.sampling import EpochShuffle
 
     class Part:
         def __init__(self, n: int) -> None:
@@ -281,7 +281,7 @@ def test_vqa_reads_the_vqav2_schema_and_scores_vqa_accuracy(tiny_dir: Path, tmp_
     assert ex.id == str(rows[0]["question_id"]) and ex.prompt == rows[0]["question"]
     # the same answers stored as datasets.Sequence(dict), i.e. a dict of lists, read the same
     as_columns = {k: [a[k] for a in rows[0]["answers"]] for k in rows[0]["answers"][0]}
-    from florence_kit.data import lookup
+    from florence_kit.data.dataset import lookup
 
     assert lookup({"answers": as_columns}, "answers.answer") == ex.references
     data = _save(tmp_path_factory, "vqa", vqa_rows)

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from florence_kit.collate import IGNORE_INDEX, Collator, max_positions, preflight
-from florence_kit.data import Example, TaskDataset, load_split
-from florence_kit.errors import UserError
-from florence_kit.model import load_model
-from florence_kit.modes import Mode, apply_mode, component, trainable_counts
-from florence_kit.train import TrainConfig, make_optimizer, train_loop
+from florence_kit.common.errors import UserError
+from florence_kit.data.collate import IGNORE_INDEX, Collator, max_positions, preflight
+from florence_kit.data.dataset import Example, TaskDataset, load_split
+from florence_kit.model.loading import load_model
+from florence_kit.model.modes import Mode, apply_mode, component, trainable_counts
+from florence_kit.train.config import TrainConfig
+from florence_kit.train.loop import train_loop
+from florence_kit.train.step import make_optimizer
 
 
 def _train(tiny_dir: Path, docvqa_dir: Path, task, tmp_path: Path, mode: str, hook=None):
@@ -104,7 +106,7 @@ def test_length_preflight_drop_truncate_error(tiny_dir, docvqa_splits, docvqa_ta
 
 
 def test_warmup_schedules() -> None:
-    from florence_kit.train import warmup_schedule
+    from florence_kit.train.step import warmup_schedule
 
     cos = warmup_schedule("cosine", 4, 14)
     assert [round(cos(s), 3) for s in (0, 3)] == [0.2, 0.8]  # linear warmup

@@ -1,4 +1,7 @@
-"""The ``florence-kit`` command: one Typer app, one module per command group."""
+"""The ``florence-kit`` command: one Typer app, one module per command group, no logic of its own.
+
+Heavy libraries (torch, transformers) are imported inside the commands, so `tasks list` answers at once.
+"""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from florence_kit.errors import RunInterrupted, UserError
+from florence_kit.common.errors import RunInterrupted, UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console()

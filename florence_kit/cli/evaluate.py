@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from florence_kit.cli.common import TasksDirOption, console, user_errors
-from florence_kit.region_data import BoxFormat
+from florence_kit.tasks.regions import BoxFormat
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -72,12 +72,12 @@ def eval_(
 
       florence-kit eval cauldron/ai2d,cauldron/chartqa --model runs/mix --split "train[:500]" --output-dir runs/eval
     """
-    from florence_kit.data import cap_rows, load_split
-    from florence_kit.errors import UserError
-    from florence_kit.evaluate import evaluate, write_results, write_summary
-    from florence_kit.model import load_model
-    from florence_kit.region_data import with_box_format
-    from florence_kit.registry import resolve_tasks
+    from florence_kit.common.errors import UserError
+    from florence_kit.data.dataset import cap_rows, load_split
+    from florence_kit.evaluate.scoring import evaluate, write_results, write_summary
+    from florence_kit.model.loading import load_model
+    from florence_kit.tasks.regions import with_box_format
+    from florence_kit.tasks.registry import resolve_tasks
 
     specs = [with_box_format(s, box_format.value if box_format else None) for s in resolve_tasks(task, tasks_dir or [])]
     if dataset and len(specs) > 1:
@@ -120,9 +120,9 @@ def score(
 
     Example: florence-kit score docvqa runs/eval/predictions.jsonl --json
     """
-    from florence_kit.errors import UserError
-    from florence_kit.evaluate import read_predictions, score_records
-    from florence_kit.registry import get_task
+    from florence_kit.common.errors import UserError
+    from florence_kit.evaluate.scoring import read_predictions, score_records
+    from florence_kit.tasks.registry import get_task
 
     spec = get_task(task, tasks_dir or [])
     records = read_predictions(predictions)
@@ -152,12 +152,12 @@ def predict(
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from florence_kit.data import to_rgb
-    from florence_kit.errors import UserError
-    from florence_kit.evaluate import generate, generation_config_for
-    from florence_kit.model import load_model
-    from florence_kit.registry import get_task
-    from florence_kit.task import template_fields
+    from florence_kit.common.errors import UserError
+    from florence_kit.data.dataset import to_rgb
+    from florence_kit.evaluate.generation import generate, generation_config_for
+    from florence_kit.model.loading import load_model
+    from florence_kit.tasks.registry import get_task
+    from florence_kit.tasks.spec import template_fields
 
     spec = get_task(task, tasks_dir or [])
     try:
@@ -172,7 +172,8 @@ def predict(
     net, processor = load_model(model)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams)
     if spec.regions:  # --- regions: parsed boxes as JSON, drawn into a PNG beside the image ---
-        from florence_kit.region_view import draw_answer, generate_raw, parse_answer, png_path
+        from florence_kit.evaluate.regions import generate_raw, parse_answer, png_path
+        from florence_kit.present.draw import draw_answer
 
         parsed = parse_answer(spec, processor, generate_raw(net, processor, picture, prompt, gen_config), picture.size)
         typer.echo(json.dumps(parsed, ensure_ascii=False))

@@ -23,10 +23,10 @@ def export(
 
     Example: florence-kit export runs/lora --merge runs/lora-merged
     """
-    from florence_kit.adapters import ADAPTER_CONFIG, load_adapter_model
-    from florence_kit.errors import UserError
-    from florence_kit.model import save_checkpoint
-    from florence_kit.train import check_output_dir
+    from florence_kit.common.errors import UserError
+    from florence_kit.model.adapters import load_adapter_model
+    from florence_kit.model.checkpoint_io import ADAPTER_CONFIG, save_checkpoint
+    from florence_kit.train.config import check_output_dir
 
     if not (run_dir / ADAPTER_CONFIG).is_file():
         if (run_dir / "config.json").is_file():

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from florence_kit.cli.common import TasksDirOption, console, user_errors
-from florence_kit.modes import Mode
-from florence_kit.precision import Precision
-from florence_kit.region_data import BoxFormat
+from florence_kit.model.modes import Mode
+from florence_kit.model.precision import Precision
+from florence_kit.tasks.regions import BoxFormat
 
 
 class Schedule(str, Enum):
@@ -192,8 +192,8 @@ def finetune(
 
       accelerate launch --num_processes 2 -m florence_kit.cli finetune docvqa --batch-size 4  (DDP, 2 GPUs)
     """
-    from florence_kit.train import TrainConfig
-    from florence_kit.train import finetune as run
+    from florence_kit.train.config import TrainConfig
+    from florence_kit.train.recipe import finetune as run
 
     cfg = TrainConfig(
         task=task or "", model=model, output_dir=output_dir, dataset=dataset, mode=mode.value, epochs=epochs,
@@ -213,9 +213,13 @@ def finetune(
         box_format=box_format.value if box_format else None,
     )
     if config is not None:
-        from florence_kit.runconfig import apply_config_file
+        from florence_kit.train.config import apply_config_file
 
         cfg = apply_config_file(cfg, config, ctx)
+    if cfg.push_to_hub:
+        from florence_kit.present.hub import check_can_push
+
+        check_can_push(cfg.push_to_hub)  # before hours of training, not after
     result = run(cfg, quiet=quiet, print_fn=console.print)
     from accelerate import PartialState
 
@@ -235,3 +239,7 @@ def finetune(
         + f" in {result.seconds:.1f}s, final loss {result.final_loss:.4f}; "
         f"model saved to {result.output_dir}"
     )
+    if cfg.push_to_hub:
+        from florence_kit.present.hub import push_run
+
+        console.print(f"pushed to {push_run(result.output_dir, cfg.push_to_hub)}")

@@ -21,8 +21,8 @@ def make_tiny(
 
     Example: florence-kit make-tiny ./tiny && florence-kit eval docvqa --model ./tiny --dataset ./data
     """
-    from florence_kit.tiny import save_tiny
-    from florence_kit.train import check_output_dir
+    from florence_kit.model.tiny import save_tiny
+    from florence_kit.train.config import check_output_dir
 
     check_output_dir(out_dir, overwrite)
     save_tiny(out_dir, seed=seed, image_size=image_size)

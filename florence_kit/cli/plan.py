@@ -62,8 +62,8 @@ def plan(
 
       florence-kit plan docvqa --model base --gpu t4 --mode lora --lora-vision
     """
-    from florence_kit.errors import UserError
-    from florence_kit.memory import (
+    from florence_kit.common.errors import UserError
+    from florence_kit.model.memory import (
         GIB,
         MODES,
         Shape,
@@ -75,7 +75,7 @@ def plan(
         plan_modes,
         sizes,
     )
-    from florence_kit.registry import get_task
+    from florence_kit.tasks.registry import get_task
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")

@@ -25,7 +25,7 @@ def push(
 
       florence-kit push runs/docvqa-frozen me/florence2-docvqa
     """
-    from florence_kit.hub import check_can_push, files_to_push, push_run
+    from florence_kit.present.hub import check_can_push, files_to_push, push_run
 
     files_to_push(run_dir)  # a folder that is not a run fails before any network call
     check_can_push(repo)

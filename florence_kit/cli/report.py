@@ -21,7 +21,7 @@ def report(
 
     Example: florence-kit report runs/demo
     """
-    from florence_kit.report import write_report
+    from florence_kit.present.report import write_report
 
     out = write_report(source, output, max_examples)
     console.print(f"report: {out}")

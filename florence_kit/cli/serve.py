@@ -23,6 +23,6 @@ def serve(
 
     Example: florence-kit serve runs/demo/finetuned --task docvqa --port 7860
     """
-    from florence_kit.serve import serve as run_server
+    from florence_kit.present.serve import serve as run_server
 
     run_server(model, task, host, port, [Path(p) for p in tasks_dir or []], print_fn=console.print)

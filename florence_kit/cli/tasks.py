@@ -9,14 +9,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from florence_kit.cli.common import TasksDirOption, console, err_console, user_errors
-from florence_kit.errors import UserError
+from florence_kit.common.errors import UserError
 
 app = typer.Typer(help="List and inspect tasks (built in, task folders, plugins).", no_args_is_help=True)
 
 
 def origin_label(origin: str) -> str:
     """'built-in' for shipped task files, else the file or plugin the task came from."""
-    from florence_kit.registry import BUILTIN_DIR
+    from florence_kit.tasks.registry import BUILTIN_DIR
 
     return "built-in" if origin.startswith(str(BUILTIN_DIR)) else origin
 
@@ -47,7 +47,7 @@ def list_tasks(tasks_dir: TasksDirOption = None) -> None:
     Example: florence-kit tasks list --tasks-dir ./my_tasks
     Example: florence-kit tasks list | grep the_cauldron | cut -f1
     """
-    from florence_kit.registry import collect_tasks, groups
+    from florence_kit.tasks.registry import collect_tasks, groups
 
     tasks, errors = collect_tasks(tasks_dir or [])
     rows = [(name, spec.dataset.path + (f" ({spec.dataset.name})" if spec.dataset.name else ""), spec.metric,
@@ -81,7 +81,7 @@ def show(
     """
     from pathlib import Path
 
-    from florence_kit.registry import get_task
+    from florence_kit.tasks.registry import get_task
 
     spec = get_task(name, tasks_dir or [])
     console.rule(f"[bold]{spec.name}[/]  ({spec.origin})")
@@ -101,8 +101,8 @@ def show(
     console.print(f"metric: {', '.join(spec.metrics)}   generation: {spec.generation}")
     console.print(f"prompt template: {spec.prompt!r}   target template: {spec.target!r}", markup=False)
     if example:
-        from florence_kit.data import TaskDataset, cap_rows, load_split
-        from florence_kit.errors import UserError
+        from florence_kit.common.errors import UserError
+        from florence_kit.data.dataset import TaskDataset, cap_rows, load_split
 
         try:  # the hub's copy is streamed: one row, not a whole download
             rows = cap_rows(load_split(spec, dataset, spec.dataset.train_split, streaming=dataset is None), 1)

@@ -2,8 +2,8 @@
 
 A prediction is the generated text with its ``<loc_*>`` tokens; a reference is one JSON string
 ``{"size": [w, h], "labels": [...], "boxes": [[x1, y1, x2, y2], ...]}`` (``quads`` for OCR) in pixels,
-written by :mod:`florence_kit.region_data`. Predictions are parsed as the processor's
-``post_process_generation`` parses them (:mod:`florence_kit.boxes`) against the reference's image size,
+written by :mod:`florence_kit.data.regions`. Predictions are parsed as the processor's
+``post_process_generation`` parses them (:mod:`florence_kit.common.geometry`) against the reference's image size,
 so ``predictions.jsonl`` can be re-scored without a model, except that labels keep their non-ASCII
 characters (the processor drops them, which would make "café" or "信号灯" an unknown class).
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import Levenshtein
 
-from florence_kit.boxes import iou, parse_boxes, parse_quads, quad_to_box
+from florence_kit.common.geometry import iou, parse_boxes, parse_quads, quad_to_box
 from florence_kit.metrics import corpus_metric
 
 

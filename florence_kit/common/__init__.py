@@ -1,0 +1,5 @@
+"""Shared by every stage: the one-line user errors, version records, and the ``<loc_*>`` geometry.
+
+Boxes, quads and polygons are encoded into targets by data/, parsed back by evaluate/ and drawn by
+present/, so the geometry lives here, below all of them. Nothing here imports another stage.
+"""

@@ -1,0 +1,81 @@
+"""Generation: the task's generation settings and batched, right-padded generation.
+
+The one place eval, predict, serve and evaluation during training get their decoding from.
+Generation settings come from the task file, never from the checkpoint's own generation_config
+(Microsoft's ships ``no_repeat_ngram_size=3`` and beam search, which mangle answers like "1 1 0").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from florence_kit.common.geometry import decode_answers  # regions: <loc_*> survive even where they are "special"
+from florence_kit.tasks.spec import TaskSpec
+
+
+def generation_config_for(task: TaskSpec, model: Any, processor: Any, **overrides: Any) -> Any:
+    """A fresh GenerationConfig from the task's settings (greedy unless the task says otherwise)."""
+    return generation_config(model, processor, {**task.generation, **{k: v for k, v in overrides.items() if v}})
+
+
+def generation_config(model: Any, processor: Any, settings: dict[str, Any]) -> Any:
+    """Greedy decoding from the model's start token, with ``settings`` (max_new_tokens, num_beams, ...) on top:
+    the one place eval, predict and serve get their generation settings from."""
+    from transformers import GenerationConfig
+
+    settings = {"max_new_tokens": 64, "num_beams": 1, **settings}
+    tok = processor.tokenizer
+    return GenerationConfig(
+        do_sample=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=model.config.text_config.decoder_start_token_id,
+        **settings,
+    )
+
+
+def encode(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any:
+    """Processor inputs for one batch, padded on the RIGHT whatever the tokenizer's own setting.
+
+    Florence-2's text model is an encoder-decoder BART: the encoder input is ``<image>*N <s> prompt </s>``
+    with learned absolute positions, so right padding (masked by ``attention_mask``) leaves every real
+    token at the position it has when the example is alone; left padding would shift them and change
+    the answers. The decoder starts from ``decoder_start_token_id`` for every row, so it needs no padding.
+    """
+    return processor(
+        images=list(images), text=list(prompts), return_tensors="pt", padding="longest", padding_side="right"
+    )
+
+
+def generate_from_inputs(model: Any, processor: Any, inputs: Any, gen_config: Any) -> list[str]:
+    """Answers for already-encoded inputs (see :func:`encode`), special tokens (but not ``<loc_*>``) removed."""
+    import torch
+
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=gen_config)
+    return decode_answers(processor, out)
+
+
+def generate(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str], gen_config: Any) -> list[str]:
+    """Answers for one batch of (image, prompt) pairs, special tokens removed."""
+    return generate_from_inputs(model, processor, encode(processor, images, prompts), gen_config)
+
+
+def length_order(processor: Any, prompts: Sequence[str]) -> list[int]:
+    """Indices of ``prompts``, longest encoder input first, so each batch pads little.
+
+    Image tokens are the same for every example, so the prompt's token count decides. Longest first
+    means a batch that does not fit in memory fails at once rather than at the end. Ties keep
+    dataset order (stable sort), so the order is deterministic.
+    """
+    if not prompts:
+        return []
+    construct = getattr(processor, "_construct_prompts", None)
+    texts = construct(list(prompts)) if construct else list(prompts)
+    lengths = [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return sorted(range(len(prompts)), key=lambda i: -lengths[i])

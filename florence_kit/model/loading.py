@@ -1,0 +1,26 @@
+"""``load_model``: the one way every command loads ``--model``, whatever kind of folder or id it names.
+
+A native checkpoint (folder or hub id) loads as it is; a LoRA/QLoRA run folder loads its base plus the
+adapter, merged, so evaluation and prediction see a plain Florence-2 model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from florence_kit.common.errors import UserError
+from florence_kit.model.adapters import load_adapter_model
+from florence_kit.model.checkpoint_io import is_adapter_dir, load_native, locate
+
+
+def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None) -> tuple[Any, Any]:
+    """(model, processor) from a folder, hub id or short name; errors are one clear line."""
+    model_id = locate(name)
+    path = Path(model_id)
+    if path.is_dir() and is_adapter_dir(path):
+        if quantization_config is not None:
+            raise UserError(f"'{path}' is a LoRA run folder; to quantise it, merge it first "
+                            f"(florence-kit export {path} --merge OUT) and pass --model OUT")
+        return load_adapter_model(path, dtype=dtype)
+    return load_native(model_id, name, dtype=dtype, quantization_config=quantization_config)

@@ -1,0 +1,379 @@
+"""``florence-kit finetune`` as one recipe: setup -> train -> save, each step a function you can see whole.
+
+- **setup**: every check that can fail before a file is written; the model (before the data, so a bad
+  ``--model`` fails in seconds); the data, length-checked; ``--fit auto``; the training mode; the run folder.
+- **train**: :func:`florence_kit.train.loop.train_loop` under a progress bar; Ctrl-C stops after the step
+  in progress, and what was trained is still saved.
+- **save**: the model (swapped in whole), ``config.yaml``, the model card (README.md).
+
+Only the main process prints and writes files; under ``accelerate launch``/``torchrun`` the others train
+their share of each batch. Pushing to the hub (``--push-to-hub``) is the command's last step (cli/finetune.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from florence_kit.common.errors import UserError
+from florence_kit.train.accelerator import multi_process_cpu
+from florence_kit.train.checkpoints import TrainState
+from florence_kit.train.config import TrainConfig, TrainResult, check_output_dir, write_config
+from florence_kit.train.loop import train_loop
+
+
+@dataclass
+class Run:
+    """One fine-tuning run between its steps: the options, the process group, the model and its data."""
+
+    cfg: TrainConfig
+    procs: Any  # accelerate's PartialState: which process this is
+    say: Callable[[str], None]  # print on the main process only
+    resume_from: Path | None
+    tasks: list[Any]
+    model: Any = None
+    processor: Any = None
+    data: Any = None  # florence_kit.data.mixing.TrainingData: the examples and where they came from
+    report: Any = None  # the length preflight: which examples are kept
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # trainable / total parameters per component
+    run_info: dict[str, Any] = field(default_factory=dict)  # config.yaml's ``run`` record
+    start_step: int = 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def main(self) -> bool:
+        return self.procs.is_main_process
+
+    @property
+    def adapter(self) -> bool:
+        from florence_kit.model.modes import ADAPTER_MODES, Mode
+
+        return Mode(self.cfg.mode) in ADAPTER_MODES
+
+
+@dataclass
+class Outcome:
+    """What the train step hands to the save step."""
+
+    steps: int
+    loss: float
+    seconds: float
+    state: TrainState
+    skipped_images: list[int]
+    interrupted: Any = None  # florence_kit.train.runfolder.StepInterrupt when Ctrl-C stopped the run
+
+
+def finetune(cfg: TrainConfig, *, quiet: bool = False, print_fn: Callable[[str], None] = print) -> TrainResult:
+    """The whole ``florence-kit finetune`` job (in every process under ``accelerate launch``/``torchrun``)."""
+    run = setup(cfg, print_fn)
+    outcome = train(run, quiet)
+    return save(run, outcome)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
+    """Checks, then the model, the data, the memory fit and the mode; the run folder is started last."""
+    from accelerate import PartialState
+
+    from florence_kit.model.adapters import load_quantized
+    from florence_kit.model.loading import load_model
+
+    check_run_options(cfg)
+    procs = PartialState(cpu=multi_process_cpu())  # joins the process group under accelerate launch / torchrun
+    say = print_fn if procs.is_main_process else (lambda _message: None)
+    resume_from = prepare_run_dir(cfg, Path(cfg.output_dir))
+    procs.wait_for_everyone()  # every process has checked the folder before the main one writes to it
+    run = Run(cfg, procs, say, resume_from, training_tasks(cfg))
+    chosen_optim, chosen_lr = cfg.optim, cfg.lr
+    run.cfg = cfg = resolved_options(cfg)  # config.yaml records what ran
+    run.model, run.processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
+    load_training_data(run)
+    run.cfg = fit_memory(run)
+    apply_training_mode(run, chosen_optim, chosen_lr)
+    start_run_folder(run)
+    return run
+
+
+def check_run_options(cfg: TrainConfig) -> None:
+    """What can be refused from the options alone: a precision this machine cannot run, bad values, trackers."""
+    from florence_kit.model.precision import device_facts, resolve_precision
+    from florence_kit.train.config import check_options
+    from florence_kit.train.trackers import check_report_to
+
+    resolve_precision(cfg.precision, device_facts())
+    check_options(cfg)
+    check_report_to(cfg.report_to)
+
+
+def training_tasks(cfg: TrainConfig) -> list[Any]:
+    """One task, "a,b" or a group (several are mixed), each reading its boxes in ``--box-format`` if given."""
+    from florence_kit.tasks.regions import with_box_format
+    from florence_kit.tasks.registry import resolve_tasks
+
+    tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)
+    if cfg.eval_every and len(tasks) > 1:
+        raise UserError("--eval-every scores one task; with several tasks, evaluate each with `florence-kit eval`")
+    return [with_box_format(t, cfg.box_format) for t in tasks]
+
+
+def resolved_options(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the optimizer and learning rate the mode resolves to (checked before anything is written)."""
+    from florence_kit.model.adapters import check_adapter_options
+    from florence_kit.model.modes import frozen_components, learning_rate
+
+    optim = check_adapter_options(cfg)
+    if cfg.cache_vision_features and "vision" not in frozen_components(cfg.mode, cfg.lora_vision):
+        raise UserError("--cache-vision-features needs a frozen vision tower: use --mode frozen-encoder, "
+                        "lora or qlora (without --lora-vision)")
+    return replace(cfg, optim=optim, lr=learning_rate(cfg.lr, cfg.mode))
+
+
+def load_training_data(run: Run) -> None:
+    """The tasks' examples (mixed when several), checked for answers and length, bad boxes counted."""
+    from florence_kit.data.collate import max_positions, preflight
+    from florence_kit.data.mixing import training_data
+    from florence_kit.data.regions import bad_box_lines
+
+    cfg = run.cfg
+    run.data = training_data(run.tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,
+                             mix_weights=cfg.mix_weights, seed=cfg.seed)
+    dataset = run.data.dataset
+    answers = ", ".join(sorted({t.references for t in run.tasks}))
+    run.report = report = preflight(answered(dataset.texts(), answers), run.processor,
+                                    max_positions(run.model.config), cfg.too_long)
+    verb = {"truncate": "truncated", "drop": "dropped"}.get(cfg.too_long, "")
+    run.say(
+        f"length preflight: {len(report.too_long)} of {len(dataset)} examples exceed {report.limit} positions"
+        + (f" ({verb})" if report.too_long else f" (longest {report.longest})")
+    )
+    for line in bad_box_lines(dataset):  # counted by the preflight's one pass, before training reads rows again
+        run.say(line)
+    if not report.keep:
+        raise UserError("no training examples left after the length preflight")
+
+
+def fit_memory(run: Run) -> TrainConfig:
+    """``--fit auto``: the micro-batch, accumulation and checkpointing that fit (a resume keeps the run's own)."""
+    cfg = run.cfg
+    if cfg.fit == "off":
+        return cfg
+    if cfg.fit != "auto":
+        raise UserError(f"--fit must be off or auto, got '{cfg.fit}'")
+    from florence_kit.model.memory import fit_auto
+    from florence_kit.train.checkpoints import fit_of_checkpoint
+
+    kept = set(run.report.keep)
+    reused = fit_of_checkpoint(cfg, run.resume_from, run.say) if run.resume_from is not None else None
+    texts = (row for row in run.data.dataset.texts() if row[0] in kept)
+    return reused or fit_auto(cfg, run.model, run.processor, texts, run.say)
+
+
+def apply_training_mode(run: Run, chosen_optim: str | None, chosen_lr: float | None) -> None:
+    """LoRA adapters where the mode has them (seeded), the mode's frozen parts, and what trains, said once."""
+    from florence_kit.model.adapters import wrap_lora
+    from florence_kit.model.modes import apply_mode, summary, trainable_counts
+
+    cfg = run.cfg
+    if run.adapter:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # LoRA's A matrices start random: the same --seed must give the same run
+        run.model = wrap_lora(run.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision)
+    apply_mode(run.model, cfg.mode, cfg.lora_vision)
+    run.counts = trainable_counts(run.model)
+    run.say(summary(run.counts))
+    if not chosen_optim and cfg.optim != "adamw":
+        run.say(f"optimizer: {cfg.optim} (the {cfg.mode} default on this machine; paged needs CUDA)")
+    if chosen_lr is None and run.adapter:
+        run.say(f"learning rate: {cfg.lr:g} (the {cfg.mode} default; --lr to change)")
+
+
+def start_run_folder(run: Run) -> None:
+    """metrics.jsonl started (or cut back to the checkpoint's step when resuming), config.yaml written."""
+    out, report = run.out, run.report
+    run.run_info = {"task_origin": run.data.origin, "examples": len(report.keep), "dropped": len(report.too_long),
+                    **({"mix": run.data.mix} if run.data.mix else {})}
+    if run.resume_from is not None:
+        run.start_step = TrainState.from_file(run.resume_from / "trainer_state.json")[0].step
+    if run.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if run.resume_from is not None:
+            restart_log(out / "metrics.jsonl", run.start_step, run.resume_from)
+            run.say(f"resuming from {run.resume_from} (step {run.start_step})")
+        else:
+            (out / "metrics.jsonl").write_text("")
+            for stale in ("checkpoints", "best", "tensorboard"):  # an earlier run's, in a folder reused by --overwrite
+                shutil.rmtree(out / stale, ignore_errors=True)
+        write_config(run.cfg, out, run.run_info)
+    run.procs.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+
+
+def train(run: Run, quiet: bool) -> Outcome:
+    """The loop under a progress bar; Ctrl-C stops it after the step in progress (every process agrees)."""
+    from florence_kit.train.progress import StepProgress
+    from florence_kit.train.runfolder import ImageGuard, StepInterrupt, stop_at_step_end
+
+    cfg = run.cfg
+    evaluator = make_evaluator(run.tasks[0], cfg, run.processor) if cfg.eval_every else None
+    rows = ImageGuard(run.data.dataset, run.report.keep, skip=cfg.skip_bad_images)
+    state, start, interrupted = TrainState(), time.perf_counter(), None
+    samples_per_step = cfg.batch_size * cfg.grad_accum * run.procs.num_processes
+    with StepProgress(f"fine-tuning {run.data.name} ({cfg.mode})", samples_per_step, quiet or not run.main,
+                      log_every=cfg.log_every, print_fn=run.say) as bar, stop_at_step_end() as stop:
+        try:
+            steps, loss = train_loop(
+                run.model, run.processor, rows, cfg, run.out / "metrics.jsonl",
+                on_step=bar.update, collate_truncate=cfg.too_long == "truncate",
+                evaluator=evaluator, on_best=lambda model, step, value: save_best_of(run, model, step, value),
+                resume_from=run.resume_from, state=state, stop_requested=lambda: stop.requested,
+            )
+        except StepInterrupt as exc:
+            interrupted = exc
+            steps, loss = exc.step, bar.last.get("loss", float("nan"))
+    return Outcome(steps, loss, time.perf_counter() - start, state, rows.skipped, interrupted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def save(run: Run, outcome: Outcome) -> TrainResult:
+    """The model swapped in whole, config.yaml with the run's facts, the model card; Ctrl-C said last."""
+    from florence_kit.common.errors import RunInterrupted
+    from florence_kit.train.card import write_card
+    from florence_kit.train.config import options_dict
+    from florence_kit.train.runfolder import save_atomically
+
+    skipped, interrupted = outcome.skipped_images, outcome.interrupted
+    if skipped:
+        run.say(f"warning: skipped {len(skipped)} row(s) with unreadable images "
+                f"(rows {', '.join(map(str, skipped[:10]))}{', ...' if len(skipped) > 10 else ''})")
+    run.run_info.update(steps=outcome.steps, final_loss=outcome.loss, skipped_bad_images=len(skipped))
+    if interrupted:
+        run.run_info.update(interrupted_at_step=interrupted.step, total_steps=interrupted.total)
+    if run.main:
+        save_atomically(run.out, lambda folder: save_model(run, run.model, folder))
+        write_config(run.cfg, run.out, run.run_info)
+        write_card(run.out, options_dict(run.cfg), run.run_info)
+    run.procs.wait_for_everyone()
+    if interrupted:
+        raise RunInterrupted(
+            f"interrupted (Ctrl-C) at step {interrupted.step} of {interrupted.total}; the model at that step, "
+            f"config.yaml, README.md and metrics.jsonl are saved in '{run.out}'"
+        )
+    return TrainResult(run.out, outcome.steps, outcome.loss, outcome.seconds, len(run.report.too_long), run.counts,
+                       outcome.state, run.start_step)
+
+
+def save_model(run: Run, model: Any, folder: Path) -> None:
+    """An adapter run saves its adapter (on the base it names); the other modes a whole checkpoint."""
+    from florence_kit.model.adapters import base_reference, save_adapter
+    from florence_kit.model.checkpoint_io import save_checkpoint
+
+    if run.adapter:
+        save_adapter(model, run.processor, folder, base_reference(run.cfg.model))
+    else:
+        save_checkpoint(model, run.processor, folder)
+
+
+def save_best_of(run: Run, model: Any, step: int, value: float) -> None:
+    save_best(model, run.out, step, run.tasks[0].metric, value, lambda m, folder: save_model(run, m, folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the steps above
+
+
+def prepare_run_dir(cfg: TrainConfig, out: Path) -> Path | None:
+    """Check the output folder; returns the checkpoint to resume from, if any.
+
+    Resuming into the run folder the checkpoint belongs to needs no ``--overwrite``.
+    """
+    from florence_kit.train.checkpoints import resolve_resume
+
+    if not cfg.resume:
+        check_output_dir(out, cfg.overwrite)
+        return None
+    checkpoint = resolve_resume(cfg.resume, out)
+    if checkpoint.resolve().parent.parent != out.resolve():
+        check_output_dir(out, cfg.overwrite)
+    return checkpoint
+
+
+def restart_log(log_path: Path, step: int, checkpoint: Path) -> None:
+    """On resume, drop log records past the checkpoint's step (the resumed run writes them again) and mark it."""
+    kept = []
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the kill
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    kept.append(json.dumps({"step": step, "event": "resume", "checkpoint": str(checkpoint)}))
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("\n".join(kept) + "\n")
+    tmp.replace(log_path)
+
+
+def save_best(model: Any, out: Path, step: int, metric: str, value: float,
+              save_model: Callable[[Any, Path], None]) -> None:
+    """``<run>/best``: the best model so far by the task's metric, swapped in whole (never half-written)."""
+    tmp, best, old = out / ".tmp-best", out / "best", out / ".old-best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    (tmp / "eval.json").write_text(json.dumps({"step": step, "metric": metric, metric: value}) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if best.exists():
+        best.rename(old)
+    tmp.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def make_evaluator(task: Any, cfg: TrainConfig, processor: Any) -> Callable[[Any], tuple[str, float]]:
+    """Score the model on the task's eval split (first ``--eval-max-samples`` rows) with the task's metric."""
+    from florence_kit.data.dataset import load_split
+    from florence_kit.evaluate.scoring import evaluate
+
+    split = load_split(task, cfg.dataset, task.dataset.eval_split)
+    if cfg.eval_max_samples:
+        split = split.select(range(min(cfg.eval_max_samples, len(split))))
+
+    def run(model: Any) -> tuple[str, float]:
+        metrics = evaluate(model, processor, task, split, batch_size=cfg.batch_size, show_progress=False,
+                           thumbnail_size=None).metrics
+        value = metrics[metrics["metric"]]
+        if value is None:
+            raise UserError(f"--eval-every: the '{task.dataset.eval_split}' split has no references to score")
+        return metrics["metric"], float(value)
+
+    return run
+
+
+def answered(rows: Iterable[tuple[int, str, str | None]], column: str) -> Iterator[tuple[int, str, str | None]]:
+    """Training rows, checked before training starts: a row without an answer is an error naming it."""
+    missing = []
+    for index, prompt, target in rows:
+        if target is None:
+            missing.append(index)
+        yield index, prompt, target
+    if missing:
+        raise UserError(
+            f"{len(missing)} training row(s) have no answer in column '{column}' (null or an empty list; "
+            f"first: row {missing[0]}); fix or remove them"
+        )

@@ -1,0 +1,79 @@
+"""One optimizer step's parts: the loss of a batch (frozen tower under no_grad), AdamW, the warmup schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from florence_kit.common.errors import UserError
+
+
+def forward_loss(
+    model: Any, batch: dict[str, Any], frozen_vision: bool, num_items: Any = None, feature_cache: Any = None
+) -> Any:
+    """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept.
+
+    ``num_items``: the loss is summed over target tokens and divided by this count (transformers'
+    ``num_items_in_batch``) instead of averaged over this batch's own tokens.
+    ``feature_cache`` (a :class:`florence_kit.train.feature_cache.VisionFeatureCache`) serves the frozen tower's
+    output for images seen before, so DaViT runs once per distinct image.
+    """
+    import torch
+
+    from florence_kit.model.modes import unwrap
+
+    extra = {"num_items_in_batch": num_items} if num_items is not None else {}
+    if not frozen_vision:
+        return model(**batch, **extra).loss
+    inner = unwrap(getattr(model, "module", model)).model
+    if feature_cache is not None:  # --- trainspeed: vision-feature cache ---
+        features = feature_cache.features(inner.vision_tower, batch["pixel_values"])
+    else:
+        with torch.no_grad():
+            features = inner.vision_tower(batch["pixel_values"]).last_hidden_state
+    image_features = inner.multi_modal_projector(features)
+    embeds = inner.get_input_embeddings()(batch["input_ids"])
+    mask = (batch["input_ids"] == inner.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], **extra).loss
+
+
+def make_optimizer(model: Any, lr: float, weight_decay: float, optim: str = "adamw") -> Any:
+    """AdamW over trainable parameters only (frozen ones get no optimizer state); no decay on norms/biases.
+
+    ``adamw8bit``/``paged-adamw8bit``: bitsandbytes' 8-bit AdamW (see florence_kit/model/adapters.py).
+    """
+    import torch
+
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim != "adamw":
+        from florence_kit.model.adapters import OPTIMIZERS, bnb_optimizer
+
+        if optim not in OPTIMIZERS:
+            raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got '{optim}'")
+        return bnb_optimizer([g for g in groups if g["params"]], lr, optim)
+    # foreach: one fused update over all tensors; torch only picks it by default on CUDA
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=True)
+
+
+def warmup_schedule(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warmup, then linear or cosine decay to 0 (or constant).
+
+    Written out (ten lines) instead of importing transformers' ``get_scheduler``, whose import chain
+    (trainer utilities, peft, bitsandbytes) costs seconds on every run.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if name == "cosine" else 1.0 - progress
+
+    return factor

@@ -1,0 +1,94 @@
+"""The package layout shows the path: one subpackage per stage, imports pointing to earlier stages only.
+
+Every ``florence_kit`` import is counted, also those inside functions (they are imports all the same).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "florence_kit"
+STAGES = ("common", "metrics", "tasks", "data", "model", "evaluate", "train", "present", "demo", "cli")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The florence_kit modules ``path`` imports (``from pkg import module`` resolved to the module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("florence_kit")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("florence_kit"):
+            subs = {f"{node.module}.{a.name}" for a in node.names} & known
+            found |= subs or {node.module}
+    return {m for m in found if m in known}
+
+
+def stage(module: str) -> int:
+    parts = module.split(".")
+    return STAGES.index(parts[1]) if len(parts) > 1 and parts[1] in STAGES else -1
+
+
+def test_every_module_lives_in_a_stage_subpackage():
+    loose = [m for m in modules() if stage(m) < 0 and m != "florence_kit"]
+    assert loose == [], f"modules outside the stage subpackages: {loose}"
+
+
+def test_subpackages_say_what_lives_there():
+    for name in STAGES:
+        init = PACKAGE / name / "__init__.py"
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.split()) >= 12, f"{init} should open with two or three lines on what lives there"
+
+
+def test_imports_point_to_earlier_stages_only():
+    mods = modules()
+    upward = [
+        f"{m} -> {dep}"
+        for m, path in mods.items()
+        for dep in imports_of(path, set(mods))
+        if stage(dep) > stage(m)
+    ]
+    assert upward == []
+
+
+def test_no_import_cycles_between_modules():
+    mods = modules()
+    graph = {m: imports_of(p, set(mods)) - {m} for m, p in mods.items()}
+    # a package __init__ importing its own modules (metrics registering built-ins) is not a cycle of two modules
+    graph = {m: {d for d in deps if d.rsplit(".", 1)[0] != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(trail[trail.index(dep):] + [dep] if dep in trail else [node, dep])
+            elif dep not in state:
+                visit(dep, [*trail, dep])
+        state[node] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("name", ["florence_kit.metrics"])
+def test_public_import_paths_stay(name):
+    import importlib
+
+    mod = importlib.import_module(name)
+    assert callable(mod.metric) and callable(mod.get_metric)
