@@ -23,18 +23,7 @@ def export(
 
     Example: florence-kit export runs/lora --merge runs/lora-merged
     """
-    from florence_kit.common.errors import UserError
-    from florence_kit.model.adapters import load_adapter_model
-    from florence_kit.model.checkpoint_io import ADAPTER_CONFIG, save_checkpoint
-    from florence_kit.train.config import check_output_dir
+    from florence_kit.present.export import merge_adapter
 
-    if not (run_dir / ADAPTER_CONFIG).is_file():
-        if (run_dir / "config.json").is_file():
-            raise UserError(f"'{run_dir}' is already a plain checkpoint (a full/frozen-encoder run): nothing to merge")
-        raise UserError(f"'{run_dir}' is not a lora/qlora run folder: no {ADAPTER_CONFIG} in it")
-    if merge.resolve() == run_dir.resolve():
-        raise UserError("--merge must be a different folder from RUN_DIR (the adapter would be overwritten)")
-    check_output_dir(merge, overwrite)
-    model, processor = load_adapter_model(run_dir, merge=True)
-    save_checkpoint(model, processor, merge)
+    merge_adapter(run_dir, merge, overwrite)
     console.print(f"[green]merged:[/] {run_dir} → {merge} (loads with from_pretrained)")

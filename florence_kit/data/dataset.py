@@ -388,3 +388,16 @@ class TaskDataset:
                 prompt, target, _ = render_texts(self.task, self._fields(raw, row_number, item), row_number)
                 yield index, prompt, target
                 index += 1
+
+
+def image_file(dataset: Any, index: int) -> str | None:
+    """The file a row's image came from (for the error message), without decoding it."""
+    try:
+        import datasets
+
+        ds, column = dataset.ds, dataset.task.image_column
+        row = dataset._locate(int(index))[0] if hasattr(dataset, "_locate") else int(index)  # exploded rows
+        raw = ds.cast_column(column, datasets.Image(decode=False))[row][column]
+        return (raw or {}).get("path") if isinstance(raw, dict) else None
+    except Exception:
+        return None

@@ -1,3 +1,3 @@
 """Stage 6, present: what a user looks at or ships: ``report`` (report.html), ``serve`` (the local web
-page), ``draw`` (regions on images), ``hub`` (push a run).
+page), ``draw`` (regions on images), ``hub`` (push a run), ``export`` (a merged or deployable model).
 """

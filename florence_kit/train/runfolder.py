@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from florence_kit.common.errors import BadImageError, UserError
+from florence_kit.data.dataset import image_file
 
 # What makes a folder one model or the other: an earlier run's left beside the new ones (--overwrite of a full run
 # by a lora run, or the reverse) would be loaded instead of them (a config.json makes a folder a full checkpoint).
@@ -52,19 +53,6 @@ def save_atomically(out: Path, save: Callable[[Path], Any]) -> None:
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def image_file(dataset: Any, index: int) -> str | None:
-    """The file a row's image came from (for the error message), without decoding it."""
-    try:
-        import datasets
-
-        ds, column = dataset.ds, dataset.task.image_column
-        row = dataset._locate(int(index))[0] if hasattr(dataset, "_locate") else int(index)  # exploded rows
-        raw = ds.cast_column(column, datasets.Image(decode=False))[row][column]
-        return (raw or {}).get("path") if isinstance(raw, dict) else None
-    except Exception:
-        return None
 
 
 class ImageGuard:
