@@ -9,6 +9,7 @@ the references the metric scores against.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 
 from florence_kit.common.errors import BadImageError, UserError, first_line
 from florence_kit.data.rows import apply_aliases, explode_index, exploded, map_row, resolve_aliases, tile_images
+from florence_kit.tasks.regions import UNIT_KINDS
 from florence_kit.tasks.spec import TaskSpec, template_fields
 
 TABULAR_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -325,6 +327,13 @@ class TaskDataset:
 
             self.label_names = label_names(getattr(ds, "features", None), task.regions)
             self.region_counts = RegionCounts()
+            self.row_sizes: list[tuple[int, int]] | None = None
+            if task.regions["kind"] in UNIT_KINDS:  # one example per object / phrase: indexed once, no pixels read
+                from florence_kit.data.region_units import row_sizes, unit_index
+
+                self.row_sizes = row_sizes(ds, task.image_column)
+                self.index = unit_index(task, ds, self.label_names, self.region_counts, self.row_sizes)
+                self.units_per_row = Counter(row for row, _ in self.index)
 
     def __len__(self) -> int:
         return len(self.index) if self.index is not None else len(self.ds)
@@ -335,6 +344,13 @@ class TaskDataset:
 
     def _fields(self, row: dict[str, Any], row_number: int, item: int | None) -> dict[str, Any]:
         row = map_row(self.task, apply_aliases(row, self.aliases), row_number)
+        if self.task.regions and self.row_sizes is not None:
+            from florence_kit.data.region_units import region_units
+
+            width, height = self.row_sizes[row_number]
+            units = region_units(self.task.regions, {**row, "width": width, "height": height},
+                                 self.task.image_column, self.label_names, self.region_counts)
+            return {**row, **units[item]}
         if self.task.regions:
             from florence_kit.data.regions import region_fields
 
@@ -378,12 +394,15 @@ class TaskDataset:
         """
         if self.task.regions:
             self.region_counts.restart()
-        sized = {"width", "height"} <= set(self.ds.column_names)  # region targets need the image size
-        keep_images = self.task.row_map or (self.task.regions and not sized)
+        sized = {"width", "height"} <= set(self.ds.column_names) or (self.task.regions and self.row_sizes is not None)
+        keep_images = self.task.row_map or (self.task.regions and not sized)  # region targets need the image size
         rows = self.ds if keep_images else self.ds.remove_columns([self.task.image_column])
         index = 0
         for row_number, raw in enumerate(rows):
-            items = [None] if self.index is None else range(len(raw.get(self.task.explode) or []))
+            if self.task.regions and self.row_sizes is not None:
+                items = range(self.units_per_row.get(row_number, 0))
+            else:
+                items = [None] if self.index is None else range(len(raw.get(self.task.explode) or []))
             for item in items:
                 prompt, target, _ = render_texts(self.task, self._fields(raw, row_number, item), row_number)
                 yield index, prompt, target
