@@ -273,3 +273,17 @@ def test_microsoft_folder_given_as_model_names_the_convert_command():
     with pytest.raises(UserError) as exc:
         load_model(str(FIXTURE / "adapter"))
     assert "florence-kit convert" in str(exc.value) and "--base" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_converted_model_trains_and_is_scored(converted: Path, docvqa_dir: Path, tmp_path: Path):
+    """`finetune --model CONVERTED` continues training (full and lora) and `eval` scores the result."""
+    run = tmp_path / "run"
+    for mode, out in (("full", run), ("lora", tmp_path / "lora")):
+        result = runner.invoke(app, ["finetune", "docvqa", "--model", str(converted), "--dataset", str(docvqa_dir),
+                                     "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "--quiet",
+                                     "--mode", mode])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", "docvqa", "--model", str(run), "--dataset", str(docvqa_dir),
+                                 "--max-samples", "2", "--output-dir", str(tmp_path / "eval")])
+    assert result.exit_code == 0 and "anls" in result.output, result.output
