@@ -732,11 +732,14 @@ def convert(src: str, out: Path, *, base: str | None = None, dtype: str | None =
 
 
 def download(repo_id: str) -> Path:
-    """A hub repo's data files (never its .py files) into the local cache."""
+    """A hub repo's data files (never its .py files) into the local cache: safetensors where the repo has them,
+    else its .bin weights (read later with weights_only)."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import list_repo_files, snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+        files = list_repo_files(repo_id)
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", *weights]))
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo: one line each
         raise UserError(f"could not download '{repo_id}' from the hub ({first_line(exc)}); download it where the "
                         "hub is reachable and pass the folder") from None
