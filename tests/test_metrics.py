@@ -44,8 +44,9 @@ def test_cider_is_ten_for_exact_answers_and_zero_for_unrelated() -> None:
     assert score == 0.0
 
 
-def test_caption_tokenizer_drops_punctuation_and_case() -> None:
-    assert tokenize("A man's dog, running.") == "a man's dog running"
+def test_caption_tokenizer_is_pycocoevalcaps() -> None:
+    # PTB tokens, lower-cased, punctuation dropped (tests/test_ptb_tokenizer.py checks thousands against the jar)
+    assert tokenize("A man's dog, running.") == "a man 's dog running"
 
 
 def test_cer_and_wer_known_values() -> None:
@@ -99,3 +100,21 @@ def test_plugins_register_metrics_and_names_stay_unique() -> None:
         corpus_metric("test_always_one")(lambda p, r: ([], 0.0))
     with pytest.raises(KeyError, match="known metrics"):
         get_metric("nope")
+
+
+def test_caption_metrics_without_any_ptb_tokenizer_say_what_to_install(monkeypatch) -> None:
+    """florence-kit-ptb (GPL, a separate package) missing and no Java: one line naming both ways, not a traceback."""
+    import shutil
+    import sys
+
+    from florence_kit.common.errors import UserError
+    from florence_kit.metrics.caption import TOKENIZER_ENV, tokenize_captions
+
+    monkeypatch.setitem(sys.modules, "florence_kit_ptb", None)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.delenv(TOKENIZER_ENV, raising=False)
+    with pytest.raises(UserError, match="florence-kit-ptb.*Java"):
+        tokenize_captions(["a dog"])
+    monkeypatch.setenv(TOKENIZER_ENV, "python")
+    with pytest.raises(UserError, match="needs the florence-kit-ptb package"):
+        tokenize_captions(["a dog"])

@@ -1,5 +1,7 @@
 """ANLS exactly as the official DocVQA evaluation script computes it (the formula lmms-eval copies).
 
+tests/test_metric_references.py holds it to the script's own scores on 400 questions (docs/metrics.md).
+
 Edges that other implementations get wrong, kept here on purpose:
 - both strings are stripped, lower-cased and whitespace-collapsed before the edit distance, but the
   normaliser is the length of the longer *raw* string (``len(s.upper())``, as the script does);

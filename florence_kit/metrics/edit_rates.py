@@ -1,9 +1,11 @@
 """CER and WER for OCR: edit distance (Levenshtein, via the rapidfuzz-backed ``Levenshtein`` package).
 
-Set-level, as jiwer and torchmetrics compute them: the edits of every sample are summed and divided by
-the summed reference length (characters for CER, words for WER), so long pages weigh more than short
-lines. Lower is better. Text is compared as written (no case folding): OCR is judged on exact
-transcription. With several references, the one with the fewest edits is used.
+Set-level, as ``jiwer.cer`` / ``jiwer.wer`` compute them (checked case by case against jiwer 4.0 in
+tests/test_metric_references.py): the edits of every sample are summed and divided by the summed reference
+length (characters for CER, words for WER), so long pages weigh more than short lines. Lower is better. Text is
+compared as written (no case folding): OCR is judged on exact transcription; outer whitespace is stripped. With
+several references, the one with the fewest edits is used. One difference: WER splits words on any whitespace
+(``str.split``, as torchmetrics); jiwer splits on spaces, so a lone tab or newline joins two words there.
 """
 
 from __future__ import annotations

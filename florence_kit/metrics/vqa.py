@@ -1,14 +1,22 @@
 """VQA accuracy (the VQAv2 evaluation's formula and answer normalisation) and ChartQA's relaxed accuracy.
 
 ``vqa_accuracy``: with the ten human answers of a question, an answer scores min(#humans who gave it / 3, 1),
-averaged over the ten leave-one-annotator-out subsets exactly as the official ``vqaEval.py`` does
-(so 3 matching humans of 10 give 0.9, not 1.0; 4 or more give 1.0). Answers are normalised as
-``vqaEval.py`` normalises them: punctuation rules, number words to digits, articles dropped,
-contractions restored. One difference, the one lmms-eval also makes: the official script only
-normalises when the humans disagree; here both sides are always normalised, so "Yes" matches "yes".
+averaged over the ten leave-one-annotator-out subsets exactly as the official ``vqaEval.py`` (GT-Vision-Lab/VQA,
+2021) does, so 3 matching humans of 10 give 0.9, not 1.0; 4 or more give 1.0. Answers are normalised as its
+``processPunctuation`` + ``processDigitArticle`` do, quirks included: the period rule's look-behind is a typo
+(``(?!<=\\d)``, so "3." loses its period), a comma between digits makes every listed punctuation mark vanish
+rather than become a space, and only the first 32 periods are removed (``re.UNICODE`` is passed as the count).
+The tests hold the normaliser to the script's own output for every answer of a 600-question corpus.
+One deliberate difference, the one lmms-eval also makes: the script normalises only when the ten humans
+disagree (when all ten wrote the same string, the answer must equal it as typed, after strip); here both sides
+are always normalised, so "Yes" matches ten "yes". On every question where the humans disagree the scores are
+identical.
 
-``relaxed_accuracy`` (ChartQA, Methani et al. 2020): a numeric answer is right within 5 % of the
-reference (``"12%"`` reads as 0.12); any other answer must match case-insensitively.
+``relaxed_accuracy`` (ChartQA, Methani et al. 2020), as pix2struct's ``relaxed_correctness`` (what Pix2Struct's
+ChartQA numbers were computed with): a numeric answer is right within 5 % of a numeric reference (``"12%"`` reads
+as 0.12; Python's ``float`` decides what is a number, so "1,000" is not one and "1e3" is); otherwise it must equal
+the reference ignoring case; the best over the references. One deliberate difference: outer whitespace is
+stripped first (pix2struct reads "12% " as text).
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ def normalize_vqa_answer(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    out = _PERIOD_STRIP.sub("", out)
+    out = _PERIOD_STRIP.sub("", out, count=32)  # sic: vqaEval.py passes re.UNICODE (32) as the count
     words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
     words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
     return " ".join(words)
