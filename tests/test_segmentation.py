@@ -511,3 +511,26 @@ def test_coco_rle_holes_are_filled_and_counted_when_loading(tmp_path: Path) -> N
     with pytest.warns(UserWarning, match=r"1 hole\(s\) filled .* 1 mask\(s\) without a size left out"):
         ds = load_source(str(root))["train"]
     assert ds[0]["objects"]["segmentation"][0] == [[5.0, 5.0, 35.0, 5.0, 35.0, 35.0, 5.0, 35.0]]
+
+
+def test_refcoco_style_rows_load_through_a_task_file(tmp_path: Path) -> None:
+    """One referred object per row (RefCOCO's layout): `objects: "."` reads phrase, bbox and segmentation from the
+    row's own columns; each expression is one example, a row without one is counted and left out."""
+    from florence_kit.tasks.spec import load_task_file
+
+    (tmp_path / "refseg.yaml").write_text(
+        "task: refseg\nprompt: '<REFERRING_EXPRESSION_SEGMENTATION>{phrase}'\ntarget: '{target}'\n"
+        "references: references\nmetric: [mean_iou]\ndataset: {path: ./x}\n"
+        "regions: {kind: segmentation, objects: '.', phrase: sentences, segmentation: mask}\n")
+    spec = load_task_file(tmp_path / "refseg.yaml")
+    rows = datasets.Dataset.from_dict({
+        "image": [_image(), _image()], "bbox": [[10, 10, 20, 20], [40, 5, 30, 35]],
+        "sentences": [["the square", "left box"], []], "mask": [[SQUARE], [TRIANGLE]]})
+    with pytest.warns(UserWarning, match="bad boxes or polygons in the data"):  # the row without an expression
+        data = TaskDataset(rows, spec, with_target=True)
+    assert [data[i].prompt for i in range(len(data))] == [
+        "<REFERRING_EXPRESSION_SEGMENTATION>the square", "<REFERRING_EXPRESSION_SEGMENTATION>left box"]
+    assert data[0].target == encode_polygons([[SQUARE]], (100, 50)) and [data[i].id for i in range(2)] == ["0-0", "0-1"]
+    prompts = [data[i].prompt for i in range(2)]
+    assert [p for _, p, _ in data.texts()] == prompts  # the counts are of this one pass (finetune's preflight)
+    assert (data.region_counts.shapes.no_phrase, data.region_counts.shapes.polygons) == (1, 2)  # each object once

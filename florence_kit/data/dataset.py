@@ -9,7 +9,6 @@ the references the metric scores against.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,7 +363,6 @@ class TaskDataset:
 
                 self.row_sizes = row_sizes(ds, task.image_column)
                 self.index = unit_index(task, ds, self.label_names, self.region_counts, self.row_sizes)
-                self.units_per_row = Counter(row for row, _ in self.index)
 
     def __len__(self) -> int:
         return len(self.index) if self.index is not None else len(self.ds)
@@ -374,20 +372,25 @@ class TaskDataset:
         return self.index[index] if self.index is not None else (index, None)
 
     def _fields(self, row: dict[str, Any], row_number: int, item: int | None) -> dict[str, Any]:
-        row = map_row(self.task, apply_aliases(row, self.aliases), row_number)
         if self.task.regions and self.row_sizes is not None:
-            from florence_kit.data.region_units import region_units
-
-            width, height = self.row_sizes[row_number]
-            units = region_units(self.task.regions, {**row, "width": width, "height": height},
-                                 self.task.image_column, self.label_names, self.region_counts)
-            return {**row, **units[item]}
+            return self._unit_rows(row, row_number)[item]
+        row = map_row(self.task, apply_aliases(row, self.aliases), row_number)
         if self.task.regions:
             from florence_kit.data.regions import region_fields
 
             row = {**row, **region_fields(self.task.regions, row, self.task.image_column, self.label_names,
                                           self.region_counts)}
         return row if item is None else exploded(self.task, row, item, row_number)
+
+    def _unit_rows(self, row: dict[str, Any], row_number: int) -> list[dict[str, Any]]:
+        """A row's examples for tasks with one example per object or phrase (each object counted once)."""
+        from florence_kit.data.region_units import region_units
+
+        row = map_row(self.task, apply_aliases(row, self.aliases), row_number)
+        width, height = self.row_sizes[row_number]  # type: ignore[index]
+        units = region_units(self.task.regions, {**row, "width": width, "height": height}, self.task.image_column,
+                             self.label_names, self.region_counts)
+        return [{**row, **unit} for unit in units]
 
     def __getitem__(self, index: int) -> Example:
         row_number, item = self._locate(int(index))
@@ -430,12 +433,13 @@ class TaskDataset:
         rows = self.ds if keep_images else self.ds.remove_columns([self.task.image_column])
         index = 0
         for row_number, raw in enumerate(rows):
-            if self.task.regions and self.row_sizes is not None:
-                items = range(self.units_per_row.get(row_number, 0))
+            if self.task.regions and self.row_sizes is not None:  # per object / phrase: the row's units at once
+                fields = self._unit_rows(raw, row_number)
             else:
                 items = [None] if self.index is None else range(len(raw.get(self.task.explode) or []))
-            for item in items:
-                prompt, target, _ = render_texts(self.task, self._fields(raw, row_number, item), row_number)
+                fields = [self._fields(raw, row_number, item) for item in items]
+            for row_fields in fields:
+                prompt, target, _ = render_texts(self.task, row_fields, row_number)
                 yield index, prompt, target
                 index += 1
 
