@@ -534,3 +534,21 @@ def test_refcoco_style_rows_load_through_a_task_file(tmp_path: Path) -> None:
     prompts = [data[i].prompt for i in range(2)]
     assert [p for _, p, _ in data.texts()] == prompts  # the counts are of this one pass (finetune's preflight)
     assert (data.region_counts.shapes.no_phrase, data.region_counts.shapes.polygons) == (1, 2)  # each object once
+
+
+def test_finetune_and_eval_get_one_line_of_polygon_counts_per_pass() -> None:
+    from florence_kit.data.regions import bad_box_lines
+
+    objects = [{"bbox": [[0, 0, 30, 30], [40, 5, 30, 35]], "category": ["a", "b"],
+                "segmentation": [[[-10, 0, 30, 0, 30, 30]], [[1, 1, 2, 2]]]}]  # one clipped, one with 2 points
+    rows = datasets.Dataset.from_dict({"image": [_image()] * 2, "width": [100] * 2, "height": [50] * 2,
+                                       "objects": objects * 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = TaskDataset(rows, get_task("segmentation"), with_target=True)
+        for _ in range(2):  # the preflight and a second read: counts are one pass's
+            list(data.texts())
+    assert bad_box_lines(data) == [
+        "warning: bad polygons in the data: 4 polygons: 2 clipped to the image, 2 dropped (2 with under 3 points, 0 "
+        "with nothing inside the image), 0 self-intersecting (kept as drawn), 0 holes filled, 0 RLE masks without a "
+        "size (dropped); 2 objects without a mask, 0 with a blank phrase (left out)"]
