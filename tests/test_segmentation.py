@@ -399,7 +399,7 @@ def test_segmentation_trains_and_evaluates_on_the_tiny_model(tiny_dir: Path, seg
     assert html.exit_code == 0, html.output
 
 
-@pytest.mark.parametrize("task", ["region-category", "region-proposal"])
+@pytest.mark.parametrize("task", ["region-category", pytest.param("region-proposal", marks=pytest.mark.slow)])
 def test_region_in_and_proposal_tasks_train_and_evaluate(task: str, tiny_dir: Path, seg_dir: Path,
                                                         tmp_path: Path) -> None:
     result = runner.invoke(app, ["finetune", task, "--model", str(tiny_dir), "--dataset", str(seg_dir),
