@@ -76,10 +76,12 @@ def eval_(
     from florence_kit.data.dataset import cap_rows, load_split
     from florence_kit.evaluate.scoring import evaluate, write_results, write_summary
     from florence_kit.model.loading import load_model
+    from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.tasks.regions import with_box_format
     from florence_kit.tasks.registry import resolve_tasks
 
-    specs = [with_box_format(s, box_format.value if box_format else None) for s in resolve_tasks(task, tasks_dir or [])]
+    tasks_dirs = [*(tasks_dir or []), *export_tasks_dirs(model)]  # an ONNX export brings its run's task files
+    specs = [with_box_format(s, box_format.value if box_format else None) for s in resolve_tasks(task, tasks_dirs)]
     if dataset and len(specs) > 1:
         raise UserError(f"--dataset names one task's data, but '{task}' is {len(specs)} tasks: evaluate them one at "
                         "a time with --dataset, or without it each task reads its own source")
@@ -159,9 +161,10 @@ def predict(
     from florence_kit.evaluate.generation import generate, generation_config_for
     from florence_kit.evaluate.regions import render_prompt
     from florence_kit.model.loading import load_model
+    from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.tasks.registry import get_task
 
-    spec = get_task(task, tasks_dir or [])
+    spec = get_task(task, [*(tasks_dir or []), *export_tasks_dirs(model)])
     try:
         # upright as EXIF says (a phone photo), as `datasets` decodes the images eval and finetune see
         picture = to_rgb(ImageOps.exif_transpose(Image.open(image)))

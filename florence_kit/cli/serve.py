@@ -23,6 +23,8 @@ def serve(
 
     Example: florence-kit serve runs/demo/finetuned --task docvqa --port 7860
     """
+    from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.present.serve import serve as run_server
 
-    run_server(model, task, host, port, [Path(p) for p in tasks_dir or []], print_fn=console.print)
+    tasks_dirs = [*(Path(p) for p in tasks_dir or []), *export_tasks_dirs(model)]
+    run_server(model, task, host, port, tasks_dirs, print_fn=console.print)

@@ -1,7 +1,8 @@
 """``load_model``: the one way every command loads ``--model``, whatever kind of folder or id it names.
 
 A native checkpoint (folder or hub id) loads as it is; a LoRA/QLoRA run folder loads its base plus the
-adapter, merged, so evaluation and prediction see a plain Florence-2 model.
+adapter, merged, so evaluation and prediction see a plain Florence-2 model. A folder written by
+``export --onnx`` runs in onnxruntime (:mod:`florence_kit.model.onnx_runtime`), answering like the PyTorch model.
 """
 
 from __future__ import annotations
@@ -12,10 +13,16 @@ from typing import Any
 from florence_kit.common.errors import UserError
 from florence_kit.model.adapters import load_adapter_model
 from florence_kit.model.checkpoint_io import is_adapter_dir, load_native, locate
+from florence_kit.model.onnx_runtime import is_onnx_export, load_onnx_model
 
 
 def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None) -> tuple[Any, Any]:
     """(model, processor) from a folder, hub id or short name; errors are one clear line."""
+    if is_onnx_export(Path(name).expanduser()):
+        if quantization_config is not None:
+            raise UserError(f"'{name}' is an ONNX export; it cannot be quantised with bitsandbytes: "
+                            "export it with --quantize int8 instead")
+        return load_onnx_model(Path(name).expanduser())
     model_id = locate(name)
     path = Path(model_id)
     if path.is_dir() and is_adapter_dir(path):
