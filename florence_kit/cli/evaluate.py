@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.cli.common import Attn, AttnOption, Speed, TasksDirOption, console, user_errors
 from florence_kit.tasks.regions import BoxFormat
 
 
@@ -61,6 +61,11 @@ def eval_(
         BoxFormat | None,
         typer.Option(help="Region tasks: how the data writes boxes (default: the task's, xywh as COCO)."),
     ] = None,
+    speed: Annotated[
+        Speed, typer.Option(help="auto: a page's questions batched together, each page decoded and run through the "
+                            "vision tower once (same answers); off: one decode per question, sorted by length.")
+    ] = Speed.auto,
+    attn: AttnOption = Attn.auto,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -75,6 +80,7 @@ def eval_(
     from florence_kit.common.errors import UserError
     from florence_kit.data.dataset import cap_rows, load_split
     from florence_kit.evaluate.scoring import evaluate, write_results, write_summary
+    from florence_kit.model.attention import set_attention
     from florence_kit.model.loading import load_model
     from florence_kit.tasks.regions import with_box_format
     from florence_kit.tasks.registry import resolve_tasks
@@ -88,10 +94,12 @@ def eval_(
     splits = [cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
               for spec in specs]
     net, processor = load_model(model)
+    set_attention(net, attn.value)
     scored: dict[str, dict] = {}
     for spec, data in zip(specs, splits, strict=True):
         result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
-                          max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers)
+                          max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers,
+                          by_page=speed is Speed.auto)
         folder = output_dir if len(specs) == 1 else output_dir / spec.name
         write_results(result, folder)
         for line in result.bad_boxes:
@@ -144,6 +152,7 @@ def predict(
     model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
     question: Annotated[str | None, typer.Option(help="The question (for tasks whose prompt has one).")] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
+    attn: AttnOption = Attn.auto,
     tasks_dir: TasksDirOption = None,
 ) -> None:
     """Answer one image with a model.
@@ -155,6 +164,7 @@ def predict(
     from florence_kit.common.errors import UserError
     from florence_kit.data.dataset import to_rgb
     from florence_kit.evaluate.generation import generate, generation_config_for
+    from florence_kit.model.attention import set_attention
     from florence_kit.model.loading import load_model
     from florence_kit.tasks.registry import get_task
     from florence_kit.tasks.spec import template_fields
@@ -170,6 +180,7 @@ def predict(
         raise UserError(f"task '{spec.name}' needs --question (its prompt is {spec.prompt!r})")
     prompt = spec.prompt.format(**{name: question for name in fields})
     net, processor = load_model(model)
+    set_attention(net, attn.value)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams)
     if spec.regions:  # --- regions: parsed boxes as JSON, drawn into a PNG beside the image ---
         from florence_kit.evaluate.regions import generate_raw, parse_answer, png_path
