@@ -284,13 +284,11 @@ def test_qlora_without_bitsandbytes_exits_2_naming_the_fix(tiny_dir, docvqa_dir,
 
 @pytest.mark.parametrize("where", ["load", "first matmul"])
 def test_qlora_on_hardware_without_4bit_exits_2_naming_lora(tiny_dir, docvqa_dir, tmp_path, monkeypatch, where):
-    import florence_kit.model.checkpoint_io as model_module
-
     def fail(*args, **kwargs):
         raise RuntimeError("4-bit kernels are not available on this CPU")
 
     if where == "load":
-        monkeypatch.setattr(model_module, "load_model", fail)
+        monkeypatch.setattr(adapters, "load_native", fail)  # the 4-bit load of the base
     else:
         monkeypatch.setattr(adapters, "_try_4bit_forward", fail)
     result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),

@@ -100,3 +100,21 @@ def test_plugins_register_metrics_and_names_stay_unique() -> None:
         corpus_metric("test_always_one")(lambda p, r: ([], 0.0))
     with pytest.raises(KeyError, match="known metrics"):
         get_metric("nope")
+
+
+def test_caption_metrics_without_any_ptb_tokenizer_say_what_to_install(monkeypatch) -> None:
+    """florence-kit-ptb (GPL, a separate package) missing and no Java: one line naming both ways, not a traceback."""
+    import shutil
+    import sys
+
+    from florence_kit.common.errors import UserError
+    from florence_kit.metrics.caption import TOKENIZER_ENV, tokenize_captions
+
+    monkeypatch.setitem(sys.modules, "florence_kit_ptb", None)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.delenv(TOKENIZER_ENV, raising=False)
+    with pytest.raises(UserError, match="florence-kit-ptb.*Java"):
+        tokenize_captions(["a dog"])
+    monkeypatch.setenv(TOKENIZER_ENV, "python")
+    with pytest.raises(UserError, match="needs the florence-kit-ptb package"):
+        tokenize_captions(["a dog"])

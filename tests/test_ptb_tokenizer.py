@@ -16,8 +16,11 @@ import pytest
 
 from florence_kit.common.errors import UserError
 from florence_kit.metrics import get_metric
-from florence_kit.metrics.caption import TOKENIZER_ENV, tokenize, tokenize_captions
-from florence_kit.metrics.ptb_tokenizer import java_ptb_tokenize_lines, ptb_tokenize_lines
+from florence_kit.metrics.caption import TOKENIZER_ENV, java_ptb_tokenize_lines, tokenize, tokenize_captions
+
+ptb_tokenize_lines = pytest.importorskip(
+    "florence_kit_ptb", reason="florence-kit-ptb not installed (pip install ./packages/florence-kit-ptb; .ci/run does)"
+).ptb_tokenize_lines
 
 FIXTURES = Path(__file__).parent / "fixtures" / "captions"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from florence_kit.cli import demo, evaluate, export, finetune, model, plan, push, report, serve, tasks
+from florence_kit.cli import convert, demo, evaluate, export, finetune, model, plan, push, report, serve, tasks
 
 app = typer.Typer(
     name="florence-kit",
@@ -24,6 +24,7 @@ app.command("predict")(evaluate.predict)
 app.command("make-tiny")(model.make_tiny)
 app.command("demo")(demo.demo)
 app.command("export")(export.export)
+app.command("convert")(convert.convert)
 app.command("push")(push.push)
 app.command("report")(report.report)
 app.command("serve")(serve.serve)

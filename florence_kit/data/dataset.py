@@ -93,6 +93,9 @@ def load_source(source: str, name: str | None = None, streaming: bool = False) -
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 return datasets.load_from_disk(str(path))
+            splits = annotation_splits(path)
+            if splits:
+                return load_annotation_splits(splits)
             from florence_kit.data.regions import load_region_folder  # COCO / YOLO folders (region tasks)
 
             regions = load_region_folder(path)
@@ -124,6 +127,34 @@ def load_source(source: str, name: str | None = None, streaming: bool = False) -
             f"parquet conversion ({type(exc).__name__}). Make a local copy once where datasets < 4 is installed "
             f"(load_dataset('{source}', trust_remote_code=True).save_to_disk(DIR)) and pass --dataset DIR"
         ) from None
+
+
+# Roboflow's Florence-2 export / maestro's layout: DIR/{train,valid,test}/annotations.jsonl, images beside each
+ANNOTATION_SPLITS = {"train": "train", "valid": "validation", "validation": "validation", "val": "validation",
+                     "test": "test"}
+ANNOTATIONS = "annotations.jsonl"
+
+
+def annotation_splits(path: Path) -> dict[str, Path]:
+    """{split: annotations.jsonl} of a Roboflow/maestro folder (``valid`` read as ``validation``); {} otherwise."""
+    found: dict[str, Path] = {}
+    for folder, split in ANNOTATION_SPLITS.items():
+        file = path / folder / ANNOTATIONS
+        if file.is_file() and split not in found:
+            found[split] = file
+    return found
+
+
+def load_annotation_splits(splits: dict[str, Path]) -> Any:
+    """One JSONL per split, each row's ``image`` a file name relative to that split's own folder."""
+    import datasets
+
+    check_utf8(list(splits.values()))
+    out = {}
+    for split, file in splits.items():
+        ds = datasets.load_dataset("json", data_files=str(file), split="train")
+        out[split] = _resolve_image_paths(ds, file.parent)
+    return datasets.DatasetDict(out)
 
 
 PARQUET_REVISION = "refs/convert/parquet"  # where the hub keeps its parquet conversion of a dataset

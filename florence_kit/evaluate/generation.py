@@ -26,8 +26,13 @@ def generation_config(model: Any, processor: Any, settings: dict[str, Any]) -> A
 
     settings = {"max_new_tokens": 64, "num_beams": 1, **settings}
     tok = processor.tokenizer
+    saved = getattr(model, "generation_config", None)
     return GenerationConfig(
         do_sample=False,
+        # properties of the checkpoint, not of decoding: a Microsoft-trained model (converted) starts its
+        # answers with <s>, and the vocabulary padding a conversion adds must never be generated
+        forced_bos_token_id=getattr(saved, "forced_bos_token_id", None),
+        suppress_tokens=getattr(saved, "suppress_tokens", None),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

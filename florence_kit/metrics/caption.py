@@ -1,13 +1,15 @@
 """BLEU-4 and CIDEr-D for captions, exactly as the COCO caption evaluation (pycocoevalcap 1.2) computes them.
 
 pycocoevalcap is the reference every captioning paper reports. Its scorers are pure Python and are ported here
-line for line; its tokenizer is Stanford's PTBTokenizer (Java), reproduced by :mod:`florence_kit.metrics.
-ptb_tokenizer` so no Java is needed: the same tokens for every caption of an 8,089-caption test corpus, and
+line for line; its tokenizer is Stanford's PTBTokenizer (Java), reproduced in Python by the separate package
+``florence-kit-ptb`` (GPL-2.0-or-later, its grammar being transcribed from Stanford's; packages/florence-kit-ptb
+in the repository) so no Java is needed: the same tokens for every caption of an 8,089-caption test corpus, and
 BLEU-4 / CIDEr-D within 1e-9 of pycocoevalcap's on the same files (tests/test_ptb_tokenizer.py). As pycocoevalcap
 does, the references of the whole set are tokenised as one file (image by image) and the candidates as another.
 
-``FLORENCE_KIT_CAPTION_TOKENIZER=java`` runs pycocoevalcap's own tokenizer instead (needs ``pip install
-pycocoevalcap`` and a Java runtime); ``python`` (the default) is the built-in one.
+``FLORENCE_KIT_CAPTION_TOKENIZER``: ``python`` (florence-kit-ptb), ``java`` (pycocoevalcap's own tokenizer:
+``pip install pycocoevalcap`` and a Java runtime), or ``auto`` (the default: python where installed, else java
+where it can run). Without either, bleu4 / cider stop with one line saying what to install.
 
 - ``bleu4``: corpus BLEU-4, clipped n-gram counts pooled over the set, brevity penalty against the
   *closest* reference length (pycocoevalcap's ``option='closest'``), no smoothing (its 1e-15 / 1e-9
@@ -26,26 +28,62 @@ from collections.abc import Sequence
 
 from florence_kit.common.errors import UserError
 from florence_kit.metrics import corpus_metric
-from florence_kit.metrics.ptb_tokenizer import java_ptb_tokenize_lines, ptb_tokenize, ptb_tokenize_lines
 
 N = 4
 SIGMA = 6.0
 TOKENIZER_ENV = "FLORENCE_KIT_CAPTION_TOKENIZER"
+PTB_HINT = ("pip install ./packages/florence-kit-ptb (from the florence-kit checkout; GPL-2.0-or-later), "
+            "or pycocoevalcap and a Java runtime with FLORENCE_KIT_CAPTION_TOKENIZER=java")
+LINE_BREAKS = str.maketrans(dict.fromkeys("\n\r\u000b\u000c\u2028\u2029", " "))  # one caption stays one line
+
+
+def _python_tokenizer():  # noqa: ANN202 - florence_kit_ptb's ptb_tokenize_lines, or None
+    try:
+        from florence_kit_ptb import ptb_tokenize_lines
+    except ImportError:
+        return None
+    return ptb_tokenize_lines
 
 
 def tokenize(text: str) -> str:
     """One caption's tokens as pycocoevalcap sees them: lower-cased PTB tokens, punctuation dropped, space-joined."""
-    return ptb_tokenize(text)
+    return tokenize_captions([text])[0]
 
 
 def tokenize_captions(captions: Sequence[str]) -> list[str]:
     """Tokenise captions as one pycocoevalcap file, with the tokenizer ``FLORENCE_KIT_CAPTION_TOKENIZER`` names."""
-    backend = os.environ.get(TOKENIZER_ENV, "python").strip().lower() or "python"
+    import shutil
+
+    backend = os.environ.get(TOKENIZER_ENV, "auto").strip().lower() or "auto"
+    if backend not in ("auto", "python", "java"):
+        raise UserError(f"{TOKENIZER_ENV}={backend!r}: use 'python' (florence-kit-ptb), 'java' (pycocoevalcap's) "
+                        "or 'auto'")
+    python = _python_tokenizer() if backend in ("auto", "python") else None
+    if python is not None:
+        return python(captions)
     if backend == "python":
-        return ptb_tokenize_lines(captions)
-    if backend == "java":
-        return java_ptb_tokenize_lines(captions)
-    raise UserError(f"{TOKENIZER_ENV}={backend!r}: use 'python' (built-in, the default) or 'java' (pycocoevalcap's)")
+        raise UserError(f"{TOKENIZER_ENV}=python needs the florence-kit-ptb package: {PTB_HINT}")
+    if backend == "auto" and shutil.which("java") is None:
+        raise UserError(f"bleu4 and cider tokenise captions exactly as pycocoevalcap does, which needs: {PTB_HINT}")
+    return java_ptb_tokenize_lines(captions)
+
+
+def java_ptb_tokenize_lines(captions: Sequence[str]) -> list[str]:
+    """The same through pycocoevalcap's own ``PTBTokenizer`` (the Stanford jar run by Java), line breaks as spaces."""
+    import shutil
+
+    try:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    except ImportError:
+        raise UserError("the Java caption tokenizer needs pycocoevalcap: pip install pycocoevalcap "
+                        "(or unset FLORENCE_KIT_CAPTION_TOKENIZER to use florence-kit-ptb)") from None  # fmt: skip
+    if shutil.which("java") is None:
+        raise UserError("the Java caption tokenizer needs a Java runtime on PATH (e.g. apt-get install default-jre), "
+                        "or unset FLORENCE_KIT_CAPTION_TOKENIZER to use florence-kit-ptb")  # fmt: skip
+    if not captions:
+        return []
+    out = PTBTokenizer().tokenize({i: [{"caption": c.translate(LINE_BREAKS)}] for i, c in enumerate(captions)})
+    return [out[i][0] for i in range(len(captions))]
 
 
 def _tokenized(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:

@@ -190,6 +190,13 @@ def load_adapter_model(run_dir: Path, merge: bool = True, dtype: Any = None) -> 
     from safetensors import SafetensorError
     from transformers import AutoProcessor
 
+    from florence_kit.model.convert import convert_command, is_microsoft_adapter
+
+    if is_microsoft_adapter(run_dir):
+        raise UserError(
+            f"'{run_dir}' is a LoRA adapter trained on Microsoft's remote-code Florence-2, whose module names the "
+            f"native model does not have; convert it once: {convert_command(run_dir)} [--base CONVERTED_BASE]"
+        )
     try:
         base = json.loads((run_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as exc:

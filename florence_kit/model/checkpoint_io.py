@@ -55,6 +55,13 @@ def check_local_config(path: Path) -> None:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"'{config_file}' is not valid JSON ({exc})") from None
+    if "auto_map" in config or "dim_embed" in (config.get("vision_config") or {}):
+        from florence_kit.model.convert import convert_command
+
+        raise UserError(
+            f"'{path}' is a Microsoft-format Florence-2 (remote code, trust_remote_code=True), which transformers "
+            f"5 cannot load; convert it once: {convert_command(path)}"
+        )
     model_type = config.get("model_type")
     if model_type != "florence2":
         raise UserError(f"'{path}' is not a Florence-2 checkpoint (model_type is '{model_type}', not 'florence2')")
@@ -159,7 +166,11 @@ def clean_generation_config(model: Any, processor: Any) -> None:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         decoder_start_token_id=model.config.text_config.decoder_start_token_id,
-        forced_bos_token_id=None,
+        # a property of how the model was trained, not a decoding preference: Microsoft-trained models
+        # (converted by `florence-kit convert`) start every answer with <s>, and the padded vocabulary
+        # rows a conversion adds have no logits in the original
+        forced_bos_token_id=model.generation_config.forced_bos_token_id,
+        suppress_tokens=model.generation_config.suppress_tokens,
         forced_eos_token_id=None,
     )
 

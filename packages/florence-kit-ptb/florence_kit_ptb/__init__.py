@@ -7,9 +7,11 @@ does the same without Java: :func:`ptb_tokenize_lines` scans the joined text the
 scanner does (at each position the rule with the longest match wins, a trailing context counting towards
 the length, the earlier rule on a tie), with each rule's pattern and action re-expressed for the ``regex``
 package (POSIX leftmost-longest matching). The tests hold it to the jar's output for every caption of a
-8,089-caption corpus (tests/fixtures/captions/; docs/metrics.md).
+8,089-caption corpus (florence-kit's tests/fixtures/captions/; docs/metrics.md).
 
-Provenance: the macro and rule tables below transcribe the grammar of Stanford CoreNLP's ``PTBLexer.flex`` at tag
+License: GPL-2.0-or-later (this package alone; florence-kit itself is Apache-2.0 and only imports it when
+installed). Provenance: the macro and rule tables below transcribe the grammar of Stanford CoreNLP's
+``PTBLexer.flex`` at tag
 v3.4.1 (Copyright The Board of Trustees of The Leland Stanford Junior University, GPL-2.0-or-later) into ``regex``
 syntax; the scanner loop, the actions and the Java details (UTF-16, ``toLowerCase``) are written here.
 
@@ -554,23 +556,3 @@ def ptb_tokenize_lines(captions: Sequence[str]) -> list[str]:
 def ptb_tokenize(caption: str) -> str:
     """One caption alone (a file of one line)."""
     return ptb_tokenize_lines([caption])[0]
-
-
-def java_ptb_tokenize_lines(captions: Sequence[str]) -> list[str]:
-    """The same through pycocoevalcap's own ``PTBTokenizer`` (the Stanford jar run by Java), line breaks as spaces."""
-    import shutil
-
-    from florence_kit.common.errors import UserError
-
-    try:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    except ImportError:
-        raise UserError("the Java caption tokenizer needs pycocoevalcap: pip install pycocoevalcap "
-                        "(or unset FLORENCE_KIT_CAPTION_TOKENIZER to use the built-in one)") from None  # fmt: skip
-    if shutil.which("java") is None:
-        raise UserError("the Java caption tokenizer needs a Java runtime on PATH (e.g. apt-get install default-jre), "
-                        "or unset FLORENCE_KIT_CAPTION_TOKENIZER to use the built-in one")  # fmt: skip
-    if not captions:
-        return []
-    out = PTBTokenizer().tokenize({i: [{"caption": c.translate(LINE_BREAKS)}] for i, c in enumerate(captions)})
-    return [out[i][0] for i in range(len(captions))]
