@@ -71,14 +71,24 @@ def store_dirs(cfg: Any) -> tuple[Path, Path]:
 
 
 def recorded(cfg: Any, checkpoint: Path) -> dict[str, bool] | None:
-    """The switches the run chose, from its config.yaml (``<run>/checkpoints/step-N``); None if not recorded."""
+    """The switches the interrupted run chose (``<run>/checkpoints/step-N``); None where it recorded none.
+
+    Page grouping comes from the checkpoint's own fingerprint (``data_order``: the batch order a resume must
+    keep); the store and the cache, which leave the order alone, from the run's config.yaml.
+    """
+    import json
+
     import yaml
+
+    from florence_kit.train.checkpoints import STATE_FILE
 
     config = Path(checkpoint).resolve().parent.parent / "config.yaml"
     data = yaml.safe_load(config.read_text()) if config.is_file() else None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), bool) for k in SWITCHES):
         return None
-    return {k: data[k] for k in SWITCHES}
+    state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    return {**{k: data[k] for k in SWITCHES},
+            "group_by_image": state.get("fingerprint", {}).get("data_order") == "image"}
 
 
 def decide(
