@@ -151,6 +151,8 @@ def predict(
     task: Annotated[str, typer.Option(help="Task whose prompt and generation settings to use.")] = "docvqa",
     model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
     question: Annotated[str | None, typer.Option(help="The question (for tasks whose prompt has one).")] = None,
+    box: Annotated[str | None, typer.Option(
+        help="x1,y1,x2,y2 in pixels: the region of region-in tasks (region-category, region-ocr, ...).")] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
     attn: AttnOption = Attn.auto,
     tasks_dir: TasksDirOption = None,
@@ -164,10 +166,10 @@ def predict(
     from florence_kit.common.errors import UserError
     from florence_kit.data.dataset import to_rgb
     from florence_kit.evaluate.generation import generate, generation_config_for
+    from florence_kit.evaluate.regions import render_prompt
     from florence_kit.model.attention import set_attention
     from florence_kit.model.loading import load_model
     from florence_kit.tasks.registry import get_task
-    from florence_kit.tasks.spec import template_fields
 
     spec = get_task(task, tasks_dir or [])
     try:
@@ -175,19 +177,18 @@ def predict(
         picture = to_rgb(ImageOps.exif_transpose(Image.open(image)))
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
         raise UserError(f"cannot read image '{image}': {exc}") from None
-    fields = template_fields(spec.prompt)
-    if fields and question is None:
-        raise UserError(f"task '{spec.name}' needs --question (its prompt is {spec.prompt!r})")
-    prompt = spec.prompt.format(**{name: question for name in fields})
+    prompt = render_prompt(spec, question, box, picture.size)  # {region}: --box as <loc_*> tokens
     net, processor = load_model(model)
     set_attention(net, attn.value)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams)
     if spec.regions:  # --- regions: parsed boxes as JSON, drawn into a PNG beside the image ---
-        from florence_kit.evaluate.regions import generate_raw, parse_answer, png_path
+        from florence_kit.evaluate.regions import generate_raw, parse_answer, parse_box_text, png_path
         from florence_kit.present.draw import draw_answer
 
         parsed = parse_answer(spec, processor, generate_raw(net, processor, picture, prompt, gen_config), picture.size)
         typer.echo(json.dumps(parsed, ensure_ascii=False))
+        if isinstance(parsed, str):  # a region-in task's text answer: drawn as the label of the box it was asked about
+            parsed = {"bboxes": [parse_box_text(box or "", picture.size)], "labels": [parsed]}
         drawn = draw_answer(picture, parsed, png_path(image, spec))
         typer.echo(f"regions drawn: {drawn}" if drawn else "no regions in the answer (nothing drawn)")
         return

@@ -29,7 +29,7 @@ def _table(rows: list[tuple[str, ...]]) -> Table:
     table = Table(title="florence-kit tasks")
     table.add_column("name", no_wrap=True)  # whole names, so they can be copied and grepped
     table.add_column("source", overflow="fold")
-    table.add_column("metric", no_wrap=True)  # the task's metric; `tasks show` lists the others
+    table.add_column("metric", no_wrap=True)  # the task's metrics, the one it is ranked by first
     for col in ("prompt", "origin"):
         table.add_column(col, overflow="fold")
     for row in rows:
@@ -40,7 +40,7 @@ def _table(rows: list[tuple[str, ...]]) -> Table:
 @app.command("list")
 @user_errors
 def list_tasks(tasks_dir: TasksDirOption = None) -> None:
-    """Show every task: name, data source, metric, prompt and where it was defined.
+    """Show every task: name, data source, metrics, prompt and where it was defined.
 
     Piped (not a terminal), one tab-separated line per task after a header line, for grep and cut.
 
@@ -50,8 +50,8 @@ def list_tasks(tasks_dir: TasksDirOption = None) -> None:
     from florence_kit.tasks.registry import collect_tasks, groups
 
     tasks, errors = collect_tasks(tasks_dir or [])
-    rows = [(name, spec.dataset.path + (f" ({spec.dataset.name})" if spec.dataset.name else ""), spec.metric,
-             spec.prompt, origin_label(spec.origin)) for name, spec in sorted(tasks.items())]
+    rows = [(name, spec.dataset.path + (f" ({spec.dataset.name})" if spec.dataset.name else ""),
+             ", ".join(spec.metrics), spec.prompt, origin_label(spec.origin)) for name, spec in sorted(tasks.items())]
     if console.is_terminal:
         console.print(_table(rows))
     else:  # piped: rich would fold sources and origins into 80-column pieces that grep cannot find
@@ -103,10 +103,16 @@ def show(
     if example:
         from florence_kit.common.errors import UserError
         from florence_kit.data.dataset import TaskDataset, cap_rows, load_split
+        from florence_kit.tasks.regions import UNIT_KINDS
 
-        try:  # the hub's copy is streamed: one row, not a whole download
-            rows = cap_rows(load_split(spec, dataset, spec.dataset.train_split, streaming=dataset is None), 1)
-            first = TaskDataset(rows, spec, with_target=False)[0]
+        # the hub's copy is streamed: one row, not a whole download (examples per object: the first of 20 rows')
+        n_rows = 20 if spec.regions and spec.regions["kind"] in UNIT_KINDS else 1
+        try:
+            rows = cap_rows(load_split(spec, dataset, spec.dataset.train_split, streaming=dataset is None), n_rows)
+            examples = TaskDataset(rows, spec, with_target=False)
+            if not len(examples):
+                raise UserError(f"the first {n_rows} rows give no example (no object in them)")
+            first = examples[0]
             prompt, target, refs = first.prompt, first.target, first.references
         except (UserError, StopIteration, IndexError) as exc:
             console.print(f"[yellow]no example rendered:[/] {exc}", highlight=False)

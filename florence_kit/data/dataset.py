@@ -19,6 +19,7 @@ from PIL import Image
 
 from florence_kit.common.errors import BadImageError, UserError, first_line
 from florence_kit.data.rows import apply_aliases, explode_index, exploded, map_row, resolve_aliases, tile_images
+from florence_kit.tasks.regions import UNIT_KINDS
 from florence_kit.tasks.spec import TaskSpec, template_fields
 
 TABULAR_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -357,6 +358,12 @@ class TaskDataset:
 
             self.label_names = label_names(getattr(ds, "features", None), task.regions)
             self.region_counts = RegionCounts()
+            self.row_sizes: list[tuple[int, int]] | None = None
+            if task.regions["kind"] in UNIT_KINDS:  # one example per object / phrase: indexed once, no pixels read
+                from florence_kit.data.region_units import row_sizes, unit_index
+
+                self.row_sizes = row_sizes(ds, task.image_column)
+                self.index = unit_index(task, ds, self.label_names, self.region_counts, self.row_sizes)
 
     def __len__(self) -> int:
         return len(self.index) if self.index is not None else len(self.ds)
@@ -366,6 +373,8 @@ class TaskDataset:
         return self.index[index] if self.index is not None else (index, None)
 
     def _fields(self, row: dict[str, Any], row_number: int, item: int | None) -> dict[str, Any]:
+        if self.task.regions and self.row_sizes is not None:
+            return self._unit_rows(row, row_number)[item]
         row = map_row(self.task, apply_aliases(row, self.aliases), row_number)
         if self.task.regions:
             from florence_kit.data.regions import region_fields
@@ -373,6 +382,16 @@ class TaskDataset:
             row = {**row, **region_fields(self.task.regions, row, self.task.image_column, self.label_names,
                                           self.region_counts)}
         return row if item is None else exploded(self.task, row, item, row_number)
+
+    def _unit_rows(self, row: dict[str, Any], row_number: int) -> list[dict[str, Any]]:
+        """A row's examples for tasks with one example per object or phrase (each object counted once)."""
+        from florence_kit.data.region_units import region_units
+
+        row = map_row(self.task, apply_aliases(row, self.aliases), row_number)
+        width, height = self.row_sizes[row_number]  # type: ignore[index]
+        units = region_units(self.task.regions, {**row, "width": width, "height": height}, self.task.image_column,
+                             self.label_names, self.region_counts)
+        return [{**row, **unit} for unit in units]
 
     def __getitem__(self, index: int) -> Example:
         row_number, item = self._locate(int(index))
@@ -430,14 +449,18 @@ class TaskDataset:
         """
         if self.task.regions:
             self.region_counts.restart()
-        sized = {"width", "height"} <= set(self.ds.column_names)  # region targets need the image size
-        keep_images = self.task.row_map or (self.task.regions and not sized)
+        sized = {"width", "height"} <= set(self.ds.column_names) or (self.task.regions and self.row_sizes is not None)
+        keep_images = self.task.row_map or (self.task.regions and not sized)  # region targets need the image size
         rows = self.ds if keep_images else self.ds.remove_columns([self.task.image_column])
         index = 0
         for row_number, raw in enumerate(rows):
-            items = [None] if self.index is None else range(len(raw.get(self.task.explode) or []))
-            for item in items:
-                prompt, target, _ = render_texts(self.task, self._fields(raw, row_number, item), row_number)
+            if self.task.regions and self.row_sizes is not None:  # per object / phrase: the row's units at once
+                fields = self._unit_rows(raw, row_number)
+            else:
+                items = [None] if self.index is None else range(len(raw.get(self.task.explode) or []))
+                fields = [self._fields(raw, row_number, item) for item in items]
+            for row_fields in fields:
+                prompt, target, _ = render_texts(self.task, row_fields, row_number)
                 yield index, prompt, target
                 index += 1
 

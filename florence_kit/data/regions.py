@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,41 @@ def to_xyxy(box: Sequence[float], box_format: str, size: tuple[int, int]) -> lis
 
 
 @dataclass
+class ShapeCounts:
+    """Polygons seen, clipped, dropped (under three points, nothing inside the image), self-intersecting (kept);
+    RLE masks without a size (dropped), holes filled; objects without a mask or with a blank phrase (left out)."""
+
+    polygons: int = 0
+    clipped: int = 0
+    dropped: int = 0
+    few_points: int = 0
+    self_intersecting: int = 0
+    holes: int = 0
+    rle_without_size: int = 0
+    no_mask: int = 0
+    no_phrase: int = 0
+
+    def restart(self) -> None:
+        """Zero the counts for a new pass through the data."""
+        for name in ("polygons", "clipped", "dropped", "few_points", "self_intersecting", "holes", "rle_without_size",
+                     "no_mask", "no_phrase"):
+            setattr(self, name, 0)
+
+    @property
+    def bad(self) -> bool:
+        """Whether anything is worth a warning line."""
+        return bool(self.clipped or self.dropped or self.self_intersecting or self.holes or self.rle_without_size
+                    or self.no_mask or self.no_phrase)
+
+    def __str__(self) -> str:
+        return (f"{self.polygons} polygons: {self.clipped} clipped to the image, {self.dropped} dropped "
+                f"({self.few_points} with under 3 points, {self.dropped - self.few_points} with nothing inside the "
+                f"image), {self.self_intersecting} self-intersecting (kept as drawn), {self.holes} holes filled, "
+                f"{self.rle_without_size} RLE masks without a size (dropped); {self.no_mask} objects without a mask, "
+                f"{self.no_phrase} with a blank phrase (left out)")
+
+
+@dataclass
 class RegionCounts:
     """Boxes seen, clipped to the image, and dropped: with no area inside it, without a class (or without a
     box), or with a class id outside the label names."""
@@ -72,10 +107,12 @@ class RegionCounts:
     unknown_class: int = 0
     warned: bool = False
     unnamed_ids: bool = False  # integer categories met without label names (warned once)
+    shapes: ShapeCounts = field(default_factory=ShapeCounts)  # polygons (segmentation tasks)
 
     def restart(self) -> None:
         """Zero the counts for a new pass through the data (a pass reads every box once); warnings stay once."""
         self.boxes = self.clipped = self.dropped = self.no_class = self.unknown_class = 0
+        self.shapes.restart()
 
     def __str__(self) -> str:
         no_area = self.dropped - self.no_class - self.unknown_class
@@ -91,9 +128,12 @@ def bad_box_lines(dataset: Any) -> list[str]:
     lines = []
     for part in parts:
         counts = getattr(part, "region_counts", None)
+        where = f" of {part.task.name}" if len(parts) > 1 else ""
         if counts is not None and (counts.clipped or counts.dropped):
-            where = f" of {part.task.name}" if len(parts) > 1 else ""
             lines.append(f"warning: bad boxes in the data{where}: {counts}")
+        shapes = getattr(counts, "shapes", None)  # segmentation tasks (florence_kit.data.region_units)
+        if shapes is not None and shapes.bad:
+            lines.append(f"warning: bad polygons in the data{where}: {shapes}")
     return lines
 
 
@@ -218,19 +258,39 @@ def region_fields(regions: dict[str, Any], row: dict[str, Any], image_column: st
 # COCO and YOLO folders -> the hub detection layout
 
 
-def _features(names: list[str]) -> Any:
+def _features(names: list[str], masks: bool = False) -> Any:
     import datasets
 
+    objects = {"bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+               "category": datasets.ClassLabel(names=names)}
+    if masks:  # segmentation tasks: each object's flat polygons (COCO's RLE masks traced into polygons on reading)
+        objects["segmentation"] = datasets.Sequence(datasets.Sequence(datasets.Value("float32")))
     return datasets.Features({
         "image": datasets.Image(),
         "image_id": datasets.Value("string"),
         "width": datasets.Value("int32"),
         "height": datasets.Value("int32"),
-        "objects": datasets.Sequence({
-            "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
-            "category": datasets.ClassLabel(names=names),
-        }),
+        "objects": datasets.Sequence(objects),
     })
+
+
+def _coco_polygons(segmentation: Any, stats: dict[str, int]) -> list[list[float]]:
+    """An annotation's ``segmentation`` as flat polygons: COCO's polygon lists as they are, an RLE mask traced (its
+    holes filled and counted: Florence-2's polygons have none; one without a ``size`` counted and left out)."""
+    if not segmentation:
+        return []
+    if isinstance(segmentation, dict):
+        if not segmentation.get("size") or segmentation.get("counts") is None:
+            stats["rle_without_size"] += 1
+            return []
+        from florence_kit.common.masks import rle_to_polygons
+
+        polygons, holes = rle_to_polygons(segmentation)
+        stats["holes"] += holes
+        return polygons
+    if all(isinstance(v, (int, float)) for v in segmentation):
+        return [[float(v) for v in segmentation]]
+    return [[float(v) for v in p] for p in segmentation if isinstance(p, list)]
 
 
 def _split_name(*parts: str) -> str:
@@ -293,6 +353,8 @@ def load_coco(root: Path) -> Any:
     names = sorted({c["name"] for _, data in files for c in data["categories"]})
     splits: dict[str, list[dict[str, Any]]] = {}
     missing = dropped = 0
+    masks = any(a.get("segmentation") for _, data in files for a in data["annotations"])
+    stats = {"rle_without_size": 0, "holes": 0}
     for path, data in files:
         cat_name = {c["id"]: c["name"] for c in data["categories"]}
         per_image: dict[Any, list[dict[str, Any]]] = {}
@@ -310,15 +372,21 @@ def load_coco(root: Path) -> Any:
             width, height = int(image.get("width") or 0), int(image.get("height") or 0)
             if not (width and height):  # some exporters leave them out: without them no target could be written
                 width, height = _shown_size(file)
+            objects = {"bbox": [[float(v) for v in a["bbox"]][:4] for a in anns],
+                       "category": [names.index(cat_name[a["category_id"]]) for a in anns]}
+            if masks:
+                objects["segmentation"] = [_coco_polygons(a.get("segmentation"), stats) for a in anns]
             splits.setdefault(split, []).append({
                 "image": str(file), "image_id": str(image["id"]), "width": width, "height": height,
-                "objects": {"bbox": [[float(v) for v in a["bbox"]][:4] for a in anns],
-                            "category": [names.index(cat_name[a["category_id"]]) for a in anns]},
+                "objects": objects,
             })
     if missing or dropped:
         warnings.warn(f"{root}: {missing} image file(s) not found, {dropped} annotation(s) without a known "
                       "category or a bbox, or marked iscrowd, were left out", stacklevel=2)
-    features = _features(names)
+    if stats["holes"] or stats["rle_without_size"]:
+        warnings.warn(f"{root}: RLE masks: {stats['holes']} hole(s) filled (Florence-2's polygons have none), "
+                      f"{stats['rle_without_size']} mask(s) without a size left out", stacklevel=2)
+    features = _features(names, masks)
     return datasets.DatasetDict({s: datasets.Dataset.from_list(rows, features=features) for s, rows in splits.items()})
 
 

@@ -86,10 +86,12 @@ def text_scenes(n: int, seed: int = 0, size: int = 128) -> list[Scene]:
     return scenes
 
 
-def write_coco(scenes_by_split: dict[str, list[Scene]], root: Path, classes: tuple[str, ...] = CLASSES) -> Path:
+def write_coco(scenes_by_split: dict[str, list[Scene]], root: Path, classes: tuple[str, ...] = CLASSES,
+               masks: str | None = None) -> Path:
     """``root/annotations/instances_<split>.json`` + ``root/images/<split>/*.png`` (COCO's own layout).
 
-    Category ids start at 1 and skip numbers, as COCO's do, so the loader must map them by name.
+    Category ids start at 1 and skip numbers, as COCO's do, so the loader must map them by name. ``masks``
+    adds each object's ``segmentation``: ``"polygons"`` (COCO polygon lists) or ``"rle"`` (compressed RLE).
     """
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [{"id": 3 * k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(classes)]
@@ -105,9 +107,20 @@ def write_coco(scenes_by_split: dict[str, list[Scene]], root: Path, classes: tup
             for box, label in zip(scene.boxes, scene.labels, strict=True):
                 annotations.append({"id": len(annotations) + 1, "image_id": 100 + k, "category_id": ids[label],
                                     "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+                if masks:
+                    annotations[-1]["segmentation"] = _mask(shape_polygon(label, box), scene.image.size, masks)
         data = {"images": images, "annotations": annotations, "categories": categories}
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
     return root
+
+
+def _mask(polygon: list[float], size: tuple[int, int], kind: str) -> object:
+    if kind == "polygons":
+        return [polygon]
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], size[1], size[0]))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
 
 
 def write_yolo(scenes_by_split: dict[str, list[Scene]], root: Path, classes: tuple[str, ...] = CLASSES,
@@ -160,5 +173,53 @@ def hub_splits(scenes_by_split: dict[str, list[Scene]], classes: tuple[str, ...]
             rows.append({"image": scene.image, "image_id": scene.name, "width": scene.image.width,
                          "height": scene.image.height, "caption": " and ".join(dict.fromkeys(scene.labels)),
                          "objects": obj})
+        out[split] = datasets.Dataset.from_list(rows, features=features)
+    return datasets.DatasetDict(out)
+
+
+PHRASES = {"square": "the red square", "circle": "the green circle", "traffic-light": "the yellow traffic-light",
+           "class 2": "the blue triangle"}
+
+
+def shape_polygon(label: str, box: list[float]) -> list[float]:
+    """The outline :func:`draw_shape` fills, as one flat pixel polygon (a circle as a 32-gon; the traffic light's
+    lamp is inside its body, so its outline is the body's)."""
+    import math
+
+    x, y, w, h = box
+    if label == "circle":
+        cx, cy, rx, ry = x + w / 2, y + h / 2, w / 2, h / 2
+        return [round(v, 2) for k in range(32) for v in (cx + rx * math.cos(2 * math.pi * k / 32),
+                                                          cy + ry * math.sin(2 * math.pi * k / 32))]
+    if label == "class 2":
+        return [x + w / 2, y, x + w, y + h, x, y + h]
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
+
+
+def segmentation_splits(scenes_by_split: dict[str, list[Scene]], classes: tuple[str, ...] = CLASSES,
+                        phrases: bool = False):
+    """The hub layout with masks: ``objects`` {bbox xywh, category, segmentation (a list of flat polygons)}, plus
+    ``phrase`` per object with ``phrases`` (a referring expression naming its colour: "the red square")."""
+    import datasets
+
+    inner = {"bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+             "category": datasets.ClassLabel(names=list(classes)),
+             "segmentation": datasets.Sequence(datasets.Sequence(datasets.Value("float32")))}
+    if phrases:
+        inner["phrase"] = datasets.Value("string")
+    features = datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("string"),
+                                  "width": datasets.Value("int32"), "height": datasets.Value("int32"),
+                                  "objects": datasets.Sequence(inner)})
+    out = {}
+    for split, scenes in scenes_by_split.items():
+        rows = []
+        for scene in scenes:
+            obj = {"bbox": scene.boxes, "category": [classes.index(label) for label in scene.labels],
+                   "segmentation": [[shape_polygon(label, box)] for box, label in zip(scene.boxes, scene.labels,
+                                                                                      strict=True)]}
+            if phrases:
+                obj["phrase"] = [PHRASES[label] for label in scene.labels]
+            rows.append({"image": scene.image, "image_id": scene.name, "width": scene.image.width,
+                         "height": scene.image.height, "objects": obj})
         out[split] = datasets.Dataset.from_list(rows, features=features)
     return datasets.DatasetDict(out)

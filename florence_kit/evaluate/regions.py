@@ -10,8 +10,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from florence_kit.common.geometry import decode_answers, ensure_parse_config, parse_boxes, parse_quads
-from florence_kit.tasks.spec import TaskSpec
+from florence_kit.common.errors import UserError
+from florence_kit.common.geometry import (
+    box_prompt,
+    decode_answers,
+    ensure_parse_config,
+    parse_boxes,
+    parse_polygons,
+    parse_proposals,
+    parse_quads,
+)
+from florence_kit.tasks.spec import TaskSpec, template_fields
+
+TEXT_KINDS = ("region-category", "region-description", "region-ocr")  # a box in, text out
 
 
 def task_token(prompt: str) -> str:
@@ -26,7 +37,18 @@ def parse_answer(spec: TaskSpec, processor: Any, text: str, size: tuple[int, int
         ensure_parse_config(processor)
         return processor.post_process_generation(text, task=token, image_size=size)[token]
     kind = (spec.regions or {}).get("kind")
-    return parse_quads(text, size, whole_pixels=True) if kind == "ocr-region" else parse_boxes(text, size, True)
+    if kind == "ocr-region":
+        return parse_quads(text, size, whole_pixels=True)
+    if kind in ("segmentation", "region-segmentation"):
+        return parse_polygons(text, size, whole_pixels=True)
+    if kind == "region-proposal":
+        return parse_proposals(text, size, whole_pixels=True)
+    if kind in TEXT_KINDS:
+        return text  # type: ignore[return-value]
+    if kind == "open-vocab-od" and "<poly>" in text:
+        return {"polygons": (found := parse_polygons(text, size, True, labelled=True))["polygons"],
+                "polygons_labels": found["labels"]}
+    return parse_boxes(text, size, True)
 
 
 def png_path(image_path: Path, spec: TaskSpec) -> Path:
@@ -56,4 +78,37 @@ def region_reference(rec: dict[str, Any]) -> dict[str, Any] | None:
         ref = json.loads(refs[0])
     except ValueError:
         return None
-    return ref if isinstance(ref, dict) and "size" in ref and ("boxes" in ref or "quads" in ref) else None
+    return ref if isinstance(ref, dict) and "size" in ref and ({"boxes", "quads", "polygons"} & set(ref)) else None
+
+
+def parse_box_text(text: str, size: tuple[int, int], flag: str = "--box") -> list[float]:
+    """``"x1,y1,x2,y2"`` in pixels of the image -> a box, or one line naming the problem."""
+    try:
+        box = [float(v) for v in str(text).replace(" ", ",").split(",") if v != ""]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise UserError(f"{flag} must be four numbers x1,y1,x2,y2 in pixels of the image, got '{text}'")
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise UserError(f"{flag} '{text}' has no area: x1,y1,x2,y2 needs x2 > x1 and y2 > y1")
+    width, height = size
+    if box[0] >= width or box[1] >= height or box[2] <= 0 or box[3] <= 0:
+        raise UserError(f"{flag} '{text}' lies outside the {width}x{height} image")
+    return box
+
+
+def render_prompt(spec: TaskSpec, question: str | None, box: str | None, size: tuple[int, int],
+                  question_flag: str = "--question", box_flag: str = "--box") -> str:
+    """The task's prompt for one image: ``{region}`` is the box (``<loc_*>`` tokens), any other field the question."""
+    values = {}
+    for name in template_fields(spec.prompt):
+        if name == "region":
+            if not box:
+                raise UserError(f"task '{spec.name}' needs {box_flag} x1,y1,x2,y2 (pixels of the image; its prompt "
+                                f"is {spec.prompt!r})")
+            values[name] = box_prompt(parse_box_text(box, size, box_flag), size)
+        elif question is None:
+            raise UserError(f"task '{spec.name}' needs {question_flag} (its prompt is {spec.prompt!r})")
+        else:
+            values[name] = question
+    return spec.prompt.format(**values)

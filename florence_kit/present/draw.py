@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from florence_kit.common.geometry import parse_boxes, parse_quads
+from florence_kit.common.geometry import parse_boxes, parse_polygons, parse_quads, prompt_box
 from florence_kit.evaluate.regions import region_reference
 
 COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -37,7 +37,9 @@ def draw_regions(image: Any, result: Any) -> Any | None:
             shapes.append(("polygon", [float(v) for v in poly], label))
     if not shapes:
         return None
-    out = image.convert("RGB").copy()
+    filled = [(coords, COLOURS[k % len(COLOURS)]) for k, (kind, coords, _) in enumerate(shapes)
+              if kind == "polygon" and len(coords) >= 6 and result.get("polygons")]  # masks: filled, then outlined
+    out = fill_polygons(image.convert("RGB"), [c for c, _ in filled], [colour for _, colour in filled])
     draw = ImageDraw.Draw(out)
     width = max(2, round(max(out.size) / 300))
     for index, (kind, coords, label) in enumerate(shapes):
@@ -74,21 +76,82 @@ def draw_answer(image: Any, result: dict[str, Any], out: Path) -> Path | None:
     return out
 
 
-TRUE_COLOUR, PREDICTED_COLOUR = "#2ca02c", "#d62728"
+TRUE_COLOUR, PREDICTED_COLOUR, BOX_COLOUR = "#2ca02c", "#d62728", "#1f77b4"
+FILL_ALPHA = 90  # of 255: the picture stays readable under a filled polygon
 
 
-TRUE_COLOUR, PREDICTED_COLOUR = "#2ca02c", "#d62728"
+def fill_polygons(image: Any, polygons: list[list[float]], colours: list[str]) -> Any:
+    """A copy of ``image`` with each polygon filled translucently in its colour (outlines are the caller's)."""
+    from PIL import Image, ImageColor, ImageDraw
+
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    for coords, colour in zip(polygons, colours, strict=True):
+        if len(coords) >= 6:
+            draw.polygon([float(v) for v in coords], fill=(*ImageColor.getrgb(colour), FILL_ALPHA))
+    return Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
+
+
+def _polygon_panel(image: Any, objects: list[list[list[float]]], colour: str, scale: tuple[float, float]) -> Any:
+    from PIL import ImageDraw
+
+    polys = [[v * scale[j % 2] for j, v in enumerate(p)] for obj in objects for p in obj if len(p) >= 6]
+    panel = fill_polygons(image, polys, [colour] * len(polys))
+    draw = ImageDraw.Draw(panel)
+    for p in polys:
+        draw.polygon(p, outline=colour, width=2)
+    return panel
+
+
+def polygon_thumbnail(image: Any, ref: dict[str, Any], text: str) -> Any:
+    """True polygons (green, left) beside the predicted ones (red, right), filled and outlined: overlapping
+    translucent masks on one picture would hide which is which."""
+    from PIL import Image, ImageDraw
+
+    size = tuple(ref["size"])
+    scale = (image.width / size[0], image.height / size[1])
+    predicted = parse_polygons(text, size)["polygons"]
+    if not predicted and "<poly>" in text:  # open-vocab-od with polygons: a label before them
+        predicted = parse_polygons(text, size, labelled=True)["polygons"]
+    out = Image.new("RGB", (image.width * 2 + 4, image.height), "white")
+    out.paste(_polygon_panel(image, ref["polygons"], TRUE_COLOUR, scale), (0, 0))
+    out.paste(_polygon_panel(image, predicted, PREDICTED_COLOUR, scale), (image.width + 4, 0))
+    draw = ImageDraw.Draw(out)
+    draw.text((3, 2), "true", fill=TRUE_COLOUR)
+    draw.text((image.width + 7, 2), "predicted", fill=PREDICTED_COLOUR)
+    return out
+
+
+def prompt_box_thumbnail(image: Any, prompt: str) -> Any | None:
+    """A region-in example's input box (the prompt's ``<loc_*>`` bins: thousandths of the image) in blue."""
+    from PIL import ImageDraw
+
+    bins = prompt_box(prompt)
+    if bins is None:
+        return None
+    x1, y1, x2, y2 = ((b + 0.5) / 1000 * (image.width if k % 2 == 0 else image.height) for k, b in enumerate(bins))
+    out = image.copy()
+    ImageDraw.Draw(out).rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=BOX_COLOUR, width=2)
+    return out
 
 
 def overlay_thumbnail(jpeg: bytes, rec: dict[str, Any]) -> bytes | None:
-    """The thumbnail with true boxes (green) and predicted ones (red, labelled) drawn; None for other tasks."""
+    """The thumbnail with true boxes (green) and predicted ones (red, labelled) drawn; polygons true | predicted side
+    by side; a region-in task's input box (blue); None for other tasks."""
     import io
 
     from PIL import Image, ImageDraw
 
     ref = region_reference(rec)
-    if ref is None:
-        return None
+    if ref is None or "polygons" in ref:
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        drawn = (polygon_thumbnail(image, ref, str(rec.get("prediction", ""))) if ref is not None
+                 else prompt_box_thumbnail(image, str(rec.get("prompt", ""))))
+        if drawn is None:
+            return None
+        buf = io.BytesIO()
+        drawn.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
     size = tuple(ref["size"])
     image = Image.open(io.BytesIO(jpeg)).convert("RGB")
     sx, sy = image.width / size[0], image.height / size[1]

@@ -20,10 +20,13 @@ from florence_kit.tasks.spec import TaskSpec
 FLORENCE_TASKS = (
     "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OCR>", "<OCR_WITH_REGION>", "<OD>",
     "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>", "<CAPTION_TO_PHRASE_GROUNDING>", "<OPEN_VOCABULARY_DETECTION>",
-    "<REFERRING_EXPRESSION_SEGMENTATION>",
+    "<REFERRING_EXPRESSION_SEGMENTATION>", "<REGION_TO_SEGMENTATION>", "<REGION_TO_CATEGORY>",
+    "<REGION_TO_DESCRIPTION>", "<REGION_TO_OCR>",
 )
 FLORENCE_TASKS_WITH_TEXT = {"<CAPTION_TO_PHRASE_GROUNDING>", "<OPEN_VOCABULARY_DETECTION>",
                             "<REFERRING_EXPRESSION_SEGMENTATION>"}
+FLORENCE_TASKS_WITH_BOX = {"<REGION_TO_SEGMENTATION>", "<REGION_TO_CATEGORY>", "<REGION_TO_DESCRIPTION>",
+                           "<REGION_TO_OCR>"}  # the box field's x1,y1,x2,y2, written as <loc_*> tokens
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_SSR_MODE": "False"}
 
 
@@ -64,43 +67,56 @@ class Predictor:
     def choices(self) -> list[str]:
         return [*self.tasks, *FLORENCE_TASKS]
 
-    def prompt_for(self, choice: str, question: str) -> tuple[str, dict[str, Any]]:
-        """(prompt, generation settings) for a task name or a Florence-2 task token."""
-        from florence_kit.tasks.spec import template_fields
+    def prompt_for(self, choice: str, question: str, box: str = "",
+                   size: tuple[int, int] = (1000, 1000)) -> tuple[str, dict[str, Any]]:
+        """(prompt, generation settings) for a task name or a Florence-2 task token; ``box`` (x1,y1,x2,y2 pixels of
+        an image of ``size``) fills a region-in prompt."""
+        from florence_kit.common.geometry import box_prompt
+        from florence_kit.evaluate.regions import parse_box_text, render_prompt
 
         question = (question or "").strip()
         if choice in self.tasks:
             spec = self.tasks[choice]
-            fields = template_fields(spec.prompt)
-            if fields and not question:
-                raise UserError(f"task '{choice}' needs a question (its prompt is {spec.prompt!r})")
-            return spec.prompt.format(**{name: question for name in fields}), dict(spec.generation)
+            return (render_prompt(spec, question or None, box, size, question_flag="a question",
+                                  box_flag="a box (x1,y1,x2,y2)"), dict(spec.generation))
         if choice in FLORENCE_TASKS:
             if choice in FLORENCE_TASKS_WITH_TEXT and not question:
                 raise UserError(f"{choice} needs a text input: type it in the question box")
+            if choice in FLORENCE_TASKS_WITH_BOX:
+                if not (box or "").strip():
+                    raise UserError(f"{choice} needs a region: type x1,y1,x2,y2 (pixels) in the box field")
+                return choice + box_prompt(parse_box_text(box, size, "the box"), size), {
+                    "max_new_tokens": self.region_max_tokens}
             prompt = choice + (question if choice in FLORENCE_TASKS_WITH_TEXT else "")
             return prompt, {"max_new_tokens": self.region_max_tokens}
         raise UserError(f"unknown task '{choice}'; choose one of: {', '.join(self.choices())}")
 
-    def __call__(self, image: Any, choice: str, question: str) -> Answer:
+    def __call__(self, image: Any, choice: str, question: str, box: str = "") -> Answer:
         """The answer ``predict`` and ``eval`` give for the same image, prompt and task (same decoding)."""
+        from florence_kit.common.geometry import prompt_box
         from florence_kit.data.dataset import to_rgb
         from florence_kit.evaluate.generation import generate, generation_config
-        from florence_kit.evaluate.regions import generate_raw, parse_answer, task_token
+        from florence_kit.evaluate.regions import generate_raw, parse_answer, parse_box_text, task_token
         from florence_kit.present.draw import draw_regions
 
         if image is None:
             raise UserError("upload an image first")
         image = to_rgb(image)
-        prompt, settings = self.prompt_for(choice, question)
+        prompt, settings = self.prompt_for(choice, question, box, image.size)
         gen_config = generation_config(self.model, self.processor, settings)
         spec, token = self.tasks.get(choice), task_token(prompt)
         if (spec is not None and spec.regions) or (spec is None and token in self.region_types):
             text = generate_raw(self.model, self.processor, image, prompt, gen_config)  # keeps <loc_*>
             parsed = (parse_answer(spec, self.processor, text, image.size) if spec is not None
                       else self.processor.post_process_generation(text, task=token, image_size=image.size)[token])
+            if isinstance(parsed, str):  # a region-in task's text: the box it was asked about, labelled with it
+                return Answer(parsed, draw_regions(image, {"bboxes": [parse_box_text(box, image.size)],
+                                                           "labels": [parsed]}))
             return Answer(json.dumps(parsed, ensure_ascii=False), draw_regions(image, parsed))
-        return Answer(generate(self.model, self.processor, [image], [prompt], gen_config)[0], None)
+        text = generate(self.model, self.processor, [image], [prompt], gen_config)[0]
+        if (box or "").strip() and prompt_box(prompt) is not None:  # Florence-2's own <REGION_TO_*> tokens
+            return Answer(text, draw_regions(image, {"bboxes": [parse_box_text(box, image.size)], "labels": [text]}))
+        return Answer(text, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,9 +127,9 @@ def build_app(predictor: Predictor, default: str, title: str) -> Any:
     """The Gradio page: image, task, question → answer (+ regions drawn). Its API name is ``/predict``."""
     gr = require_gradio()
 
-    def answer(image: Any, choice: str, question: str) -> tuple[str, Any]:
-        try:
-            result = predictor(image, choice, question)
+    def answer(image: Any, choice: str, question: str, box: str | None = None) -> tuple[str, Any]:
+        try:  # box defaults to None: API clients that send image, task and question only still work
+            result = predictor(image, choice, question, box or "")
         except UserError as exc:
             raise gr.Error(str(exc)) from None
         return result.text, result.regions
@@ -125,12 +141,15 @@ def build_app(predictor: Predictor, default: str, title: str) -> Any:
                 image = gr.Image(type="pil", label="document image", sources=["upload", "clipboard"])
                 task = gr.Dropdown(predictor.choices(), value=default, label="task")
                 question = gr.Textbox(label="question", placeholder="What is the total?")
+                box = gr.Textbox(label="box x1,y1,x2,y2 (pixels; for region-in tasks such as region-category)",
+                                 placeholder="40,60,200,180")
                 run = gr.Button("Answer", variant="primary")
             with gr.Column():
                 text = gr.Textbox(label="answer", interactive=False)
-                regions = gr.Image(type="pil", label="regions (tasks that return boxes)", interactive=False)
-        run.click(answer, [image, task, question], [text, regions], api_name="predict")
-        question.submit(answer, [image, task, question], [text, regions], api_visibility="private")
+                regions = gr.Image(type="pil", label="regions (boxes, polygons, the asked box)", interactive=False)
+        run.click(answer, [image, task, question, box], [text, regions], api_name="predict")
+        question.submit(answer, [image, task, question, box], [text, regions], api_visibility="private")
+        box.submit(answer, [image, task, question, box], [text, regions], api_visibility="private")
     return app
 
 

@@ -1,4 +1,4 @@
-"""The ``regions:`` block of a task file (od, grounding, region-caption, ocr-region) and ``--box-format``.
+"""The ``regions:`` block of a task file (od, grounding, segmentation, region-category, ...) and ``--box-format``.
 
 Checked when task files are read, so it sits with the task spec; :mod:`florence_kit.data.regions`
 turns the rows of such a task into ``<loc_*>`` targets.
@@ -12,9 +12,14 @@ from typing import Any
 
 from florence_kit.common.errors import UserError
 
-KINDS = ("od", "grounding", "region-caption", "ocr-region")
+KINDS = ("od", "grounding", "region-caption", "ocr-region", "segmentation", "region-segmentation", "region-category",
+         "region-description", "region-ocr", "open-vocab-od", "region-proposal")
 BOX_FORMATS = ("xywh", "xyxy", "xywhn", "xyxyn", "cxcywhn", "quad", "quadn")
-REGION_KEYS = {"kind", "box_format", "objects", "bbox", "category", "caption"}
+SHAPES = ("boxes", "polygons")
+REGION_KEYS = {"kind", "box_format", "objects", "bbox", "category", "caption", "segmentation", "phrase", "shape"}
+OCR_KINDS = ("ocr-region", "region-ocr")  # objects are text lines: {quad, text}
+BOX_KINDS = ("od", "grounding", "region-caption", "ocr-region")  # one example per image, boxes in the target
+UNIT_KINDS = tuple(k for k in KINDS if k not in BOX_KINDS)  # examples per object / phrase (data.region_units)
 
 
 class BoxFormat(str, enum.Enum):
@@ -31,7 +36,11 @@ class BoxFormat(str, enum.Enum):
 
 
 def check_regions(value: Any, origin: str) -> dict[str, Any]:
-    """The task file's ``regions:`` mapping with defaults filled in; every problem names the field."""
+    """The task file's ``regions:`` mapping with defaults filled in; every problem names the field.
+
+    The kinds after the four box kinds (see :mod:`florence_kit.data.region_units`) also name where an object's
+    mask (``segmentation``) and phrase (``phrase``) live, and ``open-vocab-od`` whether its targets are boxes or
+    polygons (``shape``); ``objects: "."`` reads one object from each row's own columns (RefCOCO-style rows)."""
     if isinstance(value, str):
         value = {"kind": value}
     if not isinstance(value, dict):
@@ -42,13 +51,24 @@ def check_regions(value: Any, origin: str) -> dict[str, Any]:
     kind = str(value.get("kind", ""))
     if kind not in KINDS:
         raise UserError(f"{origin}: regions.kind must be one of {', '.join(KINDS)}, got '{kind}'")
-    ocr = kind == "ocr-region"
+    ocr = kind in OCR_KINDS
     out = {"kind": kind, "box_format": "quad" if ocr else "xywh", "objects": "objects",
            "bbox": "quad" if ocr else "bbox", "category": "text" if ocr else "category", "caption": "caption"}
+    if kind not in BOX_KINDS:
+        out.update({"segmentation": "segmentation", "phrase": "phrase"})
+    if kind == "open-vocab-od":
+        out["shape"] = "boxes"
+    if kind in BOX_KINDS and set(value) & {"segmentation", "phrase"}:
+        raise UserError(f"{origin}: regions.segmentation and regions.phrase apply to the kinds after "
+                        f"{', '.join(BOX_KINDS)}, not to '{kind}'")
+    if kind != "open-vocab-od" and "shape" in value:
+        raise UserError(f"{origin}: regions.shape (boxes or polygons) applies to open-vocab-od only, not to '{kind}'")
     out.update({k: str(v) for k, v in value.items()})
     if out["box_format"] not in BOX_FORMATS:
         raise UserError(f"{origin}: regions.box_format must be one of {', '.join(BOX_FORMATS)}, "
                         f"got '{out['box_format']}'")
+    if out.get("shape", "boxes") not in SHAPES:
+        raise UserError(f"{origin}: regions.shape must be one of {', '.join(SHAPES)}, got '{out['shape']}'")
     return out
 
 

@@ -82,8 +82,8 @@ class TaskSpec:
         """
         if self.row_map:
             return [self.image_column]
-        if self.regions:
-            return [self.image_column, self.regions["objects"]]
+        if self.regions:  # objects "." : one object per row, its keys read from the row (RefCOCO-style)
+            return [self.image_column] + ([self.regions["objects"]] if self.regions["objects"] != "." else [])
         if self.explode:
             return [self.image_column, self.explode]
         cols = [self.image_column, *template_fields(self.prompt)]
