@@ -2,6 +2,8 @@
 
     python -m benchmarks.train_speed                 # tiny (full) + base-sized 768 px (full, frozen-encoder)
     python -m benchmarks.train_speed --only tiny --tiny-steps 40
+    python -m benchmarks.train_speed --commands --only tiny --tiny-modes frozen-encoder,full --tiny-steps 64 \
+        --tiny-batch 6 --pages 12     # the command as typed vs the best flags vs the reference, whole processes
 
 Every (configuration, loop) pair runs in a fresh subprocess, so peak RSS (``ru_maxrss``) is that run's own.
 Both loops see the same synthetic DocVQA split saved in the public schema (pages rendered at 2048 px as PNG,
@@ -265,6 +267,91 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ --commands: the command users type, whole process
+
+
+def best_flags(mode: str) -> list[str]:
+    """Every speed flag that serves ``mode`` (the feature cache and page grouping need a frozen vision tower)."""
+    frozen = mode in ("frozen-encoder", "lora", "qlora")
+    return ["--prepare-data", *(["--cache-vision-features", "--group-by-image"] if frozen else [])]
+
+
+def save_base_weights(paths: dict[str, Path]) -> None:
+    """The CLI reads weights from the folder: the same seed-0 random base-sized weights the workers draw."""
+    model, _ = load_model(paths["base_model"], "base")
+    model.save_pretrained(paths["base_model"])
+
+
+def timed(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float, float, str]:
+    """(wall seconds, CPU seconds, peak RSS MB, output) of one whole process. The CPU seconds (user + system, its
+    worker processes included) hardly change when other jobs share the machine; the wall seconds do."""
+    with log.open("w") as sink:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, text
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6 if path.exists() else 0.0
+
+
+def run_commands(kind: str, mode: str, steps: int, batch: int, paths: dict[str, Path], tmp: Path,
+                 threads: int | None) -> list[dict]:
+    """The reference loop, ``florence-kit finetune`` as typed (no speed flags) and with the best flags: three
+    whole processes over the same data, weights, batch and steps; the disk is what the run folder holds after."""
+    import yaml
+
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    rows = []
+    ref_json = tmp / f"cmd-{kind}-{mode}-reference.json"
+    reference = [sys.executable, "-m", "benchmarks.train_speed", "--worker", "--impl", "reference", "--kind", kind,
+                 "--mode", mode, "--steps", str(steps), "--batch-size", str(batch),
+                 "--model-dir", str(paths[f"{kind}_model"]), "--data-dir", str(paths[f"{kind}_data"]),
+                 "--out", str(ref_json), *(["--threads", str(threads)] if threads else [])]
+    runs = [("reference loop", reference, None)]
+    for label, extra in (("florence-kit (plain command)", []), ("florence-kit (best flags)", best_flags(mode))):
+        out = tmp / f"cmd-{kind}-{mode}-{len(runs)}"
+        runs.append((label, [sys.executable, "-m", "florence_kit.cli", "finetune", "docvqa",
+                             "--model", str(paths[f"{kind}_model"]), "--dataset", str(paths[f"{kind}_data"]),
+                             "--mode", mode, "--max-steps", str(steps), "--batch-size", str(batch), "--lr", "1e-6",
+                             "--quiet", "--output-dir", str(out), *extra], out))
+    for label, cmd, out in runs:
+        print(f"running {kind} {mode}: {label} ...", flush=True)
+        wall, cpu, rss, text = timed(cmd, tmp / f"{kind}-{mode}-{len(rows)}.log", env)
+        config = yaml.safe_load((out / "config.yaml").read_text()) if out else {}
+        decision = config.get("run", {}).get("speed", {}).get("decision", "")  # the line, unwrapped
+        rows.append({"kind": kind, "mode": mode, "run": label, "steps": steps, "batch_size": batch,
+                     "wall_s": wall, "cpu_s": cpu, "samples_per_s": steps * batch / wall, "peak_rss_mb": rss,
+                     "disk_mb": folder_mb(out / "prepared") + folder_mb(out / "vision_cache") if out else 0.0,
+                     "decision": decision})
+    return rows
+
+
+def command_table(rows: list[dict]) -> str:
+    """Speed ratios are time ratios (the same samples in each run): by wall time and by CPU time."""
+    lines = ["| model | mode | run | steps × batch | wall s | CPU s | samples/s | × reference (wall, CPU) "
+             "| plain ÷ best (wall, CPU) | peak RSS MB | store + cache MB |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        same = [x for x in rows if x["kind"] == r["kind"] and x["mode"] == r["mode"]]
+        ref, plain, best = same[0], same[1], same[2]
+        vs_ref = f"{ref['wall_s'] / r['wall_s']:.2f}, {ref['cpu_s'] / r['cpu_s']:.2f}"
+        vs_best = f"{best['wall_s'] / plain['wall_s']:.2f}, {best['cpu_s'] / plain['cpu_s']:.2f}" if r is plain else "-"
+        lines.append(f"| {r['kind']} | {r['mode']} | {r['run']} | {r['steps']} × {r['batch_size']} | {r['wall_s']:.1f} "
+                     f"| {r['cpu_s']:.1f} | {r['samples_per_s']:.2f} | {vs_ref} | {vs_best} | {r['peak_rss_mb']:.0f} "
+                     f"| {r['disk_mb']:.1f} |")
+    decisions = {r["decision"] for r in rows if r["decision"] and "plain command" in r["run"]}
+    return "\n".join(lines + [""] + [f"plain command decided: {d}" for d in sorted(decisions)])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=("tiny", "base"), help="run one model size only")
@@ -277,6 +364,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--page-size", type=int, default=PAGE_SIZE, help="rendered page side in pixels")
     p.add_argument("--threads", type=int, help="torch threads per run (default: torch's own); 1 on a shared machine")
     p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--commands", action="store_true",
+                   help="whole processes: the reference loop vs `florence-kit finetune` as typed vs with the best "
+                   "speed flags (ratios from one run; peak RSS and the stores' disk use beside them)")
+    p.add_argument("--pages", type=int, help="distinct pages per data set (default: two epochs' worth)")
     # worker-only arguments
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=(*IMPLS, CACHED), help=argparse.SUPPRESS)
@@ -300,10 +391,22 @@ def main(argv: list[str] | None = None) -> None:
         # steps × batch = 2 epochs of QUESTIONS_PER_PAGE questions per page: every run covers two epochs, as
         # real fine-tuning runs several (the blog: 7)
         per_run = 2 * QUESTIONS_PER_PAGE
-        paths = prepare(Path(tmp), tiny_docs=max(args.tiny_steps * args.tiny_batch // per_run, 1)
+        paths = prepare(Path(tmp), tiny_docs=(args.pages or max(args.tiny_steps * args.tiny_batch // per_run, 1))
                         if args.only in (None, "tiny") else 0,
-                        base_docs=max(args.base_steps * args.base_batch // per_run, 1)
+                        base_docs=(args.pages or max(args.base_steps * args.base_batch // per_run, 1))
                         if args.only in (None, "base") else 0, page_size=args.page_size)
+        if args.commands:
+            if args.only in (None, "base"):
+                save_base_weights(paths)
+            rows = [row for kind, mode, steps, batch in plan
+                    for row in run_commands(kind, mode, steps, batch, paths, Path(tmp), args.threads)]
+            pages = args.pages or "two epochs of"
+            print(f"\n{pages} pages at {args.page_size} px, {QUESTIONS_PER_PAGE} questions each; cpu count: "
+                  f"{os.cpu_count()}\n")
+            print(command_table(rows))
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+            return
         results = []
         for kind, mode, steps, batch in plan:
             for impl in (*IMPLS, CACHED) if mode == "frozen-encoder" else IMPLS:

@@ -165,3 +165,47 @@ def test_cli_eval_with_beams_and_workers_keeps_dataset_order(tiny_dir, docvqa_di
 
     bad = CliRunner().invoke(app, [*args[:-9], "--batch-size", "0", "--quiet"])
     assert bad.exit_code == 2 and "--batch-size must be at least 1" in bad.output
+
+
+def test_pages_are_decoded_and_seen_by_the_vision_tower_once(model_and_processor, docvqa_task, varied_split,
+                                                            monkeypatch):
+    """eval's default batches whole pages: each page decoded and through DaViT once, the same records as --speed off."""
+    import torch
+
+    from florence_kit.data.dataset import TaskDataset
+    from florence_kit.evaluate.generation import encode, encode_pages
+    from florence_kit.evaluate.scoring import evaluate
+
+    model, processor = model_and_processor
+    pages = len(set(varied_split["docId"]))
+    assert pages < varied_split.num_rows  # several questions per page
+    counts = {"decoded": 0, "tower": 0}
+    getitem, tower = TaskDataset.__getitem__, model.model.vision_tower.forward
+
+    def counting_getitem(self, index):
+        counts["decoded"] += 1
+        return getitem(self, index)
+
+    def counting_tower(pixel_values, *a, **kw):
+        counts["tower"] += pixel_values.shape[0]
+        return tower(pixel_values, *a, **kw)
+
+    monkeypatch.setattr(TaskDataset, "__getitem__", counting_getitem)
+    monkeypatch.setattr(model.model.vision_tower, "forward", counting_tower)
+    common = {"max_new_tokens": 8, "show_progress": False, "thumbnail_size": 64, "batch_size": 4}
+    fast = evaluate(model, processor, docvqa_task, varied_split, **common)
+    assert counts == {"decoded": pages, "tower": pages}  # batches of 4 = two whole pages of 2 questions
+    counts.update(decoded=0, tower=0)
+    plain = evaluate(model, processor, docvqa_task, varied_split, by_page=False, **common)
+    assert counts == {"decoded": varied_split.num_rows, "tower": varied_split.num_rows}
+    assert fast.predictions == plain.predictions and fast.thumbnails == plain.thumbnails
+    assert fast.metrics == plain.metrics
+    # the inputs themselves: the same ids and mask as the processor's, the distinct pages' pixels
+    dataset = TaskDataset(varied_split, docvqa_task, with_target=False)
+    examples = [dataset[i] for i in range(3)]
+    which = [0, 0, 1]
+    ref = encode(processor, [examples[i].image for i in which], [ex.prompt for ex in examples])
+    mine = encode_pages(processor, [examples[0].image, examples[1].image], [ex.prompt for ex in examples], which)
+    assert torch.equal(mine["input_ids"], ref["input_ids"]) and torch.equal(mine["attention_mask"],
+                                                                           ref["attention_mask"])
+    assert torch.equal(mine["pixel_values"][mine["image_index"]], ref["pixel_values"])

@@ -267,7 +267,8 @@ def test_cli_prepare_data_and_grouping(tiny_dir, docvqa_dir, tmp_path):
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["prepare_data"] is True and config["group_by_length"] is True
     assert len(list((out / "prepared").glob("pixels-*.u8"))) == 1
-    refused = runner.invoke(app, [*base, "--output-dir", str(tmp_path / "no"), "--group-by-length"])
+    refused = runner.invoke(app, [*base, "--output-dir", str(tmp_path / "no"), "--group-by-length",
+                                  "--no-prepare-data"])  # without --no-prepare-data, --speed auto takes the store
     assert refused.exit_code == 2 and "--prepare-data" in refused.output
     assert not (tmp_path / "no").exists()  # refused before anything was written
 

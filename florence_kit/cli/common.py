@@ -7,6 +7,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -20,6 +21,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console()
 err_console = Console(stderr=True)
 
+class Attn(str, Enum):
+    auto = "auto"
+    sdpa = "sdpa"
+    flash = "flash"
+    eager = "eager"
+
+
+class Speed(str, Enum):
+    auto = "auto"
+    off = "off"
+
+
+AttnOption = Annotated[
+    Attn,
+    typer.Option(help="Attention kernel of the language model: auto (flash-attn 2 where installed, on a CUDA GPU in "
+                 "bf16/fp16; else sdpa), sdpa, flash (pip install \"florence-kit[flash]\") or eager."),
+]
 TasksDirOption = Annotated[
     list[Path] | None,
     typer.Option("--tasks-dir", help="Extra folder of task files (repeatable; also FLORENCE_KIT_TASKS_PATH)."),

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.cli.common import Attn, AttnOption, Speed, TasksDirOption, console, user_errors
 from florence_kit.tasks.regions import BoxFormat
 
 
@@ -61,6 +61,11 @@ def eval_(
         BoxFormat | None,
         typer.Option(help="Region tasks: how the data writes boxes (default: the task's, xywh as COCO)."),
     ] = None,
+    speed: Annotated[
+        Speed, typer.Option(help="auto: a page's questions batched together, each page decoded and run through the "
+                            "vision tower once (same answers); off: one decode per question, sorted by length.")
+    ] = Speed.auto,
+    attn: AttnOption = Attn.auto,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -75,6 +80,7 @@ def eval_(
     from florence_kit.common.errors import UserError
     from florence_kit.data.dataset import cap_rows, load_split
     from florence_kit.evaluate.scoring import evaluate, write_results, write_summary
+    from florence_kit.model.attention import set_attention
     from florence_kit.model.loading import load_model
     from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.tasks.regions import with_box_format
@@ -90,10 +96,12 @@ def eval_(
     splits = [cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
               for spec in specs]
     net, processor = load_model(model)
+    set_attention(net, attn.value)
     scored: dict[str, dict] = {}
     for spec, data in zip(specs, splits, strict=True):
         result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
-                          max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers)
+                          max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers,
+                          by_page=speed is Speed.auto)
         folder = output_dir if len(specs) == 1 else output_dir / spec.name
         write_results(result, folder)
         for line in result.bad_boxes:
@@ -148,6 +156,7 @@ def predict(
     box: Annotated[str | None, typer.Option(
         help="x1,y1,x2,y2 in pixels: the region of region-in tasks (region-category, region-ocr, ...).")] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
+    attn: AttnOption = Attn.auto,
     tasks_dir: TasksDirOption = None,
 ) -> None:
     """Answer one image with a model.
@@ -160,6 +169,7 @@ def predict(
     from florence_kit.data.dataset import to_rgb
     from florence_kit.evaluate.generation import generate, generation_config_for
     from florence_kit.evaluate.regions import render_prompt
+    from florence_kit.model.attention import set_attention
     from florence_kit.model.loading import load_model
     from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.tasks.registry import get_task
@@ -172,6 +182,7 @@ def predict(
         raise UserError(f"cannot read image '{image}': {exc}") from None
     prompt = render_prompt(spec, question, box, picture.size)  # {region}: --box as <loc_*> tokens
     net, processor = load_model(model)
+    set_attention(net, attn.value)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams)
     if spec.regions:  # --- regions: parsed boxes as JSON, drawn into a PNG beside the image ---
         from florence_kit.evaluate.regions import generate_raw, parse_answer, parse_box_text, png_path

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.cli.common import Attn, AttnOption, Speed, TasksDirOption, console, user_errors
 from florence_kit.model.modes import Mode
 from florence_kit.model.precision import Precision
 from florence_kit.tasks.regions import BoxFormat
@@ -125,26 +125,38 @@ def finetune(
         int, typer.Option(help="Stop after N evaluations without improvement (0 = never).")
     ] = 0,
     # --- trainspeed ---
+    speed: Annotated[
+        Speed, typer.Option(help="auto: decode pages once, and with a frozen vision tower cache its features and "
+                            "group a page's questions, where the disk has room (one line says what and why; "
+                            "docs/speed.md); off: the plain per-batch path. Each --[no-]switch below wins.")
+    ] = Speed.auto,
+    attn: AttnOption = Attn.auto,
     cache_vision_features: Annotated[
-        bool, typer.Option(help="Frozen vision tower only: run it once per distinct image and reuse its output "
-                           "(fp16, on disk, memory-mapped).")
-    ] = False,
+        bool | None,
+        typer.Option("--cache-vision-features/--no-cache-vision-features",
+                     help="Frozen vision tower only: run it once per distinct image and reuse its output (fp16, on "
+                     "disk, memory-mapped). Default: --speed decides."),
+    ] = None,
     vision_cache_dir: Annotated[
         Path | None, typer.Option(help="Where --cache-vision-features keeps features; default: <output-dir>/"
                                   "vision_cache. Shareable across runs of the same model.")
     ] = None,
     prepare_data: Annotated[
-        bool, typer.Option(help="Decode and resize each distinct image once (worker processes, uint8 on disk) and "
-                           "tokenise once, instead of running the processor on every batch of every epoch.")
-    ] = False,
+        bool | None,
+        typer.Option("--prepare-data/--no-prepare-data",
+                     help="Decode and resize each distinct image once (worker processes, uint8 on disk) and tokenise "
+                     "once, instead of running the processor on every batch of every epoch. Default: --speed decides."),
+    ] = None,
     prepare_dir: Annotated[
         Path | None, typer.Option(help="Where --prepare-data keeps its resized pixels; default: <output-dir>/prepared. "
                                   "Shareable: a later run over the same images reads the store back.")
     ] = None,
     group_by_image: Annotated[
-        bool, typer.Option(help="Put the questions of one page in one batch (with --cache-vision-features the page "
-                           "goes through the vision tower once, even in the first epoch).")
-    ] = False,
+        bool | None,
+        typer.Option("--group-by-image/--no-group-by-image",
+                     help="Put the questions of one page in one batch (with --cache-vision-features the page goes "
+                     "through the vision tower once, even in the first epoch). Default: --speed decides."),
+    ] = None,
     group_by_length: Annotated[
         bool, typer.Option(help="Batches of similar length, less padding (needs --prepare-data).")
     ] = False,
@@ -205,7 +217,7 @@ def finetune(
         optim=optim.value if optim else None,
         cache_vision_features=cache_vision_features, vision_cache_dir=vision_cache_dir, compile=compile,
         prepare_data=prepare_data, prepare_dir=prepare_dir, group_by_image=group_by_image,
-        group_by_length=group_by_length,
+        group_by_length=group_by_length, speed=speed.value, attn=attn.value,
         report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
         precision=precision.value, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
         eval_every=eval_every, eval_max_samples=eval_max_samples, early_stopping_patience=early_stopping_patience,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.cli.common import Attn, AttnOption, TasksDirOption, console, user_errors
 
 
 @user_errors
@@ -16,6 +16,7 @@ def serve(
     task: Annotated[str, typer.Option(help="Task selected when the page opens.")] = "docvqa",
     port: Annotated[int, typer.Option(help="Port of the local web page.")] = 7860,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    attn: AttnOption = Attn.auto,
     tasks_dir: TasksDirOption = None,
 ) -> None:
     """Start a local web page: upload a document image, pick a task, type a question, read the answer
@@ -27,4 +28,4 @@ def serve(
     from florence_kit.present.serve import serve as run_server
 
     tasks_dirs = [*(Path(p) for p in tasks_dir or []), *export_tasks_dirs(model)]
-    run_server(model, task, host, port, tasks_dirs, print_fn=console.print)
+    run_server(model, task, host, port, tasks_dirs, print_fn=console.print, attn=attn.value)

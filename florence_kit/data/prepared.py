@@ -53,6 +53,11 @@ def image_keys(dataset: Any) -> list[str]:
     column is not a plain ``datasets.Image`` (lists of images, exploded turns), the dataset row is the key:
     the turns of one row share their image.
     """
+    memo = getattr(dataset, "image_keys_memo", None)  # set by a run that counted its pages (train/recipe.py)
+    return memo if memo is not None else _image_keys(dataset)
+
+
+def _image_keys(dataset: Any) -> list[str]:
     import datasets
 
     if hasattr(dataset, "parts"):  # florence_kit.data.mixing.MixedDataset: keys per task, examples by (part, item)

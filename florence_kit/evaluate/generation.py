@@ -71,6 +71,60 @@ def generate(model: Any, processor: Any, images: Sequence[Any], prompts: Sequenc
     return generate_from_inputs(model, processor, encode(processor, images, prompts), gen_config)
 
 
+def encode_pages(processor: Any, images: Sequence[Any], prompts: Sequence[str], image_index: Sequence[int]) -> Any:
+    """:func:`encode`'s inputs with each distinct image processed once: ``pixel_values`` holds the distinct images
+    and ``image_index`` says which one each row shows (``input_ids`` and the mask equal :func:`encode`'s, tested)."""
+    import torch
+    from transformers import BatchFeature
+
+    from florence_kit.data.prepared import token_layout
+
+    text = processor.tokenizer.pad({"input_ids": token_layout(processor, prompts)}, padding="longest",
+                                   padding_side="right", return_tensors="pt")
+    pixels = processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+    return BatchFeature({"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                         "pixel_values": pixels, "image_index": torch.tensor(list(image_index))})
+
+
+def generate_pages(model: Any, processor: Any, inputs: Any, gen_config: Any) -> list[str]:
+    """Answers for :func:`encode_pages` inputs: the vision tower runs once per distinct image, the BART encoder once
+    per row, and ``generate`` starts from those encoder outputs (the answers of :func:`generate`, tested)."""
+    import torch
+
+    inputs = inputs.to(model.device)
+    native = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.inference_mode():
+        features = native.model.get_image_features(inputs["pixel_values"].to(model.dtype)).pooler_output
+        embeds = native.get_input_embeddings()(inputs["input_ids"])
+        mask = (inputs["input_ids"] == native.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, features[inputs["image_index"]].to(embeds.dtype))
+        encoded = native.model.language_model.encoder(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        out = model.generate(encoder_outputs=encoded, attention_mask=inputs["attention_mask"],
+                             generation_config=gen_config)
+    return decode_answers(processor, out)
+
+
+def prompt_lengths(processor: Any, prompts: Sequence[str]) -> list[int]:
+    """Each prompt's token count as the processor expands it (image tokens are the same for every example)."""
+    if not prompts:
+        return []
+    construct = getattr(processor, "_construct_prompts", None)
+    texts = construct(list(prompts)) if construct else list(prompts)
+    return [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def page_order(keys: Sequence[str], lengths: Sequence[int]) -> list[int]:
+    """Indices grouped by page: pages in order of their longest prompt, a page's questions longest first.
+
+    A batch then holds whole pages (DocVQA: about four questions each), so each page is decoded, resized and run
+    through the vision tower once. Ties keep dataset order: the order is deterministic.
+    """
+    pages: dict[str, list[int]] = {}
+    for index in sorted(range(len(keys)), key=lambda i: -lengths[i]):
+        pages.setdefault(keys[index], []).append(index)
+    return [index for page in pages.values() for index in page]
+
+
 def length_order(processor: Any, prompts: Sequence[str]) -> list[int]:
     """Indices of ``prompts``, longest encoder input first, so each batch pads little.
 
@@ -78,9 +132,5 @@ def length_order(processor: Any, prompts: Sequence[str]) -> list[int]:
     means a batch that does not fit in memory fails at once rather than at the end. Ties keep
     dataset order (stable sort), so the order is deterministic.
     """
-    if not prompts:
-        return []
-    construct = getattr(processor, "_construct_prompts", None)
-    texts = construct(list(prompts)) if construct else list(prompts)
-    lengths = [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    lengths = prompt_lengths(processor, prompts)
     return sorted(range(len(prompts)), key=lambda i: -lengths[i])

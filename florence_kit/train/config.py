@@ -58,12 +58,15 @@ class TrainConfig:
     lora_vision: bool = False
     optim: str | None = None  # adamw | adamw8bit | paged-adamw8bit; None: adamw (qlora: 8-bit, paged on CUDA)
     # --- trainspeed ---
-    cache_vision_features: bool = False
+    # None: decided by --speed (florence_kit/train/speed.py); True/False when typed (--[no-]cache-vision-features)
+    cache_vision_features: bool | None = None
     vision_cache_dir: Path | None = None  # None: <output_dir>/vision_cache
-    prepare_data: bool = False  # decode/resize each distinct image once, tokenise once (florence_kit/data/prepared.py)
+    prepare_data: bool | None = None  # decode/resize each distinct image once, tokenise once (data/prepared.py)
     prepare_dir: Path | None = None  # None: <output_dir>/prepared
-    group_by_image: bool = False  # a page's questions in one batch (with --cache-vision-features: one DaViT pass)
+    group_by_image: bool | None = None  # a page's questions in one batch (with --cache-vision-features: one DaViT pass)
     group_by_length: bool = False  # batches of similar length (needs --prepare-data)
+    speed: str = "auto"  # auto: the three switches above decided by the run (train/speed.py); off: plain path
+    attn: str = "auto"  # attention kernel of the language model (model/attention.py)
     compile: bool = False  # regional torch.compile of the DaViT blocks and BART layers (model/compiling.py)
     # --- run folder ---
     report_to: str = "none"
@@ -242,7 +245,7 @@ def check_options(cfg: Any) -> None:
     # None: the mode's default; 0 is allowed: a run that only evaluates (--eval-every) or checks the pipeline
     if cfg.lr is not None and not cfg.lr >= 0:
         raise UserError(f"--lr cannot be negative, got {cfg.lr}")
-    if getattr(cfg, "group_by_length", False) and not getattr(cfg, "prepare_data", False):
+    if getattr(cfg, "group_by_length", False) and getattr(cfg, "prepare_data", False) is False:
         raise UserError("--group-by-length needs --prepare-data (the lengths come from its tokenisation)")
     if getattr(cfg, "group_by_length", False) and getattr(cfg, "group_by_image", False):
         raise UserError("choose one of --group-by-image and --group-by-length")

@@ -40,6 +40,7 @@ class Run:
     processor: Any = None
     data: Any = None  # florence_kit.data.mixing.TrainingData: the examples and where they came from
     report: Any = None  # the length preflight: which examples are kept
+    speed: dict[str, Any] = field(default_factory=dict)  # --speed's decision, for config.yaml's ``run`` record
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # trainable / total parameters per component
     run_info: dict[str, Any] = field(default_factory=dict)  # config.yaml's ``run`` record
     start_step: int = 0
@@ -101,6 +102,7 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     load_training_data(run)
     run.cfg = fit_memory(run)
     apply_training_mode(run, chosen_optim, chosen_lr)
+    run.cfg = choose_speed(run)
     start_run_folder(run)
     return run
 
@@ -199,11 +201,51 @@ def apply_training_mode(run: Run, chosen_optim: str | None, chosen_lr: float | N
         run.say(f"learning rate: {cfg.lr:g} (the {cfg.mode} default; --lr to change)")
 
 
+def choose_speed(run: Run) -> TrainConfig:
+    """``--speed``: the decode-once store, the feature cache and page grouping (train/speed.py), decided on the main
+    process (the others follow) and said in one line with ``--attn``'s kernel; ``--resume`` keeps the run's choice."""
+    import torch
+
+    from florence_kit.data.prepared import image_keys, pixel_shape
+    from florence_kit.model.attention import apply_attn, attn_line, resolve_attn
+    from florence_kit.model.modes import frozen_components
+    from florence_kit.model.precision import device_facts, resolve_precision
+    from florence_kit.train.speed import decide, feature_bytes_per_page, recorded
+
+    cfg = run.cfg
+    implementation, why = resolve_attn(cfg.attn, cuda=torch.cuda.is_available(),
+                                       precision=resolve_precision(cfg.precision, device_facts()))
+    apply_attn(run.model, implementation)
+    decision: list[Any] = [None]
+    if run.main:
+        kept = run.report.keep
+
+        def pages() -> int:
+            keys = image_keys(run.data.dataset)
+            run.data.dataset.image_keys_memo = keys  # the store reads them back instead of hashing every page again
+            return len({keys[i] for i in kept})
+
+        height, width = pixel_shape(run.processor.image_processor)
+        decision = [decide(cfg, frozen_vision="vision" in frozen_components(cfg.mode, cfg.lora_vision),
+                           pages=pages, pixel_size=(height, width),
+                           feature_page_bytes=feature_bytes_per_page(run.model, height, width),
+                           resumed=recorded(cfg, run.resume_from) if run.resume_from is not None else None)]
+    if run.procs.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        decision = broadcast_object_list(decision)
+    chosen, line, record = decision[0]
+    line = f"{line}; {attn_line(cfg.attn, implementation, why)}"
+    run.say(line)
+    run.speed = {**record, "decision": line, "attention": implementation}
+    return chosen
+
+
 def start_run_folder(run: Run) -> None:
     """metrics.jsonl started (or cut back to the checkpoint's step when resuming), config.yaml written."""
     out, report = run.out, run.report
     run.run_info = {"task_origin": run.data.origin, "examples": len(report.keep), "dropped": len(report.too_long),
-                    **({"mix": run.data.mix} if run.data.mix else {})}
+                    **({"mix": run.data.mix} if run.data.mix else {}), "speed": run.speed}
     if run.resume_from is not None:
         run.start_step = TrainState.from_file(run.resume_from / "trainer_state.json")[0].step
     if run.main:
