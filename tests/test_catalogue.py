@@ -427,7 +427,7 @@ def _(env: Env) -> list[str]:
     return env.ft(model=env.tmp / "model.bin")
 
 
-@case("model with pickled weights and remote code only", "has no safetensors weights (only pytorch_model.bin")
+@case("model with pickled weights and remote code only", "convert it once: florence-kit convert")
 def _(env: Env) -> list[str]:
     sentinel = env.tmp / "pwned"
     config = json.loads((env.tiny / "config.json").read_text())

@@ -164,7 +164,10 @@ def test_an_error_is_printed_once_whether_every_process_or_one_raises_it(tiny_di
     (data / "cut.png").write_bytes(b"not an image")
     rows.insert(3, {"image": "cut.png", "question": "What is it?", "answers": ["a page"]})
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = _launch(tiny_dir, data, tmp_path / "run", "--batch-size", "1", "--max-steps", "3", timeout=180)
+    # --speed off: the per-batch path, where only the process whose batch holds the image reads it (the store's
+    # one pass is the main process's, tested with the other shared-store errors)
+    done = _launch(tiny_dir, data, tmp_path / "run", "--batch-size", "1", "--max-steps", "3", "--speed", "off",
+                   timeout=180)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode != 0 and len(errors) == 1 and "cut.png" in errors[0], done.stderr[-3000:]
     # with this seed the process that reads it is rank 1 (the one whose message waits), and it ends the run

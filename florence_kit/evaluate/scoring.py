@@ -186,6 +186,8 @@ def evaluate(
         raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
     dataset = TaskDataset(split, task, with_target=False)
     order = list(range(len(dataset)))
+    native = model.get_base_model() if hasattr(model, "get_base_model") else model
+    by_page = by_page and hasattr(getattr(native, "model", None), "get_image_features")  # an ONNX export: whole graphs
     # one pass over the texts: the length order, and a region task's bad boxes counted once (before generation
     # reads the rows again)
     prompts = [prompt for _, prompt, _ in dataset.texts()] if sort_by_length or by_page or task.regions else []
