@@ -80,7 +80,7 @@ def _quantized(config, cuda: bool = False):
         quant = quantization_config()  # what a user's qlora run loads with (compute dtype follows the device)
         placement = {"device_map": {"": 0}} if cuda else {}  # quantised while moved to the GPU, as a user's run
         model = Florence2ForConditionalGeneration.from_pretrained(tmp, quantization_config=quant, **placement)
-        own_unquantized_weights(model)  # as florence_kit.model.adapters.load_quantized: the checkpoint is unmapped
+        own_unquantized_weights(model)  # as florence_kit.model.loading.load_quantized: the checkpoint is unmapped
         return model
 
 

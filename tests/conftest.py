@@ -62,3 +62,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if missing:
         names = ", ".join(missing) if len(missing) <= 10 else f"{', '.join(missing[:10])}, ..."
         terminalreporter.write_line(f"{len(missing)} kind(s) failed or were not run: {names}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread than with threads fighting over a shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,13 +28,7 @@ ATOL = 1e-4  # fp32 logits; a correct conversion agrees to ~3e-5 here (logits sp
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is ~15x faster than several fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is ~15x faster on a shared CPU
 
 
 @pytest.fixture(scope="module")

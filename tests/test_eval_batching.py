@@ -25,17 +25,6 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models generate ~10x faster on one thread when the CPU is shared."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def model_and_processor(one_thread):
     import torch
 

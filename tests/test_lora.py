@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from florence_kit.cli import app
 from florence_kit.data.dataset import TaskDataset, load_split
-from florence_kit.model import adapters
+from florence_kit.model import adapters, loading
 from florence_kit.model.adapters import load_adapter_model, wrap_lora, wrapped_modules
 from florence_kit.model.loading import load_model
 from florence_kit.model.modes import apply_mode, component, trainable_counts, unwrap
@@ -288,7 +288,7 @@ def test_qlora_on_hardware_without_4bit_exits_2_naming_lora(tiny_dir, docvqa_dir
         raise RuntimeError("4-bit kernels are not available on this CPU")
 
     if where == "load":
-        monkeypatch.setattr(adapters, "load_native", fail)  # the 4-bit load of the base
+        monkeypatch.setattr(loading, "load_native", fail)  # the 4-bit load of the base
     else:
         monkeypatch.setattr(adapters, "_try_4bit_forward", fail)
     result = runner.invoke(app, ["finetune", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
@@ -326,13 +326,13 @@ def test_4bit_load_keeps_no_tensor_in_the_mapped_checkpoint(tiny_dir, monkeypatc
     checkpoint = (tiny_dir / "model.safetensors").resolve()
     monkeypatch.setattr(adapters, "own_unquantized_weights", lambda model: None)
     try:
-        mapped, _ = adapters.load_quantized(str(tiny_dir))
+        mapped, _ = loading.load_quantized(str(tiny_dir))
     except UserError as exc:
         pytest.skip(f"4-bit not available here: {exc}")
     # without the copy, the unquantised tensors are views into the mapped file (what this guards against)
     assert "model.vision_tower.convs.0.conv.weight" in _tensors_in_file_mapping(mapped, checkpoint)
     monkeypatch.undo()
-    model, _ = adapters.load_quantized(str(tiny_dir))
+    model, _ = loading.load_quantized(str(tiny_dir))
     assert _tensors_in_file_mapping(model, checkpoint) == []
     # same values, the LM head still tied to the token embeddings, the 4-bit layers untouched
     for name, param in mapped.named_parameters():

@@ -21,7 +21,6 @@ from florence_kit.common.errors import UserError, first_line
 from florence_kit.model.checkpoint_io import (
     ADAPTER_CONFIG,
     clean_generation_config,
-    is_adapter_dir,
     load_native,
     locate,
     resolve_model_id,
@@ -74,28 +73,6 @@ def quantization_config() -> Any:
         bnb_4bit_compute_dtype=compute,
         llm_int8_skip_modules=[f"model.{PROJECTOR}", "lm_head"],  # prefixes: a bare name would not match
     )
-
-
-def load_quantized(name: str) -> tuple[Any, Any]:
-    """(4-bit NF4 model, processor) for ``qlora``; a machine that cannot run 4-bit says what would work."""
-    require_bitsandbytes("--mode qlora", "--mode lora")
-    model_id = locate(name)
-    if is_adapter_dir(Path(model_id)):
-        raise UserError(f"'{model_id}' is a LoRA run folder; to quantise it, merge it first "
-                        f"(florence-kit export {model_id} --merge OUT) and pass --model OUT")
-    try:
-        model, processor = load_native(model_id, name, quantization_config=quantization_config())
-        own_unquantized_weights(model)
-        _try_4bit_forward(model)
-        return model, processor
-    except UserError:
-        raise
-    except (RuntimeError, ImportError, NotImplementedError, ValueError, AssertionError) as exc:
-        first = first_line(exc)
-        raise UserError(
-            f"this machine cannot load the model in 4-bit NF4 for --mode qlora ({type(exc).__name__}: {first}); "
-            "use --mode lora instead (add --optim adamw8bit to save optimizer memory)"
-        ) from None
 
 
 def own_unquantized_weights(model: Any) -> None:

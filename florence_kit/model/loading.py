@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from florence_kit.common.errors import UserError
+from florence_kit.common.errors import UserError, first_line
 from florence_kit.model.adapters import load_adapter_model
 from florence_kit.model.checkpoint_io import is_adapter_dir, load_native, locate
 from florence_kit.model.onnx_runtime import is_onnx_export, load_onnx_model
@@ -31,3 +31,24 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
                             f"(florence-kit export {path} --merge OUT) and pass --model OUT")
         return load_adapter_model(path, dtype=dtype)
     return load_native(model_id, name, dtype=dtype, quantization_config=quantization_config)
+
+
+def load_quantized(name: str) -> tuple[Any, Any]:
+    """(4-bit NF4 model, processor) for ``qlora``, through :func:`load_model` (which refuses adapter folders and
+    ONNX exports); a machine that cannot run 4-bit says what would work."""
+    from florence_kit.model import adapters
+
+    adapters.require_bitsandbytes("--mode qlora", "--mode lora")
+    try:
+        model, processor = load_model(name, quantization_config=adapters.quantization_config())
+        adapters.own_unquantized_weights(model)
+        adapters._try_4bit_forward(model)
+        return model, processor
+    except UserError:
+        raise
+    except (RuntimeError, ImportError, NotImplementedError, ValueError, AssertionError) as exc:
+        first = first_line(exc)
+        raise UserError(
+            f"this machine cannot load the model in 4-bit NF4 for --mode qlora ({type(exc).__name__}: {first}); "
+            "use --mode lora instead (add --optim adamw8bit to save optimizer memory)"
+        ) from None

@@ -87,8 +87,7 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     """Checks, then the model, the data, the memory fit and the mode; the run folder is started last."""
     from accelerate import PartialState
 
-    from florence_kit.model.adapters import load_quantized
-    from florence_kit.model.loading import load_model
+    from florence_kit.model.loading import load_model, load_quantized
 
     check_run_options(cfg)
     procs = PartialState(cpu=multi_process_cpu())  # joins the process group under accelerate launch / torchrun
