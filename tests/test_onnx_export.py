@@ -383,3 +383,47 @@ def test_recorded_transformersjs_answers_match_pytorch(tiny_dir: Path, tmp_path:
     expected = pytorch_answers(tiny_dir, page)
     assert js_answer(recorded["docvqa"]["text"]) == expected["docvqa"]
     assert js_answer(recorded["od"]["text"]) == expected["od"]
+
+
+def test_export_friendly_forwards_compute_what_transformers_computes() -> None:
+    """The export-time channel attention (several groups) and GELU equal transformers' own, and are put back."""
+    from transformers import Florence2VisionConfig
+    from transformers.activations import ACT2FN
+    from transformers.models.florence2.modeling_florence2 import Florence2VisionChannelAttention
+
+    from florence_kit.present.onnx_friendly import export_friendly
+
+    torch.manual_seed(0)
+    attention = Florence2VisionChannelAttention(Florence2VisionConfig(embed_dim=[64] * 4, num_groups=[4] * 4), 0)
+    holder = torch.nn.Sequential(attention, ACT2FN["gelu"]).eval()
+    x = torch.randn(2, 50, 64)
+    with torch.no_grad():
+        before = holder(x)
+        with export_friendly(holder):
+            assert "forward" in vars(attention)
+            during = holder(x)
+        after = holder(x)
+    assert torch.allclose(during, before, atol=1e-6)
+    assert torch.equal(after, before) and "forward" not in vars(attention)
+
+
+def test_exported_vision_tower_runs_fused_kernels(onnx_dir: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    """After onnxruntime's load-time optimisation the GELUs are one (Bias)Gelu kernel (no Erf left) and the channel
+    attention's products are FusedMatMul with a transposed operand, not a transpose of the feature map."""
+    import onnx
+    import onnxruntime as ort
+    from transformers import Florence2Config
+
+    blocks = sum(Florence2Config.from_pretrained(tiny_dir).vision_config.depths)  # a spatial + a channel block each
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    options.log_severity_level = 3  # not the warning that the saved graph is tuned to this CPU
+    ort.InferenceSession(str(onnx_dir / "onnx" / "vision_encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(tmp_path / "optimised.onnx").graph.node
+    ops = [node.op_type for node in nodes]
+    assert "Erf" not in ops and ops.count("Gelu") + ops.count("BiasGelu") == 2 * blocks
+    transposed = [n for n in nodes if n.op_type == "FusedMatMul"
+                  and any(a.name in ("transA", "transB") and a.i for a in n.attribute)]
+    assert len(transposed) >= blocks  # v attn^T in each channel block (q^T k too, unless the transposes merge)
+    perms = [tuple(a.ints) for n in nodes if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
+    assert (0, 2, 3, 4, 1) not in perms  # transformers' [batch, tokens, 1, groups, head_dim] -> tokens last

@@ -40,6 +40,7 @@ from torch import nn
 
 from florence_kit.common.errors import UserError, first_line
 from florence_kit.model.onnx_runtime import EXPORT_INFO, GRAPHS, SUFFIXES, load_onnx_model
+from florence_kit.present.onnx_friendly import export_friendly
 
 QUANTIZE_CHOICES = ("none", "int8", "fp16")
 DEFAULT_OPSET = 18
@@ -165,7 +166,7 @@ def export_graphs(model: Any, image_size: tuple[int, int], folder: Path, opset: 
             raise UserError(f"torch.onnx could not export {name} ({type(exc).__name__}: {first_line(exc)}); "
                             "try another --opset, or report it with the model's config.json") from None
 
-    with torch.no_grad():
+    with torch.no_grad(), export_friendly(model):
         export(VisionEncoder(model), (torch.randn(b, 3, height, width),), "vision_encoder",
                ["pixel_values"], ["image_features"], ({0: batch},))
         export(EmbedTokens(model), (torch.randint(3, 100, (b, s)),), "embed_tokens", ["input_ids"], ["inputs_embeds"],
