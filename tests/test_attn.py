@@ -75,3 +75,21 @@ def test_cli_attn_flash_without_the_package_exits_2(tiny_dir, docvqa_dir, tmp_pa
     assert not (tmp_path / "eval").exists()
     result = CliRunner().invoke(app, [*args, "--attn", "eager"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_eval_predict_serve_generate_on_the_gpu_when_there_is_one(tiny_dir, monkeypatch, cuda):
+    """load_for_generation (eval, predict, serve) moves a PyTorch model to CUDA when a GPU is there, before the
+    --attn decision; without one the model stays on the CPU."""
+    import torch
+
+    import florence_kit.model.loading as loading
+
+    moved: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(str(a[0])) or self)
+    decided: list = []
+    monkeypatch.setattr(loading, "set_attention", lambda model, attn: decided.append((attn, list(moved))))
+    model, _ = loading.load_for_generation(str(tiny_dir), "sdpa")
+    assert moved == (["cuda"] if cuda else [])
+    assert decided == [("sdpa", moved)]  # the kernel is chosen for the device the model ended on

@@ -427,3 +427,15 @@ def test_exported_vision_tower_runs_fused_kernels(onnx_dir: Path, tiny_dir: Path
     assert len(transposed) >= blocks  # v attn^T in each channel block (q^T k too, unless the transposes merge)
     perms = [tuple(a.ints) for n in nodes if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
     assert (0, 2, 3, 4, 1) not in perms  # transformers' [batch, tokens, 1, groups, head_dim] -> tokens last
+
+
+def test_an_export_stays_in_onnxruntime_and_refuses_a_torch_attention(onnx_dir: Path, monkeypatch) -> None:
+    """eval/predict/serve on an export: no move to a GPU (its one torch parameter is generate()'s anchor), and
+    --attn other than auto/sdpa is one line (the graphs hold their attention)."""
+    from florence_kit.model.loading import load_for_generation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model, _ = load_for_generation(str(onnx_dir), "auto")
+    assert model.runs_onnx and next(model.parameters()).device.type == "cpu"
+    with pytest.raises(UserError, match="applies to PyTorch models"):
+        load_for_generation(str(onnx_dir), "eager")

@@ -48,7 +48,7 @@ def decodes(monkeypatch) -> dict:
     """Counts the images the preparation pass decodes and resizes (in this process: workers=1)."""
     import florence_kit.data.prepared as prepared_module
 
-    return count_calls(monkeypatch, prepared_module, "resized")
+    return count_calls(monkeypatch, prepared_module.PageResizer, "__call__")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -384,3 +384,50 @@ def test_an_image_file_changed_in_place_is_prepared_again(tmp_path, tiny_dir):
     after = PreparedDataset(dataset, processor, tmp_path / "shared", workers=1)
     assert np.array_equal(after.pixels[after[1].image], resized(processor.image_processor, replacement))
     assert not np.array_equal(before.pixels[before[1].image], after.pixels[after[1].image])
+
+
+@pytest.mark.parametrize("size", [128, 96])
+def test_the_short_resize_gives_the_processors_pixels(tiny_dir, monkeypatch, size):
+    """PageResizer's one PIL call equals the processor's pipeline bit for bit on RGB, greyscale, RGBA and palette
+    pages, down and up; after the first page of a mode the processor is not called for that mode."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    import florence_kit.data.prepared as prepared_module
+
+    image_processor = AutoProcessor.from_pretrained(tiny_dir).image_processor
+    image_processor.size = {"height": size, "width": size + 32}
+    calls = count_calls(monkeypatch, prepared_module, "resized")
+    resize = prepared_module.PageResizer(image_processor)
+    rng = np.random.default_rng(0)
+    pages = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((900, 700), (60, 50))]
+    pages += [pages[0].convert(mode) for mode in ("L", "RGBA", "P")] + [pages[1].convert("L")]
+    mine = [resize(page) for page in pages]
+    processor_calls = calls["n"]
+    for page, pixels in zip(pages, mine, strict=True):
+        assert np.array_equal(pixels, prepared_module.resized(image_processor, page)), page.mode
+        assert pixels.shape == (3, size, size + 32) and pixels.dtype == np.uint8
+    # the processor ran for the first RGB and first L page (the check) and for the RGBA and P pages only
+    assert processor_calls == 4 and resize.checked == {"RGB": True, "L": True}
+
+
+def test_the_short_resize_steps_aside_when_it_differs(tiny_dir, monkeypatch):
+    """A processor whose pixels the PIL call does not reproduce: the check sees it and the processor does every
+    page of that mode, so the store still holds the processor's pixels."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    import florence_kit.data.prepared as prepared_module
+
+    image_processor = AutoProcessor.from_pretrained(tiny_dir).image_processor
+    original = prepared_module.resized
+    monkeypatch.setattr(prepared_module, "resized", lambda ip, image: 255 - original(ip, image))
+    resize = prepared_module.PageResizer(image_processor)
+    page = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    for _ in range(3):
+        assert np.array_equal(resize(page), 255 - original(image_processor, page))
+    assert resize.checked == {"RGB": False}
+    image_processor.do_center_crop = True
+    assert prepared_module.PageResizer(image_processor).size is None  # a crop: always the processor

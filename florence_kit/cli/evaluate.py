@@ -80,8 +80,7 @@ def eval_(
     from florence_kit.common.errors import UserError
     from florence_kit.data.dataset import cap_rows, load_split
     from florence_kit.evaluate.scoring import evaluate, write_results, write_summary
-    from florence_kit.model.attention import set_attention
-    from florence_kit.model.loading import load_model
+    from florence_kit.model.loading import load_for_generation
     from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.tasks.regions import with_box_format
     from florence_kit.tasks.registry import resolve_tasks
@@ -95,8 +94,7 @@ def eval_(
     # every task's data first: a bad dataset or split fails before the model loads, not after hours of tasks
     splits = [cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
               for spec in specs]
-    net, processor = load_model(model)
-    set_attention(net, attn.value)
+    net, processor = load_for_generation(model, attn.value)
     scored: dict[str, dict] = {}
     for spec, data in zip(specs, splits, strict=True):
         result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
@@ -169,8 +167,7 @@ def predict(
     from florence_kit.data.dataset import to_rgb
     from florence_kit.evaluate.generation import generate, generation_config_for
     from florence_kit.evaluate.regions import render_prompt
-    from florence_kit.model.attention import set_attention
-    from florence_kit.model.loading import load_model
+    from florence_kit.model.loading import load_for_generation
     from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.tasks.registry import get_task
 
@@ -181,8 +178,7 @@ def predict(
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
         raise UserError(f"cannot read image '{image}': {exc}") from None
     prompt = render_prompt(spec, question, box, picture.size)  # {region}: --box as <loc_*> tokens
-    net, processor = load_model(model)
-    set_attention(net, attn.value)
+    net, processor = load_for_generation(model, attn.value)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams)
     if spec.regions:  # --- regions: parsed boxes as JSON, drawn into a PNG beside the image ---
         from florence_kit.evaluate.regions import generate_raw, parse_answer, parse_box_text, png_path

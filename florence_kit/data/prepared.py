@@ -8,9 +8,10 @@ about four questions per page. Here, before training:
    (``<image>`` × image tokens, ``<s>``, the expanded prompt, ``</s>``; checked against the processor on
    the first examples, so a tokenizer that lays text out differently is caught, not silently mistrained);
 2. examples that show the same image (the same encoded bytes in the image column) share one entry, and
-   every distinct image is decoded, converted and resized once — in a pool of worker processes — by the
-   processor's own image pipeline with rescaling/normalisation held back, into a uint8 array memory-mapped
-   from disk (3 × H × W bytes per page: 1.7 MB at 768 px);
+   every distinct image is decoded, converted and resized once — in a pool of worker processes — to the
+   processor's own pixels with rescaling/normalisation held back (:class:`PageResizer`: one PIL resize where
+   that is checked to be bit-identical, the processor otherwise), into a uint8 array memory-mapped from disk
+   (3 × H × W bytes per page: 1.7 MB at 768 px);
 3. a batch is then a gather from that array plus the processor's own ``rescale`` and ``normalize``, so
    ``pixel_values``, ``input_ids``, ``attention_mask`` and ``labels`` equal the per-batch path's exactly
    (tested).
@@ -118,7 +119,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(dataset: Any, image_processor: Any, store: str, shape: tuple[int, ...]) -> None:
-    _WORKER.update(dataset=dataset, image_processor=image_processor,
+    _WORKER.update(dataset=dataset, resize=PageResizer(image_processor),
                    store=np.memmap(store, dtype=np.uint8, mode="r+", shape=shape))
 
 
@@ -130,11 +131,11 @@ def _resize_into(jobs: list[tuple[int, int]]) -> list[tuple[int, str]]:
     from florence_kit.common.errors import BadImageError
     from florence_kit.data.dataset import image_file
 
-    dataset, image_processor, store = _WORKER["dataset"], _WORKER["image_processor"], _WORKER["store"]
+    dataset, resize, store = _WORKER["dataset"], _WORKER["resize"], _WORKER["store"]
     bad = []
     for index, slot in jobs:
         try:
-            store[slot] = resized(image_processor, dataset[index].image)
+            store[slot] = resize(dataset[index].image)
         except BadImageError as exc:
             where = image_file(dataset, index)  # named as the per-batch path names it
             bad.append((slot, f"{exc}{f' (file {where})' if where else ''}"))
@@ -147,6 +148,44 @@ def resized(image_processor: Any, image: Any) -> np.ndarray:
     out = image_processor(images=[image], do_rescale=False, do_normalize=False, return_tensors="np")
     pixels = np.asarray(out["pixel_values"][0])
     return np.rint(pixels).clip(0, 255).astype(np.uint8) if pixels.dtype != np.uint8 else pixels
+
+
+class PageResizer:
+    """:func:`resized`, as one PIL resize where that gives the processor's exact pixels: about 3x faster on a scan.
+
+    transformers' PIL image processor converts the page to a numpy array and back around the same PIL resize;
+    skipping the round trips saves ~80 ms per 4-megapixel page (a DocVQA-sized store: ~15 CPU-minutes). Only
+    plain resizes (no crop, no pad) of RGB and greyscale pages take the short way, and the first page of each
+    mode is done both ways and compared: any difference, and that mode goes through the processor from then on.
+    """
+
+    FAST_MODES = ("RGB", "L")
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+        self.checked: dict[str, bool] = {}  # image mode -> the short way gave the processor's pixels
+        self.size: tuple[int, int] | None = None  # (width, height)
+        self.resample = getattr(image_processor, "resample", None)
+        plain = getattr(image_processor, "do_resize", False) and not getattr(image_processor, "do_center_crop", False) \
+            and not getattr(image_processor, "do_pad", False) and self.resample is not None
+        if plain:
+            with contextlib.suppress(KeyError, TypeError, AttributeError):
+                height, width = pixel_shape(image_processor)
+                self.size = (width, height)
+
+    def __call__(self, image: Any) -> np.ndarray:
+        mode = getattr(image, "mode", None)
+        if self.size is None or mode not in self.FAST_MODES or self.checked.get(mode) is False:
+            return resized(self.image_processor, image)
+        from PIL import Image
+
+        small = image.resize(self.size, resample=Image.Resampling(int(self.resample)))
+        fast = np.asarray(small.convert("RGB") if mode != "RGB" else small).transpose(2, 0, 1)
+        if mode not in self.checked:
+            reference = resized(self.image_processor, image)
+            self.checked[mode] = fast.shape == reference.shape and bool(np.array_equal(fast, reference))
+            return reference
+        return fast
 
 
 def source_fingerprint(dataset: Any, keys: list[str]) -> str:

@@ -60,7 +60,8 @@ def set_attention(model: Any, requested: str) -> str:
     import torch
 
     param = next(iter(model.parameters()), None)
-    if param is None:  # an ONNX export (model/onnx_runtime.py): its graphs hold the attention they were exported with
+    if param is None or getattr(model, "runs_onnx", False):  # an ONNX export (model/onnx_runtime.py): its graphs
+        # hold the attention they were exported with
         if requested not in ("auto", "sdpa"):
             raise UserError(f"--attn {requested} applies to PyTorch models; an ONNX export runs the attention of its "
                             "graphs: leave --attn out")

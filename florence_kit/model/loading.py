@@ -12,6 +12,7 @@ from typing import Any
 
 from florence_kit.common.errors import UserError, first_line
 from florence_kit.model.adapters import load_adapter_model
+from florence_kit.model.attention import set_attention
 from florence_kit.model.checkpoint_io import is_adapter_dir, load_native, locate
 from florence_kit.model.onnx_runtime import is_onnx_export, load_onnx_model
 
@@ -31,6 +32,25 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
                             f"(florence-kit export {path} --merge OUT) and pass --model OUT")
         return load_adapter_model(path, dtype=dtype)
     return load_native(model_id, name, dtype=dtype, quantization_config=quantization_config)
+
+
+def load_for_generation(name: str, attn: str = "auto") -> tuple[Any, Any]:
+    """(model, processor) for eval, predict and serve: on the GPU when there is one (``generate`` is the slow part
+    of these commands and runs many times faster there), with the ``--attn`` kernel decided for that device.
+
+    An ONNX export stays in onnxruntime on the CPU; a model bitsandbytes placed keeps its place. The dtype is the
+    checkpoint's, so answers on the GPU are the CPU's up to kernel rounding. ``CUDA_VISIBLE_DEVICES=`` keeps a run
+    on the CPU.
+    """
+    import torch
+
+    model, processor = load_model(name)
+    placed = getattr(model, "runs_onnx", False) or getattr(model, "hf_device_map", None) is not None \
+        or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if torch.cuda.is_available() and not placed:
+        model = model.to("cuda")
+    set_attention(model, attn)
+    return model, processor
 
 
 def load_quantized(name: str) -> tuple[Any, Any]:

@@ -113,6 +113,7 @@ def _onnx_class() -> type:
         config_class = Florence2Config
         main_input_name = "input_ids"
         _supports_sdpa = True  # nothing runs in torch; this only satisfies PreTrainedModel's init checks
+        runs_onnx = True  # its one parameter is an anchor for generate(): no device move, no --attn choice
 
         def __init__(self, config: Any, path: Path, variant: str, threads: int) -> None:
             import onnxruntime as ort

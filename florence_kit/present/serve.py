@@ -161,15 +161,13 @@ def offline_theme(gr: Any) -> Any:
 def serve(model_path: str, task: str, host: str, port: int, tasks_dirs: list | None = None,
           print_fn: Any = print, attn: str = "auto") -> None:
     """Load the model, build the page and serve it until interrupted (``attn``: ``--attn``)."""
-    from florence_kit.model.attention import set_attention
-    from florence_kit.model.loading import load_model
+    from florence_kit.model.loading import load_for_generation
     from florence_kit.tasks.registry import all_tasks, get_task
 
     default = get_task(task, tasks_dirs or []).name  # an unknown --task fails before the model loads
     gr = require_gradio()
     tasks = dict(all_tasks(tasks_dirs or []))
-    model, processor = load_model(model_path)
-    set_attention(model, attn)
+    model, processor = load_for_generation(model_path, attn)
     app = build_app(Predictor(model, processor, tasks), default, str(model_path))
     print_fn(f"serving {model_path} on http://{host}:{port} (Ctrl+C stops)")
     try:
