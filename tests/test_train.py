@@ -73,6 +73,39 @@ def test_frozen_parameters_get_no_optimizer_state(tiny_dir):
     assert trainable_counts(model)["vision"][0] == counts["vision"][1]
 
 
+def test_adamw_is_fused_where_it_runs_and_updates_as_foreach_does(monkeypatch):
+    """make_optimizer picks torch's fused AdamW (CPU and CUDA), whose updates equal the foreach one's to float
+    rounding; where torch refuses the fused kernel (a device without it) it falls back to foreach."""
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(64)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(4)]
+    results = {}
+    for fused in (True, False):
+        model = torch.nn.Linear(32, 64)
+        with torch.no_grad():
+            model.weight.copy_(weights[0])
+            model.bias.copy_(weights[1])
+        optimizer = make_optimizer(model, 1e-2, 0.01) if fused else torch.optim.AdamW(
+            [{"params": [model.weight], "weight_decay": 0.01}, {"params": [model.bias], "weight_decay": 0.0}],
+            lr=1e-2, foreach=True)
+        assert bool(optimizer.param_groups[0]["fused"]) is fused
+        for step in grads:
+            model.weight.grad, model.bias.grad = (g.clone() for g in step)
+            optimizer.step()
+        results[fused] = [model.weight.detach().clone(), model.bias.detach().clone()]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[True], results[False], strict=True))
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    fallback = make_optimizer(torch.nn.Linear(4, 4), 1e-3, 0.0).param_groups[0]
+    assert not fallback["fused"] and fallback["foreach"]
+
+
 def test_label_padding_is_minus_100(tiny_dir, docvqa_splits):
     _, processor = load_model(str(tiny_dir))
     image = docvqa_splits["train"][0]["image"].convert("RGB")
