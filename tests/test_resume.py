@@ -192,12 +192,15 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_dir, docvqa_
     with pytest.raises(UserError, match="no checkpoint in"):
         finetune(_cfg(tiny_dir, docvqa_dir, out, resume="latest"), quiet=True, print_fn=lambda _: None)
     finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=2, grad_accum=1), quiet=True, print_fn=lambda _: None)
+    written = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
     with pytest.raises(UserError, match="batch_size: 2 → 4"):
         finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=4, grad_accum=1, batch_size=4, resume="latest"),
                  quiet=True, print_fn=lambda _: None)
     with pytest.raises(UserError, match="data_order: None → 'image'"):  # another sampler: another epoch order
         finetune(_cfg(tiny_dir, docvqa_dir, out, max_steps=4, grad_accum=1, group_by_image=True, resume="latest"),
                  quiet=True, print_fn=lambda _: None)
+    # refused before the run folder is touched: the run's config and log are as the run left them
+    assert {name: (out / name).read_bytes() for name in written} == written
     with pytest.raises(UserError, match="not a checkpoint folder"):
         finetune(_cfg(tiny_dir, docvqa_dir, out, resume=str(tmp_path)), quiet=True, print_fn=lambda _: None)
     state_file = out / "checkpoints" / "step-2" / "trainer_state.json"  # written before "lr" was fingerprinted

@@ -176,8 +176,11 @@ def rotate(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
-def load(accelerator: Any, path: Path, fingerprint: dict[str, Any]) -> TrainState:
-    """Restore model, optimizer, scheduler, scaler and RNG from ``path``; refuse a checkpoint of another setup."""
+def check_settings(path: Path, fingerprint: dict[str, Any]) -> TrainState:
+    """The checkpoint's state, or one line naming the settings that differ from the run that wrote it.
+
+    Called before the run folder is touched (so a refused resume leaves config.yaml and metrics.jsonl as they
+    were) and again when the state is loaded."""
     state, saved = TrainState.from_file(path / STATE_FILE)
     # a key the checkpoint lacks was added to the fingerprint after it was written: not a difference
     changed = [f"{k}: {saved[k]!r} → {v!r}" for k, v in fingerprint.items() if k in saved and not _same(k, saved[k], v)]
@@ -186,6 +189,12 @@ def load(accelerator: Any, path: Path, fingerprint: dict[str, Any]) -> TrainStat
             f"cannot resume from '{path}': these settings differ from the run that wrote it ({'; '.join(changed)}); "
             "resume with the same settings"
         )
+    return state
+
+
+def load(accelerator: Any, path: Path, fingerprint: dict[str, Any]) -> TrainState:
+    """Restore model, optimizer, scheduler, scaler and RNG from ``path``; refuse a checkpoint of another setup."""
+    state = check_settings(path, fingerprint)
     rng = path / f"random_states_{accelerator.process_index}.pkl"
     if not rng.is_file():  # Accelerate would skip a missing RNG file silently and the run would not be exact
         raise UserError(f"checkpoint '{path}' lacks {rng.name}; it is incomplete")

@@ -102,6 +102,8 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     run.cfg = fit_memory(run)
     apply_training_mode(run, chosen_optim, chosen_lr)
     run.cfg = choose_speed(run)
+    if run.resume_from is not None:  # refused here, not after the run folder was rewritten for the new settings
+        check_resume_settings(run)
     start_run_folder(run)
     return run
 
@@ -238,6 +240,20 @@ def choose_speed(run: Run) -> TrainConfig:
     run.say(line)
     run.speed = {**record, "decision": line, "attention": implementation}
     return chosen
+
+
+def check_resume_settings(run: Run) -> None:
+    """The checkpoint's settings against this run's, with the process count and precision the loop will have."""
+    from types import SimpleNamespace
+
+    from florence_kit.model.precision import ACCELERATE_NAME, device_facts, resolve_precision
+    from florence_kit.train.accelerator import run_fingerprint
+    from florence_kit.train.checkpoints import check_settings
+
+    precision = ACCELERATE_NAME[resolve_precision(run.cfg.precision, device_facts())]
+    planned = SimpleNamespace(num_processes=run.procs.num_processes, mixed_precision=precision)
+    assert run.resume_from is not None
+    check_settings(run.resume_from, run_fingerprint(run.cfg, planned))
 
 
 def start_run_folder(run: Run) -> None:
