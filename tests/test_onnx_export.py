@@ -439,3 +439,27 @@ def test_an_export_stays_in_onnxruntime_and_refuses_a_torch_attention(onnx_dir: 
     assert model.runs_onnx and next(model.parameters()).device.type == "cpu"
     with pytest.raises(UserError, match="applies to PyTorch models"):
         load_for_generation(str(onnx_dir), "eager")
+
+
+def test_later_decoder_steps_return_empty_cross_attention_placeholders(onnx_dir: Path) -> None:
+    """As optimum writes merged decoders: a later step does not copy the cross-attention cache out again; its
+    present.*.encoder.* are empty (Transformers.js and florence-kit keep the first step's)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_dir / "onnx" / "decoder_model_merged.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    feeds = {}
+    for spec in session.get_inputs():
+        shape = [d if isinstance(d, int) else (3 if "encoder" in str(d) else 2 if "past" in str(d) else 1)
+                 for d in spec.shape]
+        if spec.name == "use_cache_branch":
+            feeds[spec.name] = np.array([True])
+        elif "int64" in spec.type:
+            feeds[spec.name] = np.ones(shape, dtype=np.int64)
+        else:
+            feeds[spec.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    names = [o.name for o in session.get_outputs()]
+    named = dict(zip(names, session.run(None, feeds), strict=True))
+    encoder_presents = [n for n in names if ".encoder." in n]
+    assert encoder_presents and all(named[n].size == 0 for n in encoder_presents)
+    assert all(named[n].shape[2] == 3 for n in names if ".decoder." in n)  # past 2 + this step

@@ -180,7 +180,8 @@ def _onnx_class() -> type:
                     layer = getattr(cache, part).layers[i] if have_past else None
                     feeds[f"past_key_values.{i}.{kind}.key"] = layer.keys.numpy() if layer is not None else empty
                     feeds[f"past_key_values.{i}.{kind}.value"] = layer.values.numpy() if layer is not None else empty
-            named = dict(zip(self.output_names, self.sessions["decoder_model_merged"].run(None, feeds), strict=True))
+            wanted = self.output_names if not have_past else [n for n in self.output_names if ".encoder." not in n]
+            named = dict(zip(wanted, self.sessions["decoder_model_merged"].run(wanted, feeds), strict=True))
             if cache is not None:
                 step = embeds.shape[1]
                 for i in range(self.n_layers):

@@ -197,16 +197,18 @@ def export_graphs(model: Any, image_size: tuple[int, int], folder: Path, opset: 
 def merge_decoders(first: Any, later: Any) -> Any:
     """One graph with an ``If`` on ``use_cache_branch``: ``later`` (then) or ``first`` (else); as optimum's merge.
 
-    Both branches read their weights from the outer graph, where identical tensors are stored once. The later-step
-    branch passes the cross-attention cache through, so both have the same outputs (``present.*.encoder.*``).
+    Both branches read their weights from the outer graph, where identical tensors are stored once. Both have the
+    same outputs: the later-step branch's ``present.*.encoder.*`` are empty placeholders (the cache is the first
+    step's, kept by the caller).
     """
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     shared: dict[tuple, TensorProto] = {}
     outer_names = {i.name for i in first.graph.input} | {i.name for i in later.graph.input}
 
-    def branch(graph: Any, tag: str, passthrough: dict[str, str]) -> tuple[list, list]:
+    def branch(graph: Any, tag: str, placeholders: list[str]) -> tuple[list, list]:
         rename = {i.name: i.name for i in graph.input}
         for init in graph.initializer:
             key = (init.data_type, tuple(init.dims), hashlib.sha256(numpy_helper.to_array(init).tobytes()).hexdigest())
@@ -232,16 +234,22 @@ def merge_decoders(first: Any, later: Any) -> Any:
         outputs = {}
         for out in graph.output:
             outputs[out.name] = helper.make_tensor_value_info(rename[out.name], out.type.tensor_type.elem_type, None)
-        for name, source in passthrough.items():
-            nodes.append(helper.make_node("Identity", [source], [f"{tag}/{name}"]))
+        for name in placeholders:
+            nodes.append(helper.make_node("Constant", [], [f"{tag}/{name}"], value=numpy_helper.from_array(
+                np.zeros(placeholder_shape, dtype=np.float32), f"{tag}/{name}/value")))
             outputs[name] = helper.make_tensor_value_info(f"{tag}/{name}", TensorProto.FLOAT, None)
         return nodes, outputs
 
     order = [o.name for o in first.graph.output]
     assert outer_names >= {i.name for i in later.graph.input}
-    passthrough = {n: n.replace("present", "past_key_values") for n in order if ".encoder." in n}
-    later_nodes, later_out = branch(later.graph, "with_past", passthrough)
-    first_nodes, first_out = branch(first.graph, "no_past", {})
+    # later steps do not recompute the cross-attention cache: their present.*.encoder.* are empty placeholders, as
+    # optimum writes them (Transformers.js and onnx_runtime.py keep the first step's; copying the cache through
+    # cost a copy of every layer's keys and values per generated token)
+    placeholders = [n for n in order if ".encoder." in n]
+    dims = first.graph.output[order.index(placeholders[0])].type.tensor_type.shape.dim if placeholders else []
+    placeholder_shape = [0, dims[1].dim_value, 0, dims[3].dim_value] if placeholders else []  # [0, heads, 0, head]
+    later_nodes, later_out = branch(later.graph, "with_past", placeholders)
+    first_nodes, first_out = branch(first.graph, "no_past", [])
     if_node = helper.make_node(
         "If", ["use_cache_branch"], order, name="optimum::if",
         then_branch=helper.make_graph(later_nodes, "with_past", [], [later_out[n] for n in order]),

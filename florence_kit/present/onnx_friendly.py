@@ -1,7 +1,7 @@
 """Export-time forwards that compute what transformers' Florence-2 computes, in ops onnxruntime runs fast.
 
-Profiled on the base model at 768 px (onnxruntime 1.32, 2-core CPU), two things in the exported vision tower cost
-more than they should:
+Profiled on the base model at 768 px (onnxruntime 1.32, 2-core CPU), three things in the exported graphs cost more
+than they should:
 
 - DaViT's channel attention permutes q, k and v to ``[batch, groups, head_dim, tokens]`` before the attention:
   onnxruntime runs those 5-D transposes of a whole feature map through its slow generic path (about a third of the
@@ -11,8 +11,14 @@ more than they should:
   so five element-wise passes over every MLP activation run at each layer. Written as ``(x * 0.5) * (1 + erf)``,
   it fuses into one Gelu kernel, in onnxruntime for Python and in Transformers.js alike (both fuse at load).
 
-Both are the same arithmetic (the export's logits check holds them to PyTorch's); the graphs keep standard ONNX
-ops only. :func:`export_friendly` swaps the forwards on the model's own modules and puts them back after.
+- The language model's attention is exported from transformers' eager path: ``q @ k^T`` as a 4-D matmul, which
+  onnxruntime fuses with the transpose, where SDPA's export materialises a transposed copy of every layer's
+  cached keys at each generated token (the base decoder step: 17 -> 9 ms with the placeholders of
+  ``merge_decoders``). The vision tower keeps SDPA (eager is slower there).
+
+All are the same arithmetic (the export's logits check holds them to PyTorch's); the graphs keep standard ONNX
+ops only. :func:`export_friendly` swaps the forwards on the model's own modules (and the text model's attention
+setting) and puts them back after.
 """
 
 from __future__ import annotations
@@ -54,6 +60,11 @@ def _is_exact_gelu(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def export_friendly(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s channel attentions and exact GELUs run the forwards above."""
+    config = getattr(model, "config", None)
+    parts = {key: getattr(config, key) for key in ("text_config",) if hasattr(config, key)}
+    before = {key: part._attn_implementation for key, part in parts.items()}
+    if parts:  # eager attention: q @ k^T as a matmul onnxruntime fuses with the transpose (SDPA exports a copy)
+        model.set_attn_implementation(dict.fromkeys(parts, "eager"))
     patched: list[nn.Module] = []
     for module in model.modules():
         replacement = None
@@ -69,3 +80,5 @@ def export_friendly(model: nn.Module) -> Iterator[None]:
     finally:
         for module in patched:
             del module.forward  # the class's own forward again
+        if parts:
+            model.set_attn_implementation(before)
