@@ -293,3 +293,39 @@ def test_predict_on_a_decompression_bomb_is_one_error(run_dir: Path, tmp_path: P
     result = runner.invoke(app, ["predict", str(bomb), "--model", str(run_dir), "--question", "What?"])
     assert result.exit_code == 2, result.output
     assert "cannot read image" in result.output and "decompression bomb" in result.output
+
+
+def test_predict_without_task_asks_the_model_its_own_task(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """No --task: a run folder's (config.yaml) or an export's own single task; a mix, a group or a plain checkpoint
+    falls back to docvqa; a typed --task wins."""
+    import shutil
+
+    from PIL import Image
+
+    import florence_kit.evaluate.generation
+    from florence_kit.cli.common import model_task
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dir, run)
+    image = tmp_path / "page.png"
+    Image.new("RGB", (64, 64), "white").save(image)
+    prompts: list[str] = []
+    monkeypatch.setattr(florence_kit.evaluate.generation, "generate",
+                        lambda model, processor, images, ps, gen_config: prompts.extend(ps) or ["ok"])
+
+    def prompt_used(*extra: str) -> str:
+        result = runner.invoke(app, ["predict", str(image), "--model", str(run), *extra])
+        assert result.exit_code == 0, result.output
+        return prompts[-1]
+
+    assert prompt_used("--question", "What?").startswith("<DocVQA>")  # a checkpoint without config.yaml
+    (run / "config.yaml").write_text(yaml.safe_dump({"task": "caption"}))
+    assert prompt_used() == "<CAPTION>"
+    assert prompt_used("--task", "docvqa", "--question", "What?").startswith("<DocVQA>")
+    for mixed in ("docvqa,caption", "cauldron", "no-such-task"):
+        (run / "config.yaml").write_text(yaml.safe_dump({"task": mixed}))
+        assert model_task(str(run), []) == "docvqa"
+    export = tmp_path / "export"
+    (export / "onnx").mkdir(parents=True)
+    (export / "florence_kit_export.json").write_text(json.dumps({"task": "od", "variants": ["fp32"]}))
+    assert model_task(str(export), []) == "od" and model_task("base", []) == "docvqa"

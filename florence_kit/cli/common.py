@@ -44,6 +44,26 @@ TasksDirOption = Annotated[
 ]
 
 
+def model_task(model: str | None, tasks_dirs: list[Path], fallback: str = "docvqa") -> str:
+    """The one task a run folder was trained for (its config.yaml) or an ONNX export was made for, else
+    ``fallback``: ``predict`` and ``serve`` without --task ask the model what it learned, in its own prompt."""
+    from florence_kit.model.onnx_runtime import export_info, is_onnx_export
+    from florence_kit.present.onnx_export import run_tasks
+    from florence_kit.tasks.registry import resolve_tasks
+
+    path = Path(model).expanduser() if model else None
+    if path is None or not path.is_dir():
+        return fallback
+    own = run_tasks(path) if not is_onnx_export(path) else {"task": export_info(path).get("task"), "tasks_dirs": []}
+    task = own.get("task")
+    if not isinstance(task, str) or not task:
+        return fallback
+    try:  # a mix or a group has no single prompt: the fallback then, as before
+        return task if len(resolve_tasks(task, [*tasks_dirs, *own.get("tasks_dirs", [])])) == 1 else fallback
+    except UserError:
+        return fallback
+
+
 def quiet_libraries() -> None:
     """Our own progress bars and messages are what users read; silence the libraries' chatter."""
     for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import Attn, AttnOption, Speed, TasksDirOption, console, user_errors
+from florence_kit.cli.common import Attn, AttnOption, Speed, TasksDirOption, console, model_task, user_errors
 from florence_kit.tasks.regions import BoxFormat
 
 
@@ -148,7 +148,8 @@ def score(
 @user_errors
 def predict(
     image: Annotated[Path, typer.Argument(help="An image file.")],
-    task: Annotated[str, typer.Option(help="Task whose prompt and generation settings to use.")] = "docvqa",
+    task: Annotated[str | None, typer.Option(help="Task whose prompt and generation settings to use; default: the "
+                                           "task the run or export was made for, else docvqa.")] = None,
     model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
     question: Annotated[str | None, typer.Option(help="The question (for tasks whose prompt has one).")] = None,
     box: Annotated[str | None, typer.Option(
@@ -171,7 +172,8 @@ def predict(
     from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.tasks.registry import get_task
 
-    spec = get_task(task, [*(tasks_dir or []), *export_tasks_dirs(model)])
+    dirs = [*(tasks_dir or []), *export_tasks_dirs(model)]
+    spec = get_task(task or model_task(model, dirs), dirs)
     try:
         # upright as EXIF says (a phone photo), as `datasets` decodes the images eval and finetune see
         picture = to_rgb(ImageOps.exif_transpose(Image.open(image)))

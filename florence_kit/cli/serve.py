@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import Attn, AttnOption, TasksDirOption, console, user_errors
+from florence_kit.cli.common import Attn, AttnOption, TasksDirOption, console, model_task, user_errors
 
 
 @user_errors
 def serve(
     model: Annotated[str, typer.Argument(help="Run or checkpoint folder, hub id, or base/large/base-ft/large-ft.")],
-    task: Annotated[str, typer.Option(help="Task selected when the page opens.")] = "docvqa",
+    task: Annotated[str | None, typer.Option(help="Task selected when the page opens; default: the task the run or "
+                                           "export was made for, else docvqa.")] = None,
     port: Annotated[int, typer.Option(help="Port of the local web page.")] = 7860,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
     attn: AttnOption = Attn.auto,
@@ -28,4 +29,5 @@ def serve(
     from florence_kit.present.serve import serve as run_server
 
     tasks_dirs = [*(Path(p) for p in tasks_dir or []), *export_tasks_dirs(model)]
-    run_server(model, task, host, port, tasks_dirs, print_fn=console.print, attn=attn.value)
+    run_server(model, task or model_task(model, tasks_dirs), host, port, tasks_dirs, print_fn=console.print,
+               attn=attn.value)
