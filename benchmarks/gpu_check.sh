@@ -29,6 +29,8 @@ for part in $PARTS; do
     start=$SECONDS
     timeout 120 $FK demo --quiet --output-dir /tmp/demo >> "$OUT/logs.txt" 2>&1; echo "demo rc=$? ($((SECONDS - start)) s)"
     cp /tmp/demo/demo.json "$OUT/demo.json" 2>/dev/null; tr -d '\n' < /tmp/demo/demo.json 2>/dev/null | cut -c1-400; echo
+    python3 -c "from florence_kit.model.loading import load_for_generation as f; m, _ = f('/tmp/demo/finetuned'); \
+print('eval/predict/serve generate on', next(m.parameters()).device)" 2>>"$OUT/logs.txt"  # expected: cuda:0
     IFS=';' read -ra RUNS <<< "${PRECISION_RUNS:-fp16 full adamw;bf16 qlora paged-adamw8bit;fp16 lora adamw8bit}"
     for spec in "${RUNS[@]}"; do
       set -- $spec
