@@ -131,6 +131,8 @@ def _onnx_class() -> type:
             self.sessions = {name: _session(self.path / "onnx" / f"{name}{suffix}.onnx", options) for name in GRAPHS}
             decoder = self.sessions["decoder_model_merged"]
             self.output_names = [o.name for o in decoder.get_outputs()]
+            # a later step's present.*.encoder.* are empty placeholders (the first step's cache is kept): not fetched
+            self.later_outputs = [n for n in self.output_names if ".encoder." not in n]
             self.n_layers = sum(1 for i in decoder.get_inputs() if i.name.endswith(".decoder.key"))
             text = config.text_config
             self.heads, self.head_dim = text.decoder_attention_heads, text.d_model // text.decoder_attention_heads
@@ -180,7 +182,7 @@ def _onnx_class() -> type:
                     layer = getattr(cache, part).layers[i] if have_past else None
                     feeds[f"past_key_values.{i}.{kind}.key"] = layer.keys.numpy() if layer is not None else empty
                     feeds[f"past_key_values.{i}.{kind}.value"] = layer.values.numpy() if layer is not None else empty
-            wanted = self.output_names if not have_past else [n for n in self.output_names if ".encoder." not in n]
+            wanted = self.later_outputs if have_past else self.output_names
             named = dict(zip(wanted, self.sessions["decoder_model_merged"].run(wanted, feeds), strict=True))
             if cache is not None:
                 step = embeds.shape[1]
