@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from florence_kit.common.errors import UserError
+from florence_kit.data.collate import IGNORE_INDEX
 
 
 def forward_loss(
@@ -14,8 +15,12 @@ def forward_loss(
 ) -> Any:
     """Loss of one batch. With the vision tower frozen, it runs under ``no_grad``: no activations kept.
 
-    ``num_items``: the loss is summed over target tokens and divided by this count (transformers'
-    ``num_items_in_batch``) instead of averaged over this batch's own tokens.
+    The objective is Microsoft's: the decoder reads the labels shifted right behind the decoder start token
+    and the cross-entropy scores every label that is not -100, unshifted (:func:`token_cross_entropy`).
+    It is computed here from the logits rather than taken from ``model(...).loss``, whose definition
+    changed between transformers releases (5.0-5.12 shift the labels a second time).
+    ``num_items``: the loss is summed over target tokens and divided by this count (the whole global
+    batch's) instead of averaged over this batch's own tokens.
     ``feature_cache`` (a :class:`florence_kit.train.feature_cache.VisionFeatureCache`) serves the frozen tower's
     output for images seen before, so DaViT runs once per distinct image.
     """
@@ -23,10 +28,14 @@ def forward_loss(
 
     from florence_kit.model.modes import unwrap
 
-    extra = {"num_items_in_batch": num_items} if num_items is not None else {}
+    labels = batch["labels"]
+    native = unwrap(getattr(model, "module", model))
+    decoder_input_ids = decoder_inputs(labels, native.config.text_config)
     if not frozen_vision:
-        return model(**batch, **extra).loss
-    inner = unwrap(getattr(model, "module", model)).model
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+        return token_cross_entropy(logits, labels, num_items)
+    inner = native.model
     if feature_cache is not None:  # --- trainspeed: vision-feature cache ---
         features = feature_cache.features(inner.vision_tower, batch["pixel_values"])
     else:
@@ -36,7 +45,32 @@ def forward_loss(
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     mask = (batch["input_ids"] == inner.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], **extra).loss
+    logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids,
+                   use_cache=False).logits
+    return token_cross_entropy(logits, labels, num_items)
+
+
+def decoder_inputs(labels: Any, text_config: Any) -> Any:
+    """The decoder's input: the labels shifted one place right behind the start token, -100 read as padding."""
+    import torch
+
+    shifted = torch.full_like(labels, text_config.decoder_start_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == IGNORE_INDEX, text_config.pad_token_id)
+
+
+def token_cross_entropy(logits: Any, labels: Any, num_items: Any = None) -> Any:
+    """Cross-entropy of each position's logits against the label at the SAME position, -100 skipped.
+
+    Summed in float32 and divided by ``num_items`` (the target tokens of the whole global batch) or, without
+    it, by this batch's own count: the mean over target tokens either way.
+    """
+    import torch.nn.functional as F
+
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    count = num_items if num_items is not None else (labels != IGNORE_INDEX).sum()
+    return total / count
 
 
 def make_optimizer(model: Any, lr: float, weight_decay: float, optim: str = "adamw") -> Any:
