@@ -512,6 +512,70 @@ def _(env: Env) -> list[str]:
     return env.ft()
 
 
+# --- generation past the model's position table ------------------------------------------------
+
+SHORT_TABLE = 48  # decoder and encoder positions of the model below (a docvqa task asks for 64 new tokens)
+
+
+def short_table_model(env: Env) -> Path:
+    """A tiny model with 48 positions whose answers never end (</s> suppressed): every answer runs to the cap."""
+    import torch
+    from transformers import Florence2ForConditionalGeneration, GenerationConfig
+
+    from florence_kit.model.tiny import build_processor, reinit_default, tiny_config
+
+    folder = env.tmp / "short-table"
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(tiny_config(max_position_embeddings=SHORT_TABLE))
+    reinit_default(model)
+    model.generation_config = GenerationConfig(bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                                               decoder_start_token_id=2, suppress_tokens=[2])
+    model.save_pretrained(folder)
+    build_processor().save_pretrained(folder)
+    return folder
+
+
+def short_question_data(env: Env) -> Path:
+    """One short question (the image's tokens and it fit in 48 positions), as the train and validation split."""
+    folder = env.rows_data([{"question": "What is it?", "answers": ["a page"]}])
+    (folder / "validation.jsonl").write_bytes((folder / "train.jsonl").read_bytes())
+    return folder
+
+
+@case("eval: a task's answer length past the decoder's positions is capped", "answers are capped at 48", code=0)
+def _(env: Env) -> list[str]:
+    return ["eval", "docvqa", "--model", str(short_table_model(env)), "--dataset", str(short_question_data(env)),
+            "--split", "train", "--output-dir", str(env.out), "--quiet"]
+
+
+@case("eval --max-new-tokens past the decoder's positions", "--max-new-tokens 100 is more than this model")
+def _(env: Env) -> list[str]:
+    env.check = nothing_written
+    return ["eval", "docvqa", "--model", str(short_table_model(env)), "--dataset", str(short_question_data(env)),
+            "--split", "train", "--output-dir", str(env.out), "--max-new-tokens", "100"]
+
+
+@case("predict: a task's answer length past the decoder's positions is capped", "answers are capped at 48", code=0)
+def _(env: Env) -> list[str]:
+    folder = short_question_data(env)
+    return ["predict", str(folder / "page.png"), "--task", "docvqa", "--model", str(short_table_model(env)),
+            "--question", "What is it?"]
+
+
+@case("predict: a question longer than the encoder's positions", "shorten the question")
+def _(env: Env) -> list[str]:
+    folder = short_question_data(env)
+    return ["predict", str(folder / "page.png"), "--task", "docvqa", "--model", str(short_table_model(env)),
+            "--question", "What is written in the second paragraph of this page?"]
+
+
+@case("--eval-every: a task's answer length past the decoder's positions is capped", "answers are capped at 48",
+      code=0)
+def _(env: Env) -> list[str]:
+    env.check = saved
+    return env.ft("--eval-every", "1", data=short_question_data(env), model=short_table_model(env), batch=1)
+
+
 # --- options and --config -----------------------------------------------------------------------
 
 

@@ -7,24 +7,63 @@ Generation settings come from the task file, never from the checkpoint's own gen
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from florence_kit.common.errors import UserError
 from florence_kit.common.geometry import decode_answers  # regions: <loc_*> survive even where they are "special"
 from florence_kit.tasks.spec import TaskSpec
 
+# per loaded model, the (asked, allowed) lengths already announced: one line per run, not one per batch
+_CLAMPED: weakref.WeakKeyDictionary[Any, set[tuple[int, int]]] = weakref.WeakKeyDictionary()
+
+
+def position_limit(model: Any) -> int:
+    """The longest answer, in new tokens, and the longest encoder input the model's position tables allow.
+
+    BART's learned tables hold ``max_position_embeddings`` positions for the encoder and for the decoder. The
+    decoder's start token takes position 0 and the last token generated is never read back, so an answer of
+    ``max_position_embeddings`` new tokens is the longest that fits; one more would index past the table.
+    """
+    return int(model.config.text_config.max_position_embeddings)
+
 
 def generation_config_for(task: TaskSpec, model: Any, processor: Any, **overrides: Any) -> Any:
-    """A fresh GenerationConfig from the task's settings (greedy unless the task says otherwise)."""
-    return generation_config(model, processor, {**task.generation, **{k: v for k, v in overrides.items() if v}})
+    """A fresh GenerationConfig from the task's settings (greedy unless the task says otherwise).
+
+    ``overrides`` are what the user typed: a ``max_new_tokens`` past the model's position table is refused
+    (a task's own setting is clamped instead, see :func:`generation_config`).
+    """
+    typed = {k: v for k, v in overrides.items() if v}
+    limit = position_limit(model)
+    if typed.get("max_new_tokens", 0) > limit:
+        raise UserError(f"--max-new-tokens {typed['max_new_tokens']} is more than this model can generate: its "
+                        f"decoder has {limit} positions; pass --max-new-tokens {limit} or less (or use a model "
+                        "whose position table is longer)")
+    return generation_config(model, processor, {**task.generation, **typed})
 
 
 def generation_config(model: Any, processor: Any, settings: dict[str, Any]) -> Any:
     """Greedy decoding from the model's start token, with ``settings`` (max_new_tokens, num_beams, ...) on top:
-    the one place eval, predict and serve get their generation settings from."""
+    the one place eval, predict and serve get their generation settings from.
+
+    A ``max_new_tokens`` longer than the decoder's position table is clamped to it, saying so once.
+    """
     from transformers import GenerationConfig
 
     settings = {"max_new_tokens": 64, "num_beams": 1, **settings}
+    limit = position_limit(model)
+    if settings["max_new_tokens"] > limit:
+        announced = _CLAMPED.setdefault(model, set())
+        if (settings["max_new_tokens"], limit) not in announced:
+            from rich.console import Console
+
+            announced.add((settings["max_new_tokens"], limit))
+            Console(stderr=True).print(f"[yellow]note:[/] answers are capped at {limit} new tokens (the task asks "
+                                       f"for up to {settings['max_new_tokens']}; the model's decoder has {limit} "
+                                       "positions)")
+        settings["max_new_tokens"] = limit
     tok = processor.tokenizer
     saved = getattr(model, "generation_config", None)
     return GenerationConfig(
@@ -54,10 +93,19 @@ def encode(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -> Any
     )
 
 
+def check_prompt_fits(model: Any, input_ids: Any) -> None:
+    """Refuse, in one line, an encoder input (image tokens + prompt) longer than the encoder's position table."""
+    limit = position_limit(model)
+    if input_ids.shape[-1] > limit:
+        raise UserError(f"a prompt is {input_ids.shape[-1]} tokens with the image's, more than the {limit} "
+                        "positions this model's encoder has: shorten the question")
+
+
 def generate_from_inputs(model: Any, processor: Any, inputs: Any, gen_config: Any) -> list[str]:
     """Answers for already-encoded inputs (see :func:`encode`), special tokens (but not ``<loc_*>``) removed."""
     import torch
 
+    check_prompt_fits(model, inputs["input_ids"])
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -91,6 +139,7 @@ def generate_pages(model: Any, processor: Any, inputs: Any, gen_config: Any) -> 
     per row, and ``generate`` starts from those encoder outputs (the answers of :func:`generate`, tested)."""
     import torch
 
+    check_prompt_fits(model, inputs["input_ids"])
     inputs = inputs.to(model.device)
     native = model.get_base_model() if hasattr(model, "get_base_model") else model
     with torch.inference_mode():

@@ -13,7 +13,6 @@ from typing import Any
 from florence_kit.common.errors import UserError
 from florence_kit.common.geometry import (
     box_prompt,
-    decode_answers,
     ensure_parse_config,
     parse_boxes,
     parse_polygons,
@@ -58,13 +57,9 @@ def png_path(image_path: Path, spec: TaskSpec) -> Path:
 
 def generate_raw(model: Any, processor: Any, image: Any, prompt: str, gen_config: Any) -> str:
     """One answer decoded WITH its location tokens (see :func:`florence_kit.common.geometry.decode_answers`)."""
-    import torch
+    from florence_kit.evaluate.generation import generate
 
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
-        out = model.generate(**inputs, generation_config=gen_config)
-    return decode_answers(processor, out)[0]
+    return generate(model, processor, [image], [prompt], gen_config)[0]
 
 
 def region_reference(rec: dict[str, Any]) -> dict[str, Any] | None:
