@@ -146,6 +146,15 @@ def test_serve_answers_from_the_export_as_from_pytorch(models) -> None:
         assert got.text == expected.text and (got.regions is None) == (expected.regions is None), choice
 
 
+def test_answers_of_an_export_are_capped_at_its_position_table(models) -> None:
+    """The ONNX runner goes through the same generation settings: its config's table caps a task's length."""
+    from florence_kit.evaluate.generation import generation_config, position_limit
+
+    torch_model, onnx_model, processor = models
+    assert position_limit(onnx_model) == torch_model.config.text_config.max_position_embeddings == 1024
+    assert generation_config(onnx_model, processor, {"max_new_tokens": 5000}).max_new_tokens == 1024
+
+
 def test_fp16_variant_runs_and_keeps_float32_inputs(onnx_dir: Path, tmp_path: Path) -> None:
     """--quantize fp16: float16 weights, float32 inputs/outputs (Transformers.js feeds float32)."""
     import onnx
