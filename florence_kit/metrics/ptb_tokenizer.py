@@ -1,0 +1,293 @@
+"""Caption tokens as the COCO caption evaluation sees them: Penn Treebank tokenization, lower-cased, punctuation dropped.
+
+pycocoevalcap tokenises every caption with Stanford's PTBTokenizer (``-preserveLines -lowerCase``, one caption per
+line of one file) and then drops the tokens ``'' ' `` ` . ? ! , : ; - -- ...``. This module implements the same
+Penn Treebank conventions in Python, so BLEU-4 / CIDEr-D need no Java:
+
+- words keep internal hyphens, periods, ampersands and apostrophes (``black-and-white``, ``u.s.``, ``at&t``,
+  ``o'clock``); clitics split off (``do n't``, ``it 's``, ``should n't 've``, ``can not``, ``gon na``);
+- numbers keep their commas, points, colons and slashes (``1,234.50``, ``3:30``, ``12/25/2020``); a fraction
+  after a whole number joins it with a no-break space (``5\\u00a01/2``); currency signs split off and are
+  normalised (``£`` → ``#``, ``€`` → ``$``, ``¢`` → ``cents``);
+- a period ending a word splits off unless the word is a known abbreviation or an initialism;
+- brackets become ``-LRB-`` ``-RRB-`` ``-LSB-`` ``-RSB-`` ``-LCB-`` ``-RCB-`` (here lower-cased), also inside a
+  token; quotes become `````` / ``''`` and dashes ``--``, which the punctuation filter then drops;
+- URLs, e-mail addresses, SGML tags, emoticons and telephone numbers stay whole;
+- characters outside the Basic Multilingual Plane (emoji) are deleted, as are control characters.
+
+Rule by rule, the behaviour was checked against the tokens the reference (pycocoevalcap 1.2, Stanford
+PTBTokenizer 3.4.1 via Java) recorded for the captions in tests/fixtures/captions/.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# Tokens pycocoevalcap removes after tokenising (its punctuation list, as applied to lower-cased output).
+DROPPED = frozenset(["''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"])
+
+# Letters of any script; digits other than 0-9 (superscripts, subscripts, vulgar fractions) and characters outside
+# the Basic Multilingual Plane are not letters here.
+_LETTER_CLASS = r"[^\W\d_\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2150-\u218f\U00010000-\U0010ffff]"
+_L = rf"(?:{_LETTER_CLASS}|[\u0300-\u036f])"  # a letter (any script), combining accents included
+_A = rf"(?:{_L}|[0-9])"  # a letter or digit
+_SP = r"[ \t\u00a0\u3000\u2000-\u200a\u202f\u205f]"
+
+# Known abbreviations whose period belongs to the word (compared case-insensitively). Titles and the like,
+# which a name follows:
+TITLE_ABBREVIATIONS = frozenset("""
+mr mrs ms dr st mt ft vs gov sen rep gen lt col capt sgt prof rev messrs ave dept natl ph ph.d ed.d cont'd
+""".split())
+# ... and those that often end a sentence (company, state, month and day names): "Ariz.a" is "Ariz." "a".
+END_ABBREVIATIONS = frozenset("""
+jr sr etc inc co corp ltd pty jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thur thurs fri
+sat sun calif mass ariz wash mo ill pa bldg univ est tel sq al esq
+""".split())
+ABBREVIATIONS = TITLE_ABBREVIATIONS | END_ABBREVIATIONS
+# Abbreviations that keep their period only before a number ("No. 5", "fig. 3", "pp. 4-5").
+NUMBER_ABBREVIATIONS = frozenset("no fig pp ca".split())
+# Words spelt with an apostrophe that stay whole.
+APOSTROPHE_WORDS = frozenset("dunkin' c'mon c'est cap'n li'l nor'easter cont'd ma'am".split())
+
+_BRACKETS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-"}
+_ENTITIES = {"&amp;": "&", "&lt;": "<", "&gt;": ">", "&apos;": "'", "&quot;": "''", "&mdash;": "--",
+             "&ndash;": "--", "&nbsp;": ""}
+_CURRENCY = {"£": "#", "€": "$", "¢": "cents"}
+_FRACTIONS = {"½": "1/2", "¼": "1/4", "¾": "3/4", "⅓": "1/3", "⅔": "2/3"}
+
+# Whole-word splits (assimilations): the first part's length.
+_ASSIMILATIONS = {"cannot": 3, "gonna": 3, "wanna": 3, "gotta": 3, "lemme": 3, "gimme": 3}
+
+_SEG = re.compile(rf"{_A}(?:{_A}|\u00ad)*")  # a soft hyphen inside a word is deleted later
+_LETTERS = re.compile(rf"{_L}+")
+_IS_LETTER = re.compile(_L)
+_IS_VOWEL_BEFORE = re.compile(r"[aeiouyAEIOUY]")
+_IS_VOWEL_AFTER = re.compile(r"[aeiouA-Z]")
+_CLITICS = frozenset(["s", "d", "m", "ll", "re", "ve"])
+_NT = re.compile(r"[nN]'[tT]")
+_ONE_LETTER_GOES_ON = re.compile(r"[A-Za-z0-9-]|(?<![dDjJlLyY])'[A-Za-z]|\.[A-Za-z]")
+_DIGITS_THEN_HYPHEN = re.compile(r"[0-9]+-[0-9A-Za-z]")
+_ASCII_WORD = re.compile(r"[A-Za-z]+")
+
+
+def _match_word(text: str, pos: int) -> int:
+    """End of the word starting at ``pos`` (or -1): letters and digits, joined by the characters words keep."""
+    m = _SEG.match(text, pos)
+    if not m:
+        return -1
+    end = m.end()
+    hyphenated = dotted = False
+    while end < len(text):
+        c = text[end]
+        dot_dash = text.startswith(".-", end)
+        nxt = _SEG.match(text, end + 2 if dot_dash else end + 1)
+        if not nxt:
+            break
+        before, after = text[end - 1], text[end + 1]
+        if c == "-":
+            hyphenated = True
+        elif c in "/_":
+            if dotted or (c == "/" and not (before.isascii() and after.isascii())):
+                break
+        elif dot_dash:
+            pass
+        elif c in ".!?":
+            if c != "." and hyphenated:
+                break
+            if (c == "." and text[pos:end].lower() in END_ABBREVIATIONS and nxt.end() == end + 2
+                    and not _ONE_LETTER_GOES_ON.match(text, end + 2)):
+                break  # "Ariz.a": the abbreviation, then a one-letter word
+            if c == "." and hyphenated:  # "non-U.S.": an initialism after a hyphen
+                if not (_IS_LETTER.match(before) and (end - pos < 2 or text[end - 2] in "-.")
+                        and nxt.end() == end + 2 and text.startswith(".", end + 2)):
+                    break
+            elif not (_IS_LETTER.match(text[pos]) and _IS_LETTER.match(before) and (
+                    _IS_LETTER.match(after) or (c == "." and _DIGITS_THEN_HYPHEN.match(text, end + 1)))):
+                break
+            dotted = True
+        elif c in "'‘’`":
+            single = end - pos == 1 and (before in "dlno" or ("A" <= before <= "Z" and before not in "IY"))
+            rest = text[end + 1 : nxt.end()]
+            if not rest[:1].isalpha() or rest.lower() in _CLITICS or not ((single and rest[:2].isalpha() and len(rest) > 1)
+                                     or (end - pos > 1 and text[pos:end].isalpha() and _IS_VOWEL_BEFORE.match(before) and _IS_VOWEL_AFTER.match(after)
+                                         )):
+                break
+            return nxt.end()  # "o'clock": the word ends after the part the apostrophe joined
+        else:
+            break
+        end = nxt.end()
+    # a word before n't ends before its n ("is|n't", "ca|n't")
+    if end - pos > 1 and _NT.match(text, end - 1) and _ASCII_WORD.fullmatch(text, pos, end):
+        end -= 1
+    return end
+
+
+_SPECIAL_WORDS = {
+    "c++": re.compile(r"[cC]\+\+"),
+    "c#": re.compile(r"[cCfF]#"),
+    "ampersand": re.compile(rf"[A-Z]+&[A-Z]+s?(?:-{_A}+)*"),
+    "digits": re.compile("[\u00b2\u00b3\u00b9\u2070-\u209f]+"),
+    "bracket_word": re.compile(r"-[LR][RSC]B-"),
+    "prefix": re.compile(r"(?i:pro|anti)-"),
+    "soft_hyphen": re.compile("\u00ad"),
+}
+
+
+def _rules() -> list[tuple[str, re.Pattern[str]]]:
+    rules = [
+        ("space", rf"(?:{_SP}|[\u200b\ufeff\u2011\u058a\x00-\x08\x0e-\x1f\x7f])+"),
+        ("newline", r"\n"),
+        ("sgml", r"</?[A-Za-z!][^<>\n]*>"),
+        ("url", r"(?i:https?|ftp)://[^ \t\n\r\f\v<>{}()\[\]\"]+[^ \t\n\r\f\v<>{}()\[\]\".-]"),
+        ("email", r"\w[^\s@<>(){}\[\]\"]*@[^\s@<>(){}\"]+"),
+        ("handle", rf"[@#]{_LETTER_CLASS}+|@+"),
+        ("entity", r"&(?:[a-zA-Z]+|#[0-9]+);"),
+        ("emoticon", r"[<>]?[:;=][-o*']?[)\](\[dDpP:}{@|\\](?![A-Za-z0-9])|\(?[\^xoO~-]_[\^xoO~-]\)?"),
+        ("phone", r"\(\d{3}\) ?\d{3}-\d{4,5}|\+\d{1,3}(?: \d{2,4}){2,4}|(?:\d{2,4} )?\d{3}-\d{4}|\d{3} \d{3} \d{4}"
+                  r"|\d-\d{3}-\d{3}-\d{4}|\d{3}\.\d{3}\.\d{4}"),
+        ("fraction", r"\d+ \d+/\d+"),
+        ("number", r"[-+]?(?:\d+(?:[,.:/]\d+)*|[.,:]\d+(?:[,.:]\d+)*)"),
+        ("numword", rf"\d+(?:[.,/]\d+)+{_A}*(?:-{_A}+)+"),
+        ("apostrophe_word", r"(?i:dunkin'|c'mon|c'est|cap'n|li'l|nor'easter|cont'd\.?|ma'am|o'o)"),
+        ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])"),
+        ("clitic_word", r"(?i)['’](?:t(?=is|was)|em|till?|cause|n'|[0-9]0(?:s|(?=\s|$))|n(?![A-Za-z]))|[dDlLjJyY]['’](?!['’])"),
+        ("ellipsis", r"\.\.\.+|…|\u0085"),
+        ("dash", r"-{2,}|[—–]"),
+        ("quote", r"``|''|[\"`']"),
+        ("unicode_quotes", r"`?[“”«»‘’][“”«»‘’`]*"),
+        ("bang", r"[!?]+"),
+        ("stars", r"\*+|_+"),
+        ("bracket", r"[()\[\]{}]"),
+        ("currency", r"[A-Z]{1,3}\$|[$£€¢¥#]"),
+        ("dotcom", r"(?:\u00a0|[^\sA-Za-z0-9$.,;:!?()\[\]{}<>\"'`@/\\*=+|~^%&-])[^\s$.,;()\[\]{}<>\"'`@]*?\.com"),
+        ("astral", r"[\U00010000-\U0010ffff]+"),
+        ("fraction_char", "[½¼¾⅓⅔]"),
+        ("other", r"[^\s\ud800-\udfff]"),
+    ]
+    compiled = [(name, re.compile(pattern)) for name, pattern in rules]
+    return compiled[:10] + list(_SPECIAL_WORDS.items()) + compiled[10:]
+
+
+_RULES = _rules()
+_QUOTE_MAP = str.maketrans({"“": "``", "«": "``", "”": "''", "»": "''", "‘": "`", "’": "'"})
+# After a one-letter initial ("A.") one of these words, capitalised, starts a new sentence: the period splits off.
+SENTENCE_STARTERS = frozenset("""
+the a an he she it we they you in this but there her our their that these what when if at as after yet so some
+many one then now here however since while about more such other once last according
+""".split()) | {"mr.", "ms."}
+_NEXT_WORD = re.compile(r"\s+([A-Z][\w.]*?)(?:(?<=[rs]\.)|(?![\w.]))|\s+<[A-Za-z/!]")
+_INITIALISM = re.compile(r"(?:[A-Za-z]\.)+")
+_NUMBER_AHEAD = re.compile(r"\s*[-+.,:]?\d")
+
+
+def _period_belongs(text: str, pos: int, end: int) -> bool:
+    """Whether the period at ``end`` ends the word ``text[pos:end]`` as an abbreviation (else it is punctuation)."""
+    stem = text[pos:end].replace("\u00ad", "").lower()
+    after = text[end + 1 : end + 40]
+    if stem in ABBREVIATIONS:
+        return True
+    if stem in NUMBER_ABBREVIATIONS:
+        return bool(_NUMBER_AHEAD.match(after))
+    if not _INITIALISM.fullmatch(text, text.rfind("-", pos, end) + 1 or pos, end + 1):
+        return False
+    if end - pos == 1:  # "A." before a word that starts a sentence is a sentence end
+        m = _NEXT_WORD.match(after)
+        return not (m and (m.group(1) is None or m.group(1).lower() in SENTENCE_STARTERS))
+    return True
+
+
+def _word_tokens(word: str, after: str) -> list[str]:
+    """Split a word's assimilations (``gonna`` → ``gon na``); soft hyphens inside it are deleted."""
+    word = word.replace("\u00ad", "")
+    k = _ASSIMILATIONS.get(word.lower())
+    return [word[:k], word[k:]] if k else [word]
+
+
+def _tokens(text: str) -> list[list[str]]:
+    """Lines of raw tokens (before lower-casing and the punctuation filter)."""
+    lines: list[list[str]] = [[]]
+    pos, n = 0, len(text)
+    while pos < n:
+        best, best_len = None, 0
+        end = _match_word(text, pos)
+        if end > pos:
+            if end < n and text[end] == "." and _period_belongs(text, pos, end):
+                end += 1
+            best, best_len = ("word", text[pos:end]), end - pos
+        for name, rx in _RULES:
+            m = rx.match(text, pos)
+            if m and m.end() - pos > best_len:
+                best, best_len = (name, m.group()), m.end() - pos
+        if best is None:  # an unpaired surrogate: deleted, as untokenizable
+            pos += 1
+            continue
+        pos += best_len
+        name, tok = best
+        out = lines[-1]
+        if name == "space":
+            continue
+        if name == "newline":
+            lines.append([])
+        elif name in ("sgml", "phone", "fraction"):
+            out.append(tok.replace(" ", "\u00a0"))
+        elif name == "entity":
+            mapped = _ENTITIES.get(tok.lower(), tok)
+            if mapped:
+                out.append(mapped)
+        elif name in ("word", "numword"):
+            out.extend(_word_tokens(tok, text[pos : pos + 40]))
+        elif name == "ellipsis":
+            out.append("...")
+        elif name == "dash":
+            out.append("--")
+        elif name == "quote":
+            out.append("''")
+        elif name == "unicode_quotes":
+            out.append(tok.replace("‘‘", "“").replace("’’", "”").translate(_QUOTE_MAP))
+        elif name == "astral":
+            continue
+        elif name == "soft_hyphen":
+            out.append("-")
+        elif name == "currency":
+            out.append(_CURRENCY.get(tok, tok))
+        elif name == "fraction_char":
+            out.append(_FRACTIONS[tok])
+        elif name == "clitic_word" and tok.lower() in ("'t",):
+            out.append(tok)
+        else:
+            out.append(tok)
+    return lines
+
+
+def _lower(token: str) -> str:
+    """Lower-case as the reference does: a capital sigma after the token's start and before no further letter
+    (digits skipped) becomes a final sigma."""
+    if "Σ" not in token:
+        return token.lower()
+    chars = []
+    for i, ch in enumerate(token):
+        if ch == "Σ":
+            j = i + 1
+            while j < len(token) and token[j].isdigit():
+                j += 1
+            final = i > 0 and not (j < len(token) and token[j].isalpha())
+            chars.append("ς" if final else "σ")
+        else:
+            chars.append(ch.lower())
+    return "".join(chars)
+
+
+def _escape(token: str) -> str:
+    """Brackets as PTB names: every bracket standing alone, round brackets also inside a token."""
+    if token in _BRACKETS:
+        return _BRACKETS[token]
+    return token.replace("(", "-LRB-").replace(")", "-RRB-")
+
+
+def ptb_tokenize_lines(captions: Sequence[str]) -> list[str]:
+    """Each caption's tokens, space-joined, as pycocoevalcap's ``PTBTokenizer`` returns them (one file)."""
+    if not captions:
+        return []
+    lines = _tokens("\n".join(captions))
+    return [" ".join(t for t in (_lower(_escape(tok)) for tok in line) if t not in DROPPED) for line in lines]
