@@ -37,12 +37,12 @@ _SP = r"[ \t\u00a0\u3000\u2000-\u200a\u202f\u205f]"
 # Known abbreviations whose period belongs to the word (compared case-insensitively). Titles and the like,
 # which a name follows:
 TITLE_ABBREVIATIONS = frozenset("""
-mr mrs ms dr st mt ft vs gov sen rep gen lt col capt sgt prof rev messrs ave dept natl ph ph.d ed.d cont'd
+mr mrs ms dr st mt ft vs gov sen rep gen lt col capt sgt prof rev messrs ave dept natl ph cont'd
 """.split())
 # ... and those that often end a sentence (company, state, month and day names): "Ariz.a" is "Ariz." "a".
 END_ABBREVIATIONS = frozenset("""
 jr sr etc inc co corp ltd pty jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thur thurs fri
-sat sun calif mass ariz wash mo ill pa bldg univ est tel sq al esq
+sat sun calif mass ariz wash mo ill pa bldg univ est tel sq al esq ph.d ed.d
 """.split())
 ABBREVIATIONS = TITLE_ABBREVIATIONS | END_ABBREVIATIONS
 # Abbreviations that keep their period only before a number ("No. 5", "fig. 3", "pp. 4-5").
@@ -59,7 +59,7 @@ _FRACTIONS = {"½": "1/2", "¼": "1/4", "¾": "3/4", "⅓": "1/3", "⅔": "2/3"}
 # Whole-word splits (assimilations): the first part's length.
 _ASSIMILATIONS = {"cannot": 3, "gonna": 3, "wanna": 3, "gotta": 3, "lemme": 3, "gimme": 3}
 
-_SEG = re.compile(rf"{_A}(?:{_A}|\u00ad)*")  # a soft hyphen inside a word is deleted later
+_SEG = re.compile(rf"\u00ad*{_A}(?:{_A}|\u00ad)*")  # a soft hyphen inside a word is deleted later
 _LETTERS = re.compile(rf"{_L}+")
 _IS_LETTER = re.compile(_L)
 _IS_VOWEL_BEFORE = re.compile(r"[aeiouyAEIOUY]")
@@ -80,7 +80,7 @@ def _match_word(text: str, pos: int) -> int:
     hyphenated = dotted = False
     while end < len(text):
         c = text[end]
-        dot_dash = text.startswith(".-", end)
+        dot_dash = text.startswith(".-", end) and _IS_LETTER.match(text, end + 2) is not None
         nxt = _SEG.match(text, end + 2 if dot_dash else end + 1)
         if not nxt:
             break
@@ -118,7 +118,8 @@ def _match_word(text: str, pos: int) -> int:
             break
         end = nxt.end()
     # a word before n't ends before its n ("is|n't", "ca|n't")
-    if end - pos > 1 and _NT.match(text, end - 1) and _ASCII_WORD.fullmatch(text, pos, end):
+    if (end - pos > 1 and _NT.match(text, end - 1) and _ASCII_WORD.fullmatch(text, pos, end)
+            and text[end - 2] not in "nN"):
         end -= 1
     return end
 
@@ -126,7 +127,7 @@ def _match_word(text: str, pos: int) -> int:
 _SPECIAL_WORDS = {
     "c++": re.compile(r"[cC]\+\+"),
     "c#": re.compile(r"[cCfF]#"),
-    "ampersand": re.compile(rf"[A-Z]+&[A-Z]+s?(?:-{_A}+)*"),
+    "ampersand": re.compile(r"[A-Z]+&[A-Z]+s?(?:-[0-9]+)?"),
     "digits": re.compile("[\u00b2\u00b3\u00b9\u2070-\u209f]+"),
     "bracket_word": re.compile(r"-[LR][RSC]B-"),
     "prefix": re.compile(r"(?i:pro|anti)-"),
@@ -141,23 +142,23 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("sgml", r"</?[A-Za-z!][^<>\n]*>"),
         ("url", r"(?i:https?|ftp)://[^ \t\n\r\f\v<>{}()\[\]\"]+[^ \t\n\r\f\v<>{}()\[\]\".-]"),
         ("email", r"\w[^\s@<>(){}\[\]\"]*@[^\s@<>(){}\"]+"),
-        ("handle", rf"[@#]{_LETTER_CLASS}+|@+"),
+        ("handle", rf"#{_LETTER_CLASS}+|@(?:{_LETTER_CLASS}|_)(?:{_LETTER_CLASS}|[0-9_])*|@+"),
         ("entity", r"&(?:[a-zA-Z]+|#[0-9]+);"),
-        ("emoticon", r"[<>]?[:;=][-o*']?[)\](\[dDpP:}{@|\\](?![A-Za-z0-9])|\(?[\^xoO~-]_[\^xoO~-]\)?"),
-        ("phone", r"\(\d{3}\) ?\d{3}-\d{4,5}|\+\d{1,3}(?: \d{2,4}){2,4}|(?:\d{2,4} )?\d{3}-\d{4}|\d{3} \d{3} \d{4}"
+        ("emoticon", r"[<>]?[:;=][-o*']?[)\](\[dDpPO{@|\\](?![A-Za-z0-9])|\(?[\^xoO~-]_[\^xoO~-]\)?"),
+        ("phone", r"\(\d{3}\) ?\d{3}-\d{4,5}|\+\d{1,3}(?: \d{2,4}){1,2} \d{4}|\d{2,4}[ -]\d{3,4}[ -]\d{4}|\d{3}-\d{4}"
                   r"|\d-\d{3}-\d{3}-\d{4}|\d{3}\.\d{3}\.\d{4}"),
         ("fraction", r"\d+ \d+/\d+"),
         ("number", r"[-+]?(?:\d+(?:[,.:/]\d+)*|[.,:]\d+(?:[,.:]\d+)*)"),
         ("numword", rf"\d+(?:[.,/]\d+)+{_A}*(?:-{_A}+)+"),
-        ("apostrophe_word", r"(?i:dunkin'|c'mon|c'est|cap'n|li'l|nor'easter|cont'd\.?|ma'am|o'o)"),
+        ("apostrophe_word", r"(?i:dunkin'(?![a-z])|c'mon|c'est|cap'n|li'l|nor'easter|cont'd\.?|ma'am|o'o)"),
         ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])"),
-        ("clitic_word", r"(?i)['’](?:t(?=is|was)|em|till?|cause|n'|[0-9]0(?:s|(?=\s|$))|n(?![A-Za-z]))|[dDlLjJyY]['’](?!['’])"),
+        ("clitic_word", r"(?i)['’](?:t(?=is|was)|em|till?|cause|n'|[0-9]0(?:s|(?=\s|$))|n(?![A-Za-z]))|(?:[dDlLjJ]['’]|[yY]['’](?!['’]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
         ("ellipsis", r"\.\.\.+|…|\u0085"),
         ("dash", r"-{2,}|[—–]"),
         ("quote", r"``|''|[\"`']"),
         ("unicode_quotes", r"`?[“”«»‘’][“”«»‘’`]*"),
         ("bang", r"[!?]+"),
-        ("stars", r"\*+|_+"),
+        ("stars", r"\*+|_+|\\\*"),
         ("bracket", r"[()\[\]{}]"),
         ("currency", r"[A-Z]{1,3}\$|[$£€¢¥#]"),
         ("dotcom", r"(?:\u00a0|[^\sA-Za-z0-9$.,;:!?()\[\]{}<>\"'`@/\\*=+|~^%&-])[^\s$.,;()\[\]{}<>\"'`@]*?\.com"),
@@ -176,16 +177,16 @@ SENTENCE_STARTERS = frozenset("""
 the a an he she it we they you in this but there her our their that these what when if at as after yet so some
 many one then now here however since while about more such other once last according
 """.split()) | {"mr.", "ms."}
-_NEXT_WORD = re.compile(r"\s+([A-Z][\w.]*?)(?:(?<=[rs]\.)|(?![\w.]))|\s+<[A-Za-z/!]")
+_NEXT_WORD = re.compile(r"\s+([A-Z][\w.]*?)(?:(?<=[rs]\.)|(?![\w.]))(?=\s|$)|\s+<[A-Za-z/!][^<>]*>(?=\s)")
 _INITIALISM = re.compile(r"(?:[A-Za-z]\.)+")
-_NUMBER_AHEAD = re.compile(r"\s*[-+.,:]?\d")
+_NUMBER_AHEAD = re.compile(r"\s?[.,:]?\d|[,:]")
 
 
 def _period_belongs(text: str, pos: int, end: int) -> bool:
     """Whether the period at ``end`` ends the word ``text[pos:end]`` as an abbreviation (else it is punctuation)."""
-    stem = text[pos:end].replace("\u00ad", "").lower()
+    stem = text[pos:end].lower()
     after = text[end + 1 : end + 40]
-    if stem in ABBREVIATIONS:
+    if stem in ABBREVIATIONS or text[end + 1 : end + 2] in (",", ";", ":"):
         return True
     if stem in NUMBER_ABBREVIATIONS:
         return bool(_NUMBER_AHEAD.match(after))
@@ -198,9 +199,10 @@ def _period_belongs(text: str, pos: int, end: int) -> bool:
 
 
 def _word_tokens(word: str, after: str) -> list[str]:
-    """Split a word's assimilations (``gonna`` → ``gon na``); soft hyphens inside it are deleted."""
+    """Split a word's assimilations (``gonna`` → ``gon na``, not before an apostrophe or a letter); soft hyphens
+    inside it are deleted."""
     word = word.replace("\u00ad", "")
-    k = _ASSIMILATIONS.get(word.lower())
+    k = None if after in ("'", "’") or after.isalpha() else _ASSIMILATIONS.get(word.lower())
     return [word[:k], word[k:]] if k else [word]
 
 
@@ -236,7 +238,7 @@ def _tokens(text: str) -> list[list[str]]:
             if mapped:
                 out.append(mapped)
         elif name in ("word", "numword"):
-            out.extend(_word_tokens(tok, text[pos : pos + 40]))
+            out.extend(_word_tokens(tok, text[pos : pos + 1]))
         elif name == "ellipsis":
             out.append("...")
         elif name == "dash":
