@@ -1,4 +1,4 @@
-"""Caption tokens as the COCO caption evaluation sees them: Penn Treebank tokenization, lower-cased, punctuation dropped.
+"""Caption tokens as the COCO caption evaluation sees them: Penn Treebank tokens, lower-cased, punctuation dropped.
 
 pycocoevalcap tokenises every caption with Stanford's PTBTokenizer (``-preserveLines -lowerCase``, one caption per
 line of one file) and then drops the tokens ``'' ' `` ` . ? ! , : ; - -- ...``. This module implements the same
@@ -34,21 +34,28 @@ _L = rf"(?:{_LETTER_CLASS}|[\u0300-\u036f])"  # a letter (any script), combining
 _A = rf"(?:{_L}|[0-9])"  # a letter or digit
 _SP = r"[ \t\u00a0\u3000\u2000-\u200a\u202f\u205f]"
 
-# Known abbreviations whose period belongs to the word (compared case-insensitively). Titles and the like,
-# which a name follows:
-TITLE_ABBREVIATIONS = frozenset("""
-mr mrs ms dr st mt ft vs gov sen rep gen lt col capt sgt prof rev messrs ave dept natl ph cont'd
-""".split())
-# ... and those that often end a sentence (company, state, month and day names): "Ariz.a" is "Ariz." "a".
-END_ABBREVIATIONS = frozenset("""
-jr sr etc inc co corp ltd pty jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thur thurs fri
-sat sun calif mass ariz wash mo ill pa bldg univ est tel sq al esq ph.d ed.d
-""".split())
+# Abbreviations whose period belongs to the word (compared lower-cased). Titles and the like, which a name follows:
+TITLE_ABBREVIATIONS = frozenset((
+    "mr", "mrs", "ms", "dr", "st", "mt", "ft", "vs", "gov", "sen", "rep", "gen", "lt", "col", "capt", "sgt", "prof",
+    "rev", "messrs", "ave", "dept", "natl", "ph", "cont'd",
+))
+# ... and those that often end a sentence (company, state, month and day names): "Ariz.a" is "Ariz." then "a".
+END_ABBREVIATIONS = frozenset((
+    "jr", "sr", "etc", "inc", "co", "corp", "ltd", "pty", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep",
+    "sept", "oct", "nov", "dec", "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun", "calif",
+    "mass", "ariz", "wash", "mo", "ill", "pa", "bldg", "univ", "est", "tel", "sq", "al", "esq", "ph.d", "ed.d",
+))
 ABBREVIATIONS = TITLE_ABBREVIATIONS | END_ABBREVIATIONS
-# Abbreviations that keep their period only before a number ("No. 5", "fig. 3", "pp. 4-5").
-NUMBER_ABBREVIATIONS = frozenset("no fig pp ca".split())
-# Words spelt with an apostrophe that stay whole.
-APOSTROPHE_WORDS = frozenset("dunkin' c'mon c'est cap'n li'l nor'easter cont'd ma'am".split())
+# Abbreviations that keep their period only before a number ("No. 5", "fig. 3", "pp. 4-5"; "no . x").
+NUMBER_ABBREVIATIONS = frozenset(("no", "fig", "pp", "ca"))
+# Words spelt with an apostrophe that stay whole (compared case-insensitively).
+APOSTROPHE_WORDS = ("dunkin'", "c'mon", "c'est", "cap'n", "li'l", "nor'easter", "cont'd", "ma'am", "o'o")
+# After a one-letter initial ("A.") one of these words, capitalised, starts a new sentence: the period splits off.
+SENTENCE_STARTERS = frozenset((
+    "the", "a", "an", "he", "she", "it", "we", "they", "you", "in", "this", "but", "there", "her", "our", "their",
+    "that", "these", "what", "when", "if", "at", "as", "after", "yet", "so", "some", "many", "one", "then", "now",
+    "here", "however", "since", "while", "about", "more", "such", "other", "once", "last", "according", "mr.", "ms.",
+))
 
 _BRACKETS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-"}
 _ENTITIES = {"&amp;": "&", "&lt;": "<", "&gt;": ">", "&apos;": "'", "&quot;": "''", "&mdash;": "--",
@@ -60,15 +67,28 @@ _FRACTIONS = {"½": "1/2", "¼": "1/4", "¾": "3/4", "⅓": "1/3", "⅔": "2/3"}
 _ASSIMILATIONS = {"cannot": 3, "gonna": 3, "wanna": 3, "gotta": 3, "lemme": 3, "gimme": 3}
 
 _SEG = re.compile(rf"\u00ad*{_A}(?:{_A}|\u00ad)*")  # a soft hyphen inside a word is deleted later
-_LETTERS = re.compile(rf"{_L}+")
 _IS_LETTER = re.compile(_L)
 _IS_VOWEL_BEFORE = re.compile(r"[aeiouyAEIOUY]")
 _IS_VOWEL_AFTER = re.compile(r"[aeiouA-Z]")
 _CLITICS = frozenset(["s", "d", "m", "ll", "re", "ve"])
 _NT = re.compile(r"[nN]'[tT]")
 _ONE_LETTER_GOES_ON = re.compile(r"[A-Za-z0-9-]|(?<![dDjJlLyY])'[A-Za-z]|\.[A-Za-z]")
+_DOTTED_PART = re.compile(r"[A-Za-z0-9]+\.[A-Za-z]")
 _DIGITS_THEN_HYPHEN = re.compile(r"[0-9]+-[0-9A-Za-z]")
 _ASCII_WORD = re.compile(r"[A-Za-z]+")
+
+
+def _joins_apostrophe(head: str, rest: str) -> bool:
+    """Whether an apostrophe between ``head`` and ``rest`` (letters and digits) stays inside one word: after one
+    letter (d l n o, or a capital but I and Y) before two letters ("o'clock", "O'Brien", "d'Artagnan"), or between
+    vowels of a longer word ("ma'am"); never before a clitic ("we'll", "HE'S")."""
+    if not rest[:1].isalpha() or rest.lower() in _CLITICS:
+        return False
+    before, after = head[-1], rest[0]
+    if len(head) == 1 and (before in "dlno" or ("A" <= before <= "Z" and before not in "IY")):
+        return len(rest) > 1 and rest[:2].isalpha()
+    return (len(head) > 1 and head.isalpha() and _IS_VOWEL_BEFORE.match(before) is not None
+            and _IS_VOWEL_AFTER.match(after) is not None)
 
 
 def _match_word(text: str, pos: int) -> int:
@@ -88,7 +108,9 @@ def _match_word(text: str, pos: int) -> int:
         if c == "-":
             hyphenated = True
         elif c in "/_":
-            if dotted or (c == "/" and not (before.isascii() and after.isascii())):
+            if c == "/" and not (before.isascii() and after.isascii()):
+                break
+            if dotted and not (c == "/" and _DOTTED_PART.match(text, end + 1)):  # "coco.org/img.jpg"
                 break
         elif dot_dash:
             pass
@@ -107,11 +129,8 @@ def _match_word(text: str, pos: int) -> int:
                 break
             dotted = True
         elif c in "'‘’`":
-            single = end - pos == 1 and (before in "dlno" or ("A" <= before <= "Z" and before not in "IY"))
             rest = text[end + 1 : nxt.end()]
-            if not rest[:1].isalpha() or rest.lower() in _CLITICS or not ((single and rest[:2].isalpha() and len(rest) > 1)
-                                     or (end - pos > 1 and text[pos:end].isalpha() and _IS_VOWEL_BEFORE.match(before) and _IS_VOWEL_AFTER.match(after)
-                                         )):
+            if not _joins_apostrophe(text[pos:end], rest):
                 break
             return nxt.end()  # "o'clock": the word ends after the part the apostrophe joined
         else:
@@ -141,18 +160,20 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("newline", r"\n"),
         ("sgml", r"</?[A-Za-z!][^<>\n]*>"),
         ("url", r"(?i:https?|ftp)://[^ \t\n\r\f\v<>{}()\[\]\"]+[^ \t\n\r\f\v<>{}()\[\]\".-]"),
-        ("email", r"\w[^\s@<>(){}\[\]\"]*@[^\s@<>(){}\"]+"),
+        ("email", r"\w[^\s@<>(){}\[\]\"]*@[^\s@<>(){}\"]*[^\s@<>(){}\".]"),
         ("handle", rf"#{_LETTER_CLASS}+|@(?:{_LETTER_CLASS}|_)(?:{_LETTER_CLASS}|[0-9_])*|@+"),
         ("entity", r"&(?:[a-zA-Z]+|#[0-9]+);"),
         ("emoticon", r"[<>]?[:;=][-o*']?[)\](\[dDpPO{@|\\](?![A-Za-z0-9])|\(?[\^xoO~-]_[\^xoO~-]\)?"),
-        ("phone", r"\(\d{3}\) ?\d{3}-\d{4,5}|\+\d{1,3}(?: \d{2,4}){1,2} \d{4}|\d{2,4}[ -]\d{3,4}[ -]\d{4}|\d{3}-\d{4}"
-                  r"|\d-\d{3}-\d{3}-\d{4}|\d{3}\.\d{3}\.\d{4}"),
+        ("phone", r"\(\d{3}\) ?\d{3}-\d{4,5}|\+\d{1,3}(?: \d{2,4}){1,2} \d{4}|\d{2,4}[ -]\d{3,4}[ -]\d{4}"
+                  r"|\d{3}-\d{4}|\d-\d{3}-\d{3}-\d{4}|\d{3}\.\d{3}\.\d{4}"),
         ("fraction", r"\d+ \d+/\d+"),
         ("number", r"[-+]?(?:\d+(?:[,.:/]\d+)*|[.,:]\d+(?:[,.:]\d+)*)"),
         ("numword", rf"\d+(?:[.,/]\d+)+{_A}*(?:-{_A}+)+"),
-        ("apostrophe_word", r"(?i:dunkin'(?![a-z])|c'mon|c'est|cap'n|li'l|nor'easter|cont'd\.?|ma'am|o'o)"),
+        ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?![a-z])|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
         ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])"),
-        ("clitic_word", r"(?i)['’](?:t(?=is|was)|em|till?|cause|n'|[0-9]0(?:s|(?=\s|$))|n(?![A-Za-z]))|(?:[dDlLjJ]['’]|[yY]['’](?!['’]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
+        # 't (before is/was), 'em, 'til, 'cause, 'n', '90s; and d' l' j' y' unless a clitic follows ("d're")
+        ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]0(?:s|(?=\s|$)))|['’][nN](?![a-z])"
+                        r"|(?:[dDlLjJ]['’]|[yY]['’](?!['’]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
         ("ellipsis", r"\.\.\.+|…|\u0085"),
         ("dash", r"-{2,}|[—–]"),
         ("quote", r"``|''|[\"`']"),
@@ -171,12 +192,9 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
 
 
 _RULES = _rules()
+_LINE_BREAKS = str.maketrans(dict.fromkeys("\n\r\u000b\u000c\u2028\u2029", " "))  # one caption stays one line
+_BLANKS = dict(_RULES)["space"]
 _QUOTE_MAP = str.maketrans({"“": "``", "«": "``", "”": "''", "»": "''", "‘": "`", "’": "'"})
-# After a one-letter initial ("A.") one of these words, capitalised, starts a new sentence: the period splits off.
-SENTENCE_STARTERS = frozenset("""
-the a an he she it we they you in this but there her our their that these what when if at as after yet so some
-many one then now here however since while about more such other once last according
-""".split()) | {"mr.", "ms."}
 _NEXT_WORD = re.compile(r"\s+([A-Z][\w.]*?)(?:(?<=[rs]\.)|(?![\w.]))(?=\s|$)|\s+<[A-Za-z/!][^<>]*>(?=\s)")
 _INITIALISM = re.compile(r"(?:[A-Za-z]\.)+")
 _NUMBER_AHEAD = re.compile(r"\s?[.,:]?\d|[,:]")
@@ -211,6 +229,13 @@ def _tokens(text: str) -> list[list[str]]:
     lines: list[list[str]] = [[]]
     pos, n = 0, len(text)
     while pos < n:
+        if text[pos] in " \t":  # no token starts with an ASCII space or tab: skip the blank run at once
+            pos = _BLANKS.match(text, pos).end()
+            continue
+        if text[pos] == "\n":
+            lines.append([])
+            pos += 1
+            continue
         best, best_len = None, 0
         end = _match_word(text, pos)
         if end > pos:
@@ -255,8 +280,6 @@ def _tokens(text: str) -> list[list[str]]:
             out.append(_CURRENCY.get(tok, tok))
         elif name == "fraction_char":
             out.append(_FRACTIONS[tok])
-        elif name == "clitic_word" and tok.lower() in ("'t",):
-            out.append(tok)
         else:
             out.append(tok)
     return lines
@@ -291,5 +314,5 @@ def ptb_tokenize_lines(captions: Sequence[str]) -> list[str]:
     """Each caption's tokens, space-joined, as pycocoevalcap's ``PTBTokenizer`` returns them (one file)."""
     if not captions:
         return []
-    lines = _tokens("\n".join(captions))
+    lines = _tokens("\n".join(c.translate(_LINE_BREAKS) for c in captions))
     return [" ".join(t for t in (_lower(_escape(tok)) for tok in line) if t not in DROPPED) for line in lines]
