@@ -68,6 +68,7 @@ _ASSIMILATIONS = {"cannot": 3, "gonna": 3, "wanna": 3, "gotta": 3, "lemme": 3, "
 
 _SEG = re.compile(rf"\u00ad*{_A}(?:{_A}|\u00ad)*")  # a soft hyphen inside a word is deleted later
 _IS_LETTER = re.compile(_L)
+_LEADING_LETTERS = re.compile(rf"{_L}+")
 _IS_VOWEL_BEFORE = re.compile(r"[aeiouyAEIOUY]")
 _IS_VOWEL_AFTER = re.compile(r"[aeiouA-Z]")
 _CLITICS = frozenset(["s", "d", "m", "ll", "re", "ve"])
@@ -81,12 +82,13 @@ _ASCII_WORD = re.compile(r"[A-Za-z]+")
 def _joins_apostrophe(head: str, rest: str) -> bool:
     """Whether an apostrophe between ``head`` and ``rest`` (letters and digits) stays inside one word: after one
     letter (d l n o, or a capital but I and Y) before two letters ("o'clock", "O'Brien", "d'Artagnan"), or between
-    vowels of a longer word ("ma'am"); never before a clitic ("we'll", "HE'S")."""
-    if not rest[:1].isalpha() or rest.lower() in _CLITICS:
+    vowels of a longer word ("ma'am"); never before a clitic ("we'll", "HE'S", "X'll1")."""
+    letters = _LEADING_LETTERS.match(rest)
+    if not letters or letters.group().lower() in _CLITICS:
         return False
     before, after = head[-1], rest[0]
     if len(head) == 1 and (before in "dlno" or ("A" <= before <= "Z" and before not in "IY")):
-        return len(rest) > 1 and rest[:2].isalpha()
+        return len(rest) > 1 and (rest[:2].isalpha() or before in "oO")
     return (len(head) > 1 and head.isalpha() and _IS_VOWEL_BEFORE.match(before) is not None
             and _IS_VOWEL_AFTER.match(after) is not None)
 
@@ -97,7 +99,7 @@ def _match_word(text: str, pos: int) -> int:
     if not m:
         return -1
     end = m.end()
-    hyphenated = dotted = False
+    hyphenated = dotted = banged = apostrophed = False
     while end < len(text):
         c = text[end]
         dot_dash = text.startswith(".-", end) and _IS_LETTER.match(text, end + 2) is not None
@@ -106,6 +108,8 @@ def _match_word(text: str, pos: int) -> int:
             break
         before, after = text[end - 1], text[end + 1]
         if c == "-":
+            if banged:
+                break
             hyphenated = True
         elif c in "/_":
             if c == "/" and not (before.isascii() and after.isascii()):
@@ -114,25 +118,31 @@ def _match_word(text: str, pos: int) -> int:
                 break
         elif dot_dash:
             pass
-        elif c in ".!?":
-            if c != "." and hyphenated:
+        elif c in "!?":  # "park!the": between letters, in a word that starts with one
+            if hyphenated or dotted or apostrophed or not (_IS_LETTER.match(text[pos]) and _IS_LETTER.match(after)):
                 break
-            if (c == "." and text[pos:end].lower() in END_ABBREVIATIONS and nxt.end() == end + 2
+            banged = True
+        elif c == ".":
+            if apostrophed:
+                break
+            if (text[pos:end].lower() in END_ABBREVIATIONS and nxt.end() == end + 2
                     and not _ONE_LETTER_GOES_ON.match(text, end + 2)):
                 break  # "Ariz.a": the abbreviation, then a one-letter word
-            if c == "." and hyphenated:  # "non-U.S.": an initialism after a hyphen
+            if hyphenated:  # "non-U.S.": an initialism after a hyphen
                 if not (_IS_LETTER.match(before) and (end - pos < 2 or text[end - 2] in "-.")
                         and nxt.end() == end + 2 and text.startswith(".", end + 2)):
                     break
             elif not (_IS_LETTER.match(text[pos]) and _IS_LETTER.match(before) and (
-                    _IS_LETTER.match(after) or (c == "." and _DIGITS_THEN_HYPHEN.match(text, end + 1)))):
+                    _IS_LETTER.match(after) or _DIGITS_THEN_HYPHEN.match(text, end + 1))):
                 break
             dotted = True
         elif c in "'‘’`":
-            rest = text[end + 1 : nxt.end()]
-            if not _joins_apostrophe(text[pos:end], rest):
+            head, rest = text[pos:end], text[end + 1 : nxt.end()]
+            if not _joins_apostrophe(head, rest):
                 break
-            return nxt.end()  # "o'clock": the word ends after the part the apostrophe joined
+            apostrophed = True
+            if head not in ("d", "l"):  # "O'Brien", "n'tx": letters (after o, letters and digits), and the word ends
+                return _SEG.match(text, end + 1).end() if head in "oO" else _LEADING_LETTERS.match(text, end + 1).end()
         else:
             break
         end = nxt.end()
@@ -159,9 +169,9 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("space", rf"(?:{_SP}|[\u200b\ufeff\u2011\u058a\x00-\x08\x0e-\x1f\x7f])+"),
         ("newline", r"\n"),
         ("sgml", r"</?[A-Za-z!][^<>\n]*>"),
-        ("url", r"(?i:https?|ftp)://[^ \t\n\r\f\v<>{}()\[\]\"]+[^ \t\n\r\f\v<>{}()\[\]\".-]"),
-        ("email", r"\w[^\s@<>(){}\[\]\"]*@[^\s@<>(){}\"]*[^\s@<>(){}\".]"),
-        ("handle", rf"#{_LETTER_CLASS}+|@(?:{_LETTER_CLASS}|_)(?:{_LETTER_CLASS}|[0-9_])*|@+"),
+        ("url", r"(?i:https?|ftp)://[^ \t\n\r\f\v<>{}()\"|–.,-][^ \t\n\r\f\v<>{}()\"|]*[^ \t\n\r\f\v<>{}()\"|.,!?-]"),
+        ("email", r"[A-Za-z0-9][^\s@<>(){}\[\]\"]*@[^\s@<>(){}\"]*[^\s@<>(){}\".]"),
+        ("handle", rf"#{_LETTER_CLASS}+|@[A-Za-z_][A-Za-z0-9_]*|@+"),
         ("entity", r"&(?:[a-zA-Z]+|#[0-9]+);"),
         ("emoticon", r"[<>]?[:;=][-o*']?[)\](\[dDpPO{@|\\](?![A-Za-z0-9])|\(?[\^xoO~-]_[\^xoO~-]\)?"),
         ("phone", r"\(\d{3}\) ?\d{3}-\d{4,5}|\+\d{1,3}(?: \d{2,4}){1,2} \d{4}|\d{2,4}[ -]\d{3,4}[ -]\d{4}"
@@ -170,19 +180,20 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("number", r"[-+]?(?:\d+(?:[,.:/]\d+)*|[.,:]\d+(?:[,.:]\d+)*)"),
         ("numword", rf"\d+(?:[.,/]\d+)+{_A}*(?:-{_A}+)+"),
         ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?![a-z])|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
-        ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])"),
+        ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])|’(?i:s|m|d|re|ve|ll|n)"),
         # 't (before is/was), 'em, 'til, 'cause, 'n', '90s; and d' l' j' y' unless a clitic follows ("d're")
-        ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]0(?:s|(?=\s|$)))|['’][nN](?![a-z])"
+        ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]{2}(?:s|(?=\s|$)))|['’][nN](?![a-z])"
                         r"|(?:[dDlLjJ]['’]|[yY]['’](?!['’]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
         ("ellipsis", r"\.\.\.+|…|\u0085"),
         ("dash", r"-{2,}|[—–]"),
         ("quote", r"``|''|[\"`']"),
-        ("unicode_quotes", r"`?[“”«»‘’][“”«»‘’`]*"),
+        ("unicode_quotes", r"`?(?:[“”«»‘’]`?)+"),
         ("bang", r"[!?]+"),
-        ("stars", r"\*+|_+|\\\*"),
+        ("stars", r"\*+|_+|\\\*|<<|>>|##+"),
         ("bracket", r"[()\[\]{}]"),
         ("currency", r"[A-Z]{1,3}\$|[$£€¢¥#]"),
-        ("dotcom", r"(?:\u00a0|[^\sA-Za-z0-9$.,;:!?()\[\]{}<>\"'`@/\\*=+|~^%&-])[^\s$.,;()\[\]{}<>\"'`@]*?\.com"),
+        ("dotcom", r"(?:\u00a0|[^\sA-Za-z0-9$.,;:!?()\[\]{}<>\"'`@/\\*=+|~^%&-])(?:\u00a0|[^\s$.,;()\[\]{}<>\"'`@])*?"
+                   r"\.com|[A-Za-z][A-Za-z0-9]*\u00a0*\.com"),
         ("astral", r"[\U00010000-\U0010ffff]+"),
         ("fraction_char", "[½¼¾⅓⅔]"),
         ("other", r"[^\s\ud800-\udfff]"),
@@ -197,6 +208,7 @@ _BLANKS = dict(_RULES)["space"]
 _QUOTE_MAP = str.maketrans({"“": "``", "«": "``", "”": "''", "»": "''", "‘": "`", "’": "'"})
 _NEXT_WORD = re.compile(r"\s+([A-Z][\w.]*?)(?:(?<=[rs]\.)|(?![\w.]))(?=\s|$)|\s+<[A-Za-z/!][^<>]*>(?=\s)")
 _INITIALISM = re.compile(r"(?:[A-Za-z]\.)+")
+_CLITIC_AHEAD = re.compile(r"['’](?i:s|d|m|re|ve|ll)(?![A-Za-z])")
 _NUMBER_AHEAD = re.compile(r"\s?[.,:]?\d|[,:]")
 
 
@@ -204,7 +216,11 @@ def _period_belongs(text: str, pos: int, end: int) -> bool:
     """Whether the period at ``end`` ends the word ``text[pos:end]`` as an abbreviation (else it is punctuation)."""
     stem = text[pos:end].lower()
     after = text[end + 1 : end + 40]
-    if stem in ABBREVIATIONS or text[end + 1 : end + 2] in (",", ";", ":"):
+    if stem in ABBREVIATIONS:
+        return True
+    if "'" in stem or "’" in stem:  # "o'clock.": the period is punctuation
+        return False
+    if text[end + 1 : end + 2] in (",", ";", ":"):
         return True
     if stem in NUMBER_ABBREVIATIONS:
         return bool(_NUMBER_AHEAD.match(after))
@@ -217,10 +233,10 @@ def _period_belongs(text: str, pos: int, end: int) -> bool:
 
 
 def _word_tokens(word: str, after: str) -> list[str]:
-    """Split a word's assimilations (``gonna`` → ``gon na``, not before an apostrophe or a letter); soft hyphens
-    inside it are deleted."""
+    """Split a word's assimilations (``gonna`` → ``gon na``, not before a letter or a clitic); soft hyphens inside it
+    are deleted."""
     word = word.replace("\u00ad", "")
-    k = None if after in ("'", "’") or after.isalpha() else _ASSIMILATIONS.get(word.lower())
+    k = None if after[:1].isalpha() or _CLITIC_AHEAD.match(after) else _ASSIMILATIONS.get(word.lower())
     return [word[:k], word[k:]] if k else [word]
 
 
@@ -263,7 +279,7 @@ def _tokens(text: str) -> list[list[str]]:
             if mapped:
                 out.append(mapped)
         elif name in ("word", "numword"):
-            out.extend(_word_tokens(tok, text[pos : pos + 1]))
+            out.extend(_word_tokens(tok, text[pos : pos + 4]))
         elif name == "ellipsis":
             out.append("...")
         elif name == "dash":
