@@ -77,6 +77,8 @@ _ONE_LETTER_GOES_ON = re.compile(r"[A-Za-z0-9-]|(?<![dDjJlLyY])'[A-Za-z]|\.[A-Za
 _DOTTED_PART = re.compile(r"[A-Za-z0-9]+\.[A-Za-z]")
 _DIGITS_THEN_HYPHEN = re.compile(r"[0-9]+-[0-9A-Za-z]")
 _ASCII_WORD = re.compile(r"[A-Za-z]+")
+_ASCII_ALNUM = re.compile(r"[A-Za-z0-9]+")
+_ASCII_SLASHED = re.compile(r"[A-Za-z0-9/]+")
 
 
 def _joins_apostrophe(head: str, rest: str) -> bool:
@@ -111,10 +113,14 @@ def _match_word(text: str, pos: int) -> int:
             if banged:
                 break
             hyphenated = True
-        elif c in "/_":
-            if c == "/" and not (before.isascii() and after.isascii()):
+        elif c == "/":  # "100km/h", "12/25/20": ASCII letters and digits only
+            if not (_ASCII_SLASHED.fullmatch(text, pos, end) or (dotted and _DOTTED_PART.match(text, end + 1))):
+                break  # (after a dotted part, only a dotted part: "coco.org/img.jpg")
+            nxt = _ASCII_ALNUM.match(text, end + 1)
+            if not nxt:
                 break
-            if dotted and not (c == "/" and _DOTTED_PART.match(text, end + 1)):  # "coco.org/img.jpg"
+        elif c == "_":
+            if dotted:
                 break
         elif dot_dash:
             pass
@@ -179,7 +185,7 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("fraction", r"\d+ \d+/\d+"),
         ("number", r"[-+]?(?:\d+(?:[,.:/]\d+)*|[.,:]\d+(?:[,.:]\d+)*)"),
         ("numword", rf"\d+(?:[.,/]\d+)+{_A}*(?:-{_A}+)+"),
-        ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?![a-z])|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
+        ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?-i:(?![a-z]))|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
         ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])|’(?i:s|m|d|re|ve|ll|n)"),
         # 't (before is/was), 'em, 'til, 'cause, 'n', '90s; and d' l' j' y' unless a clitic follows ("d're")
         ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]{2}(?:s|(?=\s|$)))|['’][nN](?![a-z])"
@@ -193,7 +199,7 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("bracket", r"[()\[\]{}]"),
         ("currency", r"[A-Z]{1,3}\$|[$£€¢¥#]"),
         ("dotcom", r"(?:\u00a0|[^\sA-Za-z0-9$.,;:!?()\[\]{}<>\"'`@/\\*=+|~^%&-])(?:\u00a0|[^\s$.,;()\[\]{}<>\"'`@])*?"
-                   r"\.com|[A-Za-z][A-Za-z0-9]*\u00a0*\.com"),
+                   r"\.com|[A-Za-z][A-Za-z0-9’]*\u00a0*\.com"),
         ("astral", r"[\U00010000-\U0010ffff]+"),
         ("fraction_char", "[½¼¾⅓⅔]"),
         ("other", r"[^\s\ud800-\udfff]"),
