@@ -66,7 +66,10 @@ _FRACTIONS = {"½": "1/2", "¼": "1/4", "¾": "3/4", "⅓": "1/3", "⅔": "2/3"}
 # Whole-word splits (assimilations): the first part's length.
 _ASSIMILATIONS = {"cannot": 3, "gonna": 3, "wanna": 3, "gotta": 3, "lemme": 3, "gimme": 3}
 
-_SEG = re.compile(rf"\u00ad*{_A}(?:{_A}|\u00ad)*")  # a soft hyphen inside a word is deleted later
+# A run of letters and digits. A soft hyphen inside it is deleted later; a character entity other than those the
+# tokenizer maps ("&eacute;") counts as a letter, though not straight after a digit.
+_ENTITY_LETTER = r"&(?!(?i:amp|lt|gt|apos|quot|nbsp|mdash|ndash);)[a-zA-Z]+;"
+_SEG = re.compile(rf"(?:\u00ad*{_A}|{_ENTITY_LETTER})(?:{_A}|\u00ad|(?<![0-9]){_ENTITY_LETTER})*")
 _IS_LETTER = re.compile(_L)
 _LEADING_LETTERS = re.compile(rf"{_L}+")
 _IS_VOWEL_BEFORE = re.compile(r"[aeiouyAEIOUY]")
@@ -189,7 +192,7 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])|’(?i:s|m|d|re|ve|ll|n)"),
         # 't (before is/was), 'em, 'til, 'cause, 'n', '90s; and d' l' j' y' unless a clitic follows ("d're")
         ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]{2}(?:s|(?=\s|$)))|['’][nN](?![a-z])"
-                        r"|(?:[dDlLjJ]['’]|[yY]['’](?!['’]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
+                        r"|(?:[dDlL]['’]|[jJ]['’](?![A-Z])|[yY]['’](?!['’]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
         ("ellipsis", r"\.\.\.+|…|\u0085"),
         ("dash", r"-{2,}|[—–]"),
         ("quote", r"``|''|[\"`']"),
