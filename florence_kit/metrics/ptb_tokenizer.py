@@ -76,7 +76,9 @@ _IS_VOWEL_BEFORE = re.compile(r"[aeiouyAEIOUY]")
 _IS_VOWEL_AFTER = re.compile(r"[aeiouA-Z]")
 _CLITICS = frozenset(["s", "d", "m", "ll", "re", "ve"])
 _NT = re.compile(r"[nN]'[tT]")
-_ONE_LETTER_GOES_ON = re.compile(r"[A-Za-z0-9-]|(?<![dDjJlLyY])'[A-Za-z]|\.[A-Za-z]")
+# After an abbreviation that ends sentences, "." and one letter join it only when the word goes on after the letter:
+_ONE_LETTER_GOES_ON = re.compile(r"[A-Za-z0-9-]|\.[A-Za-z]|(?<=[A-Z])'(?i:s|d|m|re|ve|ll)(?![A-Za-z])"
+                                 r"|(?<=[a-ce-ik-mo-xz])'[A-Za-z]|(?<=n)'(?![tT])[A-Za-z]")
 _DOTTED_PART = re.compile(r"[A-Za-z0-9]+\.[A-Za-z]")
 _DIGITS_THEN_HYPHEN = re.compile(r"[0-9]+-[0-9A-Za-z]")
 _ASCII_WORD = re.compile(r"[A-Za-z]+")
@@ -126,7 +128,8 @@ def _match_word(text: str, pos: int) -> int:
             if dotted:
                 break
         elif dot_dash:
-            pass
+            if text[pos:end].lower() in END_ABBREVIATIONS and nxt.end() == end + 3:
+                break  # "Inc.-a": the abbreviation, then the rest
         elif c in "!?":  # "park!the": between letters, in a word that starts with one
             if hyphenated or dotted or apostrophed or not (_IS_LETTER.match(text[pos]) and _IS_LETTER.match(after)):
                 break
@@ -147,7 +150,9 @@ def _match_word(text: str, pos: int) -> int:
             dotted = True
         elif c in "'‘’`":
             head, rest = text[pos:end], text[end + 1 : nxt.end()]
-            if not _joins_apostrophe(head, rest):
+            hyphen = text.rfind("-", pos, end)  # "Ærø-O'Brien": one letter after a hyphen (not after ".-")
+            if not (_joins_apostrophe(head, rest) or (
+                    hyphen == end - 2 and text[hyphen - 1] != "." and _joins_apostrophe(text[end - 1], rest))):
                 break
             apostrophed = True
             if head not in ("d", "l"):  # "O'Brien", "n'tx": letters (after o, letters and digits), and the word ends
