@@ -90,12 +90,14 @@ def _joins_apostrophe(head: str, rest: str) -> bool:
     """Whether an apostrophe between ``head`` and ``rest`` (letters and digits) stays inside one word: after one
     letter (d l n o, or a capital but I and Y) before two letters ("o'clock", "O'Brien", "d'Artagnan"), or between
     vowels of a longer word ("ma'am"); never before a clitic ("we'll", "HE'S", "X'll1")."""
-    letters = _LEADING_LETTERS.match(rest)
-    if not letters or letters.group().lower() in _CLITICS:
-        return False
     before, after = head[-1], rest[0]
-    if len(head) == 1 and (before in "dlno" or ("A" <= before <= "Z" and before not in "IY")):
-        return len(rest) > 1 and (rest[:2].isalpha() or before in "oO")
+    if len(head) == 1 and before in "oO":  # "o'clock", "o'93"
+        return len(rest) > 1 and rest.lower() not in _CLITICS
+    letters = _LEADING_LETTERS.match(rest)
+    if not letters or (rest if head in ("d", "l") else letters.group()).lower() in _CLITICS:
+        return False
+    if len(head) == 1 and (before in "dln" or ("A" <= before <= "Z" and before not in "IY")):
+        return len(rest) > 1 and rest[:2].isalpha()
     return (len(head) > 1 and head.isalpha() and _IS_VOWEL_BEFORE.match(before) is not None
             and _IS_VOWEL_AFTER.match(after) is not None)
 
@@ -106,7 +108,7 @@ def _match_word(text: str, pos: int) -> int:
     if not m:
         return -1
     end = m.end()
-    hyphenated = dotted = banged = apostrophed = False
+    hyphenated = dotted = banged = apostrophed = underscored = False
     while end < len(text):
         c = text[end]
         dot_dash = text.startswith(".-", end) and _IS_LETTER.match(text, end + 2) is not None
@@ -127,6 +129,7 @@ def _match_word(text: str, pos: int) -> int:
         elif c == "_":
             if dotted:
                 break
+            underscored = True
         elif dot_dash:
             if text[pos:end].lower() in END_ABBREVIATIONS and nxt.end() == end + 3:
                 break  # "Inc.-a": the abbreviation, then the rest
@@ -135,7 +138,7 @@ def _match_word(text: str, pos: int) -> int:
                 break
             banged = True
         elif c == ".":
-            if apostrophed:
+            if apostrophed or underscored:
                 break
             if (text[pos:end].lower() in END_ABBREVIATIONS and nxt.end() == end + 2
                     and not _ONE_LETTER_GOES_ON.match(text, end + 2)):
@@ -170,7 +173,7 @@ def _match_word(text: str, pos: int) -> int:
 _SPECIAL_WORDS = {
     "c++": re.compile(r"[cC]\+\+"),
     "c#": re.compile(r"[cCfF]#"),
-    "ampersand": re.compile(r"[A-Z]+&[A-Z]+s?(?:-[0-9]+)?"),
+    "ampersand": re.compile(r"[A-Z]+(?:&|&amp;)[A-Z]+s?(?:-[0-9]+)?"),
     "digits": re.compile("[\u00b2\u00b3\u00b9\u2070-\u209f]+"),
     "bracket_word": re.compile(r"-[LR][RSC]B-"),
     "prefix": re.compile(r"(?i:pro|anti)-"),
@@ -182,9 +185,11 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
     rules = [
         ("space", rf"(?:{_SP}|[\u200b\ufeff\u2011\u058a\x00-\x08\x0e-\x1f\x7f])+"),
         ("newline", r"\n"),
-        ("sgml", r"</?[A-Za-z!][^<>\n]*>"),
-        ("url", r"(?i:https?|ftp)://[^ \t\n\r\f\v<>{}()\"|–.,-][^ \t\n\r\f\v<>{}()\"|]*[^ \t\n\r\f\v<>{}()\"|.,!?-]"),
-        ("email", r"[A-Za-z0-9][^\s@<>(){}\[\]\"]*@[^\s@<>(){}\"]*[^\s@<>(){}\".]"),
+        ("sgml", r"<!--[^<>\n]*-->|</?[A-Za-z][A-Za-z0-9:_-]*"
+                 r"(?:[ \t]+[A-Za-z_:][-\w:.]*(?:[ \t]*=[ \t]*(?:\"[^\"<>\n]*\"|'[^'<>\n]*'|[^\s<>'\"]+))?)*[ \t]*/?>"),
+        ("url", r"(?i:https?|ftp)://(?=[^ \t\n\r\f\v<>{}()\"|]*[A-Za-z0-9])[^ \t\n\r\f\v<>{}()\"|]+"
+                r"[^ \t\n\r\f\v<>{}()\"|.,!?-]"),
+        ("email", r"[A-Za-z0-9][^\s@<>(){}\[\]\"]*@[^\s@<>(){}\".][^\s@<>(){}\"]*(?<!\.)"),
         ("handle", rf"#{_LETTER_CLASS}+|@[A-Za-z_][A-Za-z0-9_]*|@+"),
         ("entity", r"&(?:[a-zA-Z]+|#[0-9]+);"),
         ("emoticon", r"[<>]?[:;=][-o*']?[)\](\[dDpPO{@|\\](?![A-Za-z0-9])|\(?[\^xoO~-]_[\^xoO~-]\)?"),
@@ -194,19 +199,19 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("number", r"[-+]?(?:\d+(?:[,.:/]\d+)*|[.,:]\d+(?:[,.:]\d+)*)"),
         ("numword", rf"\d+(?:[.,/]\d+)+{_A}*(?:-{_A}+)+"),
         ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?-i:(?![a-z]))|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
-        ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])|’(?i:s|m|d|re|ve|ll|n)"),
+        ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])|’(?i:s|m|d|re|ve|ll)"),
         # 't (before is/was), 'em, 'til, 'cause, 'n', '90s; and d' l' j' y' unless a clitic follows ("d're")
         ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]{2}(?:s|(?=\s|$)))|['’][nN](?![a-z])"
-                        r"|(?:[dDlL]['’]|[jJ]['’](?![A-Z])|[yY]['’](?!['’]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
+                        r"|(?:[dDlL]['’]|[jJ]['’](?![A-Z])|[yY]['’](?=[A-Za-z]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
         ("ellipsis", r"\.\.\.+|…|\u0085"),
         ("dash", r"-{2,}|[—–]"),
         ("quote", r"``|''|[\"`']"),
-        ("unicode_quotes", r"`?(?:[“”«»‘’]`?)+"),
+        ("unicode_quotes", r"`?[“”«»‘’]`?[“”«»‘’]*"),
         ("bang", r"[!?]+"),
         ("stars", r"\*+|_+|\\\*|<<|>>|##+"),
         ("bracket", r"[()\[\]{}]"),
         ("currency", r"[A-Z]{1,3}\$|[$£€¢¥#]"),
-        ("dotcom", r"(?:\u00a0|[^\sA-Za-z0-9$.,;:!?()\[\]{}<>\"'`@/\\*=+|~^%&-])(?:\u00a0|[^\s$.,;()\[\]{}<>\"'`@])*?"
+        ("dotcom", r"(?:\u00a0|[^\sA-Za-z0-9$.,;:!?()\[\]{}<>\"'`@/\\=|^’»…-])(?:\u00a0|[^\s0-9$.,;()\[\]{}<>\"'`@-])*?"
                    r"\.com|[A-Za-z][A-Za-z0-9’]*\u00a0*\.com"),
         ("astral", r"[\U00010000-\U0010ffff]+"),
         ("fraction_char", "[½¼¾⅓⅔]"),
@@ -300,6 +305,10 @@ def _tokens(text: str) -> list[list[str]]:
             out.append("--")
         elif name == "quote":
             out.append("''")
+        elif name == "clitic":
+            out.append(tok.replace("’", "'"))
+        elif name == "ampersand":
+            out.append(tok.replace("&amp;", "&"))
         elif name == "unicode_quotes":
             out.append(tok.replace("‘‘", "“").replace("’’", "”").translate(_QUOTE_MAP))
         elif name == "astral":
