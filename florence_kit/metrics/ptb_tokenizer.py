@@ -80,7 +80,7 @@ _NT = re.compile(r"[nN]'[tT]")
 _ONE_LETTER_GOES_ON = re.compile(r"[A-Za-z0-9-]|\.[A-Za-z]|(?<=[A-Z])'(?i:s|d|m|re|ve|ll)(?![A-Za-z])"
                                  r"|(?<=[a-ce-ik-mo-xz])'[A-Za-z]|(?<=n)'(?![tT])[A-Za-z]")
 _DOTTED_PART = re.compile(r"[A-Za-z0-9]+\.[A-Za-z]")
-_DIGITS_THEN_HYPHEN = re.compile(r"[0-9]+-[0-9A-Za-z]")
+_DIGITS_THEN_HYPHEN = re.compile(r"[0-9]+(?:\.[0-9]+)?-[0-9A-Za-z]")
 _ASCII_WORD = re.compile(r"[A-Za-z]+")
 _ASCII_ALNUM = re.compile(r"[A-Za-z0-9]+")
 _ASCII_SLASHED = re.compile(r"[A-Za-z0-9/]+")
@@ -108,7 +108,7 @@ def _match_word(text: str, pos: int) -> int:
     if not m:
         return -1
     end = m.end()
-    hyphenated = dotted = banged = apostrophed = underscored = False
+    hyphenated = dotted = banged = apostrophed = underscored = slashed = False
     while end < len(text):
         c = text[end]
         dot_dash = text.startswith(".-", end) and _IS_LETTER.match(text, end + 2) is not None
@@ -117,7 +117,7 @@ def _match_word(text: str, pos: int) -> int:
             break
         before, after = text[end - 1], text[end + 1]
         if c == "-":
-            if banged:
+            if banged or slashed:
                 break
             hyphenated = True
         elif c == "/":  # "100km/h", "12/25/20": ASCII letters and digits only
@@ -126,6 +126,7 @@ def _match_word(text: str, pos: int) -> int:
             nxt = _ASCII_ALNUM.match(text, end + 1)
             if not nxt:
                 break
+            slashed = True
         elif c == "_":
             if dotted:
                 break
@@ -133,6 +134,7 @@ def _match_word(text: str, pos: int) -> int:
         elif dot_dash:
             if text[pos:end].lower() in END_ABBREVIATIONS and nxt.end() == end + 3:
                 break  # "Inc.-a": the abbreviation, then the rest
+            hyphenated = True
         elif c in "!?":  # "park!the": between letters, in a word that starts with one
             if hyphenated or dotted or apostrophed or not (_IS_LETTER.match(text[pos]) and _IS_LETTER.match(after)):
                 break
@@ -173,7 +175,7 @@ def _match_word(text: str, pos: int) -> int:
 _SPECIAL_WORDS = {
     "c++": re.compile(r"[cC]\+\+"),
     "c#": re.compile(r"[cCfF]#"),
-    "ampersand": re.compile(r"[A-Z]+(?:&|&amp;)[A-Z]+s?(?:-[0-9]+)?"),
+    "ampersand": re.compile(r"[A-Z]+(?:&|&amp;)[A-Z]+(?:s(?![A-Za-z]))?(?:-[0-9]{3})?"),
     "digits": re.compile("[\u00b2\u00b3\u00b9\u2070-\u209f]+"),
     "bracket_word": re.compile(r"-[LR][RSC]B-"),
     "prefix": re.compile(r"(?i:pro|anti)-"),
@@ -196,13 +198,13 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("phone", r"\(\d{3}\) ?\d{3}-\d{4,5}|\+\d{1,3}(?: \d{2,4}){1,2} \d{4}|\d{2,4}[ -]\d{3,4}[ -]\d{4}"
                   r"|\d{3}-\d{4}|\d-\d{3}-\d{3}-\d{4}|\d{3}\.\d{3}\.\d{4}"),
         ("fraction", r"\d+ \d+/\d+"),
-        ("number", r"[-+]?(?:\d+(?:[,.:/]\d+)*|[.,:]\d+(?:[,.:]\d+)*)"),
+        ("number", r"[-+]?(?:\d+(?:[,.:]\d+)*|\d+(?:/\d+)+|[.,:]\d+(?:[,.:]\d+)*)"),
         ("numword", rf"\d+(?:[.,/]\d+)+{_A}*(?:-{_A}+)+"),
-        ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?-i:(?![a-z]))|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
+        ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?![dD])|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
         ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])|’(?i:s|m|d|re|ve|ll)"),
         # 't (before is/was), 'em, 'til, 'cause, 'n', '90s; and d' l' j' y' unless a clitic follows ("d're")
         ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]{2}(?:s|(?=\s|$)))|['’][nN](?![a-z])"
-                        r"|(?:[dDlL]['’]|[jJ]['’](?![A-Z])|[yY]['’](?=[A-Za-z]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
+                        r"|(?:[dDlL]['’]|[jJ]['’](?![sdmSDM])|[yY]['’](?=[A-Za-z]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
         ("ellipsis", r"\.\.\.+|…|\u0085"),
         ("dash", r"-{2,}|[—–]"),
         ("quote", r"``|''|[\"`']"),
