@@ -77,7 +77,7 @@ _IS_VOWEL_AFTER = re.compile(r"[aeiouA-Z]")
 _CLITICS = frozenset(["s", "d", "m", "ll", "re", "ve"])
 _NT = re.compile(r"[nN]'[tT]")
 # After an abbreviation that ends sentences, "." and one letter join it only when the word goes on after the letter:
-_ONE_LETTER_GOES_ON = re.compile(r"[A-Za-z0-9-]|\.[A-Za-z]|(?<=[A-Z])'(?i:s|d|m|re|ve|ll)(?![A-Za-z])"
+_ONE_LETTER_GOES_ON = re.compile(r"-?[A-Za-z0-9]|\.[A-Za-z]|(?<=[A-Z])'(?i:s|d|m|re|ve|ll)(?![A-Za-z])"
                                  r"|(?<=[a-ce-ik-mo-xz])'[A-Za-z]|(?<=n)'(?![tT])[A-Za-z]")
 _DOTTED_PART = re.compile(r"[A-Za-z0-9]+\.[A-Za-z]")
 _DIGITS_THEN_HYPHEN = re.compile(r"[0-9]+(?:\.[0-9]+)?-[0-9A-Za-z]")
@@ -189,8 +189,7 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("newline", r"\n"),
         ("sgml", r"<!--[^<>\n]*-->|</?[A-Za-z][A-Za-z0-9:_-]*"
                  r"(?:[ \t]+[A-Za-z_:][-\w:.]*(?:[ \t]*=[ \t]*(?:\"[^\"<>\n]*\"|'[^'<>\n]*'|[^\s<>'\"]+))?)*[ \t]*/?>"),
-        ("url", r"(?i:https?|ftp)://(?=[^ \t\n\r\f\v<>{}()\"|]*[A-Za-z0-9])[^ \t\n\r\f\v<>{}()\"|]+"
-                r"[^ \t\n\r\f\v<>{}()\"|.,!?-]"),
+        ("url", r"(?i:https?|ftp)://[^ \t\n\r\f\v<>{}()\"|]+[^ \t\n\r\f\v<>{}()\"|.,!?-]"),
         ("email", r"[A-Za-z0-9][^\s@<>(){}\[\]\"]*@[^\s@<>(){}\".][^\s@<>(){}\"]*(?<!\.)"),
         ("handle", rf"#{_LETTER_CLASS}+|@[A-Za-z_][A-Za-z0-9_]*|@+"),
         ("entity", r"&(?:[a-zA-Z]+|#[0-9]+);"),
@@ -203,7 +202,7 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?![dD])|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
         ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])|’(?i:s|m|d|re|ve|ll)"),
         # 't (before is/was), 'em, 'til, 'cause, 'n', '90s; and d' l' j' y' unless a clitic follows ("d're")
-        ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]{2}(?:s|(?=\s|$)))|['’][nN](?![a-z])"
+        ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]{2}(?:s|(?=\s|$)))|'[nN](?![a-z])|’[nN]"
                         r"|(?:[dDlL]['’]|[jJ]['’](?![sdmSDM])|[yY]['’](?=[A-Za-z]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
         ("ellipsis", r"\.\.\.+|…|\u0085"),
         ("dash", r"-{2,}|[—–]"),
