@@ -116,9 +116,15 @@ def _match_word(text: str, pos: int) -> int:
         if not nxt:
             break
         before, after = text[end - 1], text[end + 1]
-        if c == "-":
+        if c in "-\u2011\u058a":  # also the no-break and Armenian hyphens
             if banged or slashed:
                 break
+            if dotted:  # "Prof.mother-in-law": ASCII only
+                if not text[pos:end].isascii():
+                    break
+                nxt = _ASCII_ALNUM.match(text, end + 1)
+                if not nxt:
+                    break
             hyphenated = True
         elif c == "/":  # "100km/h", "12/25/20": ASCII letters and digits only
             if not (_ASCII_SLASHED.fullmatch(text, pos, end) or (dotted and _DOTTED_PART.match(text, end + 1))):
@@ -128,7 +134,7 @@ def _match_word(text: str, pos: int) -> int:
                 break
             slashed = True
         elif c == "_":
-            if dotted:
+            if dotted or slashed:
                 break
             underscored = True
         elif dot_dash:
@@ -149,6 +155,8 @@ def _match_word(text: str, pos: int) -> int:
                 if not (_IS_LETTER.match(before) and (end - pos < 2 or text[end - 2] in "-.")
                         and nxt.end() == end + 2 and text.startswith(".", end + 2)):
                     break
+            elif before.isdigit() and _DIGITS_THEN_HYPHEN.match(text, end + 1):
+                pass  # "T2.5-metre"
             elif not (_IS_LETTER.match(text[pos]) and _IS_LETTER.match(before) and (
                     _IS_LETTER.match(after) or _DIGITS_THEN_HYPHEN.match(text, end + 1))):
                 break
@@ -175,7 +183,7 @@ def _match_word(text: str, pos: int) -> int:
 _SPECIAL_WORDS = {
     "c++": re.compile(r"[cC]\+\+"),
     "c#": re.compile(r"[cCfF]#"),
-    "ampersand": re.compile(r"[A-Z]+(?:&|&amp;)[A-Z]+(?:s(?![A-Za-z]))?(?:-[0-9]{3})?"),
+    "ampersand": re.compile(r"[A-Z]+(?:(?:&|&amp;)[A-Z]+)+(?:s(?![A-Za-z]))?(?:-[0-9]{3})?|S&Ls"),
     "digits": re.compile("[\u00b2\u00b3\u00b9\u2070-\u209f]+"),
     "bracket_word": re.compile(r"-[LR][RSC]B-"),
     "prefix": re.compile(r"(?i:pro|anti)-"),
@@ -198,7 +206,8 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
                   r"|\d{3}-\d{4}|\d-\d{3}-\d{3}-\d{4}|\d{3}\.\d{3}\.\d{4}"),
         ("fraction", r"\d+ \d+/\d+"),
         ("number", r"[-+]?(?:\d+(?:[,.:]\d+)*|\d+(?:/\d+)+|[.,:]\d+(?:[,.:]\d+)*)"),
-        ("numword", rf"\d+(?:[.,/]\d+)+{_A}*(?:-{_A}+)+"),
+        ("numword", rf"\d+(?:[.,/]\d+)+{_A}*(?:-{_L}+)+"),
+        ("file_name", rf"{_A}+\.(?:txt|jpg)(?![A-Za-z0-9])"),
         ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?![dD])|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
         ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])|’(?i:s|m|d|re|ve|ll)"),
         # 't (before is/was), 'em, 'til, 'cause, 'n', '90s; and d' l' j' y' unless a clitic follows ("d're")
@@ -213,7 +222,7 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("bracket", r"[()\[\]{}]"),
         ("currency", r"[A-Z]{1,3}\$|[$£€¢¥#]"),
         ("dotcom", r"(?:\u00a0|[^\sA-Za-z0-9$.,;:!?()\[\]{}<>\"'`@/\\=|^’»…-])(?:\u00a0|[^\s0-9$.,;()\[\]{}<>\"'`@-])*?"
-                   r"\.com|[A-Za-z][A-Za-z0-9’]*\u00a0*\.com"),
+                   r"\.com|[A-Za-z][A-Za-z0-9’]*\.com|[a-z][a-z0-9’]*\u00a0+\.com"),
         ("astral", r"[\U00010000-\U0010ffff]+"),
         ("fraction_char", "[½¼¾⅓⅔]"),
         ("other", r"[^\s\ud800-\udfff]"),
@@ -256,7 +265,7 @@ def _word_tokens(word: str, after: str) -> list[str]:
     """Split a word's assimilations (``gonna`` → ``gon na``, not before a letter or a clitic); soft hyphens inside it
     are deleted."""
     word = word.replace("\u00ad", "")
-    k = None if after[:1].isalpha() or _CLITIC_AHEAD.match(after) else _ASSIMILATIONS.get(word.lower())
+    k = None if _ASCII_ALNUM.match(after) or _CLITIC_AHEAD.match(after) else _ASSIMILATIONS.get(word.lower())
     return [word[:k], word[k:]] if k else [word]
 
 
@@ -336,7 +345,7 @@ def _lower(token: str) -> str:
             j = i + 1
             while j < len(token) and token[j].isdigit():
                 j += 1
-            final = i > 0 and not (j < len(token) and token[j].isalpha())
+            final = i > 0 and not (j < len(token) and token[j].lower() != token[j].upper())  # a cased letter
             chars.append("ς" if final else "σ")
         else:
             chars.append(ch.lower())
