@@ -67,10 +67,12 @@ _FRACTIONS = {"½": "1/2", "¼": "1/4", "¾": "3/4", "⅓": "1/3", "⅔": "2/3"}
 _ASSIMILATIONS = {"cannot": 3, "gonna": 3, "wanna": 3, "gotta": 3, "lemme": 3, "gimme": 3}
 
 # A run of letters and digits. A soft hyphen inside it is deleted later; a character entity other than those the
-# tokenizer maps ("&eacute;") counts as a letter, though not straight after a digit.
+# tokenizer maps ("&eacute;") counts as a letter, and so does a combining accent, though neither straight after a digit.
 _ENTITY_LETTER = r"&(?!(?i:amp|lt|gt|apos|quot|nbsp|mdash|ndash);)[a-zA-Z]+;"
-_SEG = re.compile(rf"(?:\u00ad*{_A}|{_ENTITY_LETTER})(?:{_A}|\u00ad|(?<![0-9]){_ENTITY_LETTER})*")
+_SEG = re.compile(rf"(?:\u00ad*{_A}|{_ENTITY_LETTER})"
+                  rf"(?:{_LETTER_CLASS}|[0-9]|(?<![0-9])[\u0300-\u036f]|\u00ad|(?<![0-9]){_ENTITY_LETTER})*")
 _IS_LETTER = re.compile(_L)
+_MARKS = "".join(map(chr, range(0x300, 0x370)))  # combining accents: a word opening with one takes no hyphen
 _LEADING_LETTERS = re.compile(rf"{_L}+")
 _IS_VOWEL_BEFORE = re.compile(r"[aeiouyAEIOUY]")
 _IS_VOWEL_AFTER = re.compile(r"[aeiouA-Z]")
@@ -117,7 +119,7 @@ def _match_word(text: str, pos: int) -> int:
             break
         before, after = text[end - 1], text[end + 1]
         if c in "-\u2011\u058a":  # also the no-break and Armenian hyphens
-            if banged or slashed:
+            if banged or slashed or text[pos] in _MARKS:
                 break
             if dotted:  # "Prof.mother-in-law": ASCII only
                 if not text[pos:end].isascii():
