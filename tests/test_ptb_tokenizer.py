@@ -23,18 +23,8 @@ from florence_kit.metrics.ptb_tokenizer import ptb_tokenize_lines
 # Recorded captions whose tokens still differ from the jar's: random runs of edge-case pieces, none of them a
 # caption anyone writes (docs/metrics.md). Every other caption must come out identical.
 KNOWN_DIFFERENCES = {
-    "http:// A x a.m.1,000e-mail!",
-    "`😀B.. ^ ..fig..com-7're €",
-    "Feb. 2 @www.  O'o1/2-inchyou'reT-shirt ± ",
-    "'tilwww.example.com  Can't  we'll\t&eacute;y'all Nnon\xa0breaking\t3:30 \xad\t",
-    "&amp; 1,000  j'Messrs.\t<b>bold</b>\t6  – ",
-    "n'tD4x4 ",
-    "! can't\t‘curly single’.comU.S.A. Lt. sq. ft.Sept.\tl'amour",
-    "d'Artagnannon-U.S.\t7 Prof.  The\tI'm 4 Ft. ж ",
-    "crème brûlée\\I-95 A  ** 12/25/20ÉCOLE\t7-Eleven£3  ",
-    "(x_x)  24/7soft\xadhyphen e.g.\tO'o  mp3  ^_^ :P 're ",
-    "j'  50% ΑΣ Rev.жwell-known ☺ 3rd  ",
-    "\u0301T-shirt",
+    "http:// A x a.m.1,000e-mail!",  # the jar: a.m.1,000e-mail; florence-kit: a.m. 1,000e-mail
+    "`😀B.. ^ ..fig..com-7're €",  # the jar: fig..com-7; florence-kit: fig com-7
 }
 
 FIXTURES = Path(__file__).parent / "fixtures" / "captions"
@@ -69,7 +59,7 @@ def test_tokens_equal_the_jar_for_every_caption(recorded) -> None:
     wrong = [(r["caption"], r["tokens"], o) for r, o in zip(recorded, ours, strict=True) if r["tokens"] != o]
     unexpected = [w for w in wrong if w[0] not in KNOWN_DIFFERENCES]
     assert not unexpected, f"{len(unexpected)} captions differ, e.g. (caption, jar, ours): {unexpected[:3]}"
-    assert len(recorded) - len(wrong) >= 8077
+    assert len(recorded) - len(wrong) >= 8087
 
 
 @pytest.mark.parametrize(

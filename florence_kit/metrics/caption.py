@@ -8,9 +8,10 @@ with the Penn Treebank conventions, lower-cased, punctuation dropped; the refere
 tokenised as one file (image by image) and the candidates as another.
 
 ``FLORENCE_KIT_CAPTION_TOKENIZER``: ``python`` (florence-kit's own tokenizer,
-:mod:`florence_kit.metrics.ptb_tokenizer`; identical tokens on an 8,089-caption test corpus recorded from
-pycocoevalcap), ``java`` (pycocoevalcap's tokenizer itself, Stanford's PTBTokenizer run by Java:
-``pip install pycocoevalcap`` and a Java runtime), or ``auto`` (the default, which is ``python``).
+:mod:`florence_kit.metrics.ptb_tokenizer`; identical tokens for 8,087 of the 8,089 captions of a test corpus
+recorded from pycocoevalcap, the other two random runs of edge-case pieces), ``java`` (pycocoevalcap's tokenizer
+itself, Stanford's PTBTokenizer run by Java: ``pip install pycocoevalcap`` and a Java runtime), or ``auto`` (the
+default, which is ``python``).
 
 - ``bleu4``: corpus BLEU-4: clipped n-gram matches (n = 1..4) pooled over the set, their geometric mean, times a
   brevity penalty against, per candidate, the reference length *closest* to its own (the shorter on a tie). As in
