@@ -190,7 +190,7 @@ def _match_word(text: str, pos: int) -> int:
 _SPECIAL_WORDS = {
     "c++": re.compile(r"[cC]\+\+"),
     "c#": re.compile(r"[cCfF]#"),
-    "ampersand": re.compile(r"[A-Z]+(?:(?:&|&amp;)[A-Z]+)+(?:s(?![A-Za-z]))?(?:-[0-9]{3})?|S&Ls"),
+    "ampersand": re.compile(r"S&Ls|[A-Z]+(?:(?:&|&amp;)[A-Z]+)+(?:s(?![A-Za-z]))?(?:-[0-9]{3})?"),
     "digits": re.compile("[\u00b2\u00b3\u00b9\u2070-\u209f]+"),
     "bracket_word": re.compile(r"-[LR][RSC]B-"),
     "prefix": re.compile(r"(?i:pro|anti)-"),
@@ -218,7 +218,7 @@ def _rules() -> list[tuple[str, re.Pattern[str]]]:
         ("apostrophe_word", r"(?i:cont'd\.|dunkin'(?![dD])|" + "|".join(APOSTROPHE_WORDS[1:]) + ")"),
         ("clitic", r"(?i)(?:'(?:s|m|d|re|ve|ll|n)|n't)(?![a-z])|’(?i:s|m|d|re|ve|ll)"),
         # 't (before is/was), 'em, 'til, 'cause, 'n', '90s; and d' l' j' y' unless a clitic follows ("d're")
-        ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]{2}(?:s|(?=\s|$)))|'[nN](?![a-z])|’[nN]"
+        ("clitic_word", r"['’](?i:t(?=is|was)|em|till?|cause|n'|[0-9]{2}(?:s|(?=\s|$)))|'[nN](?![A-Za-z])|’[nN]"
                         r"|(?:[dDlL]['’]|[jJ]['’](?![sdmSDM])|[yY]['’](?=[A-Za-z]))(?!(?i:s|d|m|re|ve|ll)(?![A-Za-z]))"),
         ("ellipsis", r"\.\.\.+|…|\u0085"),
         ("dash", r"-{2,}|[—–]"),
