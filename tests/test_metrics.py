@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from florence_kit.metrics import corpus_metric, get_metric, metric
@@ -102,19 +104,27 @@ def test_plugins_register_metrics_and_names_stay_unique() -> None:
         get_metric("nope")
 
 
-def test_caption_metrics_without_any_ptb_tokenizer_say_what_to_install(monkeypatch) -> None:
-    """florence-kit-ptb (GPL, a separate package) missing and no Java: one line naming both ways, not a traceback."""
+def test_caption_metrics_need_no_java_and_the_java_tokenizer_says_what_to_install(monkeypatch) -> None:
+    """The default tokenizer is florence-kit's own (no Java, no pycocoevalcap); asking for the Java one without a
+    Java runtime stops with one line naming what to install, not a traceback."""
     import shutil
     import sys
 
     from florence_kit.common.errors import UserError
     from florence_kit.metrics.caption import TOKENIZER_ENV, tokenize_captions
 
-    monkeypatch.setitem(sys.modules, "florence_kit_ptb", None)
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.tokenizer.ptbtokenizer", None)
     monkeypatch.setattr(shutil, "which", lambda _name: None)
-    monkeypatch.delenv(TOKENIZER_ENV, raising=False)
-    with pytest.raises(UserError, match="florence-kit-ptb.*Java"):
+    for setting in (None, "auto", "python"):
+        if setting is None:
+            monkeypatch.delenv(TOKENIZER_ENV, raising=False)
+        else:
+            monkeypatch.setenv(TOKENIZER_ENV, setting)
+        assert tokenize_captions(["A dog (brown) isn't here."]) == ["a dog -lrb- brown -rrb- is n't here"]
+    monkeypatch.setenv(TOKENIZER_ENV, "java")
+    with pytest.raises(UserError, match="pip install pycocoevalcap"):
         tokenize_captions(["a dog"])
-    monkeypatch.setenv(TOKENIZER_ENV, "python")
-    with pytest.raises(UserError, match="needs the florence-kit-ptb package"):
-        tokenize_captions(["a dog"])
+    monkeypatch.delitem(sys.modules, "pycocoevalcap.tokenizer.ptbtokenizer")
+    if importlib.util.find_spec("pycocoevalcap") is not None:
+        with pytest.raises(UserError, match="Java runtime"):
+            tokenize_captions(["a dog"])
