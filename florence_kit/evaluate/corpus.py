@@ -26,7 +26,7 @@ from florence_kit.evaluate.batch import Answer, ImageRef, Request, Unreadable, a
 from florence_kit.tasks.spec import TaskSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-FLUSH_EVERY = 64  # records per chunk file at most
+FLUSH_EVERY = int(os.environ.get("FLORENCE_KIT_PREDICT_CHUNK", "64"))  # records per chunk file at most
 FLUSH_SECONDS = 30.0  # and at least this often
 SETTINGS = ("model", "task", "prompt")  # what must match for a rerun to continue an OUT
 

@@ -1,0 +1,169 @@
+"""``predict`` over many images: one ordered file, unreadable images listed, resumable after kill -9, the same file
+from 2 processes or 2 machines as from 1, and auto-labelled datasets ``finetune`` trains on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from florence_kit.cli import app
+
+runner = CliRunner()
+SHORT = ["--max-new-tokens", "6", "--quiet"]
+
+
+def make_folder(root: Path, n: int = 12, broken: bool = True) -> Path:
+    """``n`` small random images, a third of them in a nested folder, and (``broken``) four that cannot be read."""
+    (root / "nested" / "deeper").mkdir(parents=True)
+    for i in range(n):
+        sub = root / "nested" / "deeper" if i % 3 == 0 else root
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (24 + 3 * i, 40, 3), dtype=np.uint8)).save(sub / f"im{i:03d}.png")
+    if broken:
+        (root / "zero.png").write_bytes(b"")
+        (root / "text.jpg").write_bytes(b"not an image")
+        Image.fromarray(np.full((64, 64, 3), 9, np.uint8)).save(root / "cut.jpg")
+        (root / "cut.jpg").write_bytes((root / "cut.jpg").read_bytes()[:200])
+        png_bomb(root / "nested" / "bomb.png", 30000, 30000)
+    return root
+
+
+def png_bomb(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width × height: a decompression bomb to PIL."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_folder_becomes_one_ordered_file_with_the_one_image_answers(tiny_dir, tmp_path, one_thread):
+    folder = make_folder(tmp_path / "imgs")
+    out = tmp_path / "caps.jsonl"
+    result = runner.invoke(app, ["predict", str(folder), "--task", "caption", "--model", str(tiny_dir),
+                                 "--output", str(out), "--batch-size", "5", *SHORT])
+    assert result.exit_code == 0, result.output
+    assert "12 answered, 0 skipped as already done, 4 unreadable" in result.output
+    records = lines(out)
+    expected = sorted(str(p) for p in folder.rglob("*.png") if p.stat().st_size > 100)
+    assert [r["path"] for r in records] == expected  # input order: the folder's sorted paths, nested included
+    first = records[0]
+    assert {"key", "path", "width", "height", "model", "task", "prompt", "text", "answer"} <= set(first)
+    assert first["task"] == "caption" and first["prompt"] == "<CAPTION>" and first["answer"] == first["text"]
+    assert (first["width"], first["height"]) == Image.open(first["path"]).size
+    bad = {Path(r["path"]).name: r["error"] for r in lines(tmp_path / "caps.bad.jsonl")}
+    assert set(bad) == {"zero.png", "text.jpg", "cut.jpg", "bomb.png"}
+    assert "DecompressionBomb" in bad["bomb.png"] and "truncated" in bad["cut.jpg"].lower()
+    assert not (tmp_path / "caps.jsonl.parts").exists()
+
+    # the answers are those of one image at a time (batched with right padding, grouped by length)
+    from florence_kit.evaluate.generation import generate, generation_config_for
+    from florence_kit.model.loading import load_model
+    from florence_kit.tasks.registry import get_task
+
+    net, processor = load_model(str(tiny_dir))
+    config = generation_config_for(get_task("caption"), net, processor, max_new_tokens=6)
+    for rec in records[::4]:
+        alone = generate(net, processor, [Image.open(rec["path"]).convert("RGB")], ["<CAPTION>"], config)[0]
+        assert rec["text"] == alone
+
+    # the same command again: nothing to do, the file unchanged
+    before = out.read_bytes()
+    again = runner.invoke(app, ["predict", str(folder), "--task", "caption", "--model", str(tiny_dir),
+                                "--output", str(out), *SHORT])
+    assert again.exit_code == 0 and "0 answered, 16 skipped as already done" in again.output, again.output
+    assert out.read_bytes() == before
+
+    # another task over the same OUT: refused, then replaced with --overwrite
+    other = ["predict", str(folder), "--task", "ocr", "--model", str(tiny_dir), "--output", str(out), *SHORT]
+    refused = runner.invoke(app, other)
+    assert refused.exit_code == 2 and "--overwrite" in refused.output and out.read_bytes() == before
+    replaced = runner.invoke(app, [*other, "--overwrite"])
+    assert replaced.exit_code == 0 and {r["task"] for r in lines(out)} == {"ocr"}
+
+
+def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_dir, tmp_path, one_thread):
+    folder = make_folder(tmp_path / "imgs", n=40, broken=False)
+    out = tmp_path / "out.jsonl"
+    args = ["predict", str(folder), "--task", "caption", "--model", str(tiny_dir), "--output", str(out),
+            "--batch-size", "2", "--max-new-tokens", "6", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
+           "FLORENCE_KIT_PREDICT_CHUNK": "2"}
+    command = [sys.executable, "-c", "from florence_kit.cli import main; main()", *args]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    parts = tmp_path / "out.jsonl.parts"
+    deadline = time.monotonic() + 240
+    while len(list(parts.glob("*.jsonl"))) < 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no chunk written"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # the final file is complete or absent
+    held = sum(len(lines(p)) for p in parts.glob("*.jsonl"))
+    assert 0 < held < 40
+    done = runner.invoke(app, args)  # the same command again (in-process: one interpreter start less)
+    assert done.exit_code == 0, done.output
+    assert f"{40 - held} answered, {held} skipped as already done" in done.output, done.output
+    resumed = lines(out)
+    whole = tmp_path / "whole.jsonl"
+    assert runner.invoke(app, [a if a != str(out) else str(whole) for a in args]).exit_code == 0
+    assert resumed == lines(whole)  # same records, same order: none lost, none twice
+    assert len({r["key"] for r in resumed}) == 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_and_two_nodes_write_the_one_process_file(tiny_dir, tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=9)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+
+    def args(out: Path) -> list[str]:
+        return ["-m", "florence_kit.cli", "predict", str(folder), "--task", "caption", "--model", str(tiny_dir),
+                "--output", str(out), "--batch-size", "2", "--max-new-tokens", "6", "--quiet"]
+
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    one = subprocess.run([sys.executable, *args(tmp_path / "one.jsonl")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([*run, "--standalone", "--nproc-per-node", "2", *args(tmp_path / "two.jsonl")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("predict:") == 1  # the main process reports
+    port = str(_free_port())
+    nodes = [subprocess.Popen([*run, "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                               "--master-port", port, "--nproc-per-node", "1", *args(tmp_path / "nodes.jsonl")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    reference = (tmp_path / "one.jsonl").read_bytes()
+    assert len(lines(tmp_path / "one.jsonl")) == 9
+    assert (tmp_path / "two.jsonl").read_bytes() == reference
+    assert (tmp_path / "nodes.jsonl").read_bytes() == reference
+    for name in ("one", "two", "nodes"):
+        assert len(lines(tmp_path / f"{name}.bad.jsonl")) == 4
