@@ -167,3 +167,45 @@ def test_two_processes_and_two_nodes_write_the_one_process_file(tiny_dir, tmp_pa
     assert (tmp_path / "nodes.jsonl").read_bytes() == reference
     for name in ("one", "two", "nodes"):
         assert len(lines(tmp_path / f"{name}.bad.jsonl")) == 4
+
+
+def test_auto_labelling_writes_datasets_finetune_reads(tiny_dir, tmp_path, one_thread):
+    """``--format coco`` output trains ``finetune od`` unchanged; YOLO and florence-jsonl hold the same labels."""
+    from florence_kit.data.dataset import load_source
+    from florence_kit.evaluate.corpus import read_records
+    from florence_kit.evaluate.labels import boxes_of, write_dataset
+
+    folder = make_folder(tmp_path / "imgs", n=6)
+    coco = tmp_path / "coco"
+    result = runner.invoke(app, ["predict", str(folder), "--task", "od", "--model", str(tiny_dir), "--output",
+                                 str(coco), "--format", "coco", "--max-new-tokens", "40", "--quiet"])
+    assert result.exit_code == 0, result.output
+    records = read_records(coco / "predictions.jsonl")
+    boxes = [boxes_of(rec) for rec in records]
+    assert len(records) == 6 and sum(map(len, boxes)) > 0  # the random model names some boxes
+    loaded = load_source(str(coco))["train"]
+    assert [len(row["objects"]["bbox"]) for row in loaded] == [len(b) for b in boxes]
+    category = loaded.features["objects"]["category"]
+    names = getattr(category, "feature", category).names
+    first = next(i for i, b in enumerate(boxes) if b)
+    x1, y1, x2, y2 = boxes[first][0][0]
+    assert loaded[first]["objects"]["bbox"][0] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+    assert names[loaded[first]["objects"]["category"][0]] == boxes[first][0][1]
+
+    yolo = tmp_path / "yolo"
+    write_dataset(yolo, "yolo", records)
+    from_yolo = load_source(str(yolo))["train"]
+    assert [len(row["objects"]["bbox"]) for row in from_yolo] == [len(b) for b in boxes]
+    assert from_yolo[first]["objects"]["bbox"][0] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.01)
+
+    jsonl = tmp_path / "fj"
+    write_dataset(jsonl, "florence-jsonl", records, copy_images=True)
+    rows = load_source(str(jsonl))["train"]
+    assert [r["suffix"] for r in rows] == [rec["text"] for rec in records] and rows[0]["prefix"] == "<OD>"
+    assert not (jsonl / "train" / Path(rows[0]["image"].filename).name).is_symlink()
+
+    run = tmp_path / "run"
+    trained = runner.invoke(app, ["finetune", "od", "--model", str(tiny_dir), "--dataset", str(coco), "--max-steps",
+                                  "2", "--batch-size", "2", "--output-dir", str(run), "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    assert (run / "model.safetensors").is_file() and "done: 2 steps" in trained.output

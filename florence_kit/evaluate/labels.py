@@ -30,14 +30,15 @@ def _labels(answer: dict[str, Any]) -> list[str]:
 
 
 def boxes_of(rec: dict[str, Any]) -> list[tuple[list[float], str]]:
-    """(x1, y1, x2, y2 pixels, label) of a record's parsed answer; a record without boxes has none."""
+    """(x1, y1, x2, y2 pixels, label) of a record's parsed answer; a record without boxes has none, and a box with no
+    area or no label is left out (a dataset reader would drop it anyway)."""
     answer = rec.get("answer")
     if not isinstance(answer, dict):
         return []
     boxes = answer.get("bboxes") or []
     labels = _labels(answer)
     return [(list(map(float, box)), str(label).strip()) for box, label in zip(boxes, labels, strict=False)
-            if len(box) == 4 and str(label).strip()]
+            if len(box) == 4 and str(label).strip() and box[2] > box[0] and box[3] > box[1]]
 
 
 def _image_name(index: int, rec: dict[str, Any]) -> str:
