@@ -209,3 +209,40 @@ def test_auto_labelling_writes_datasets_finetune_reads(tiny_dir, tmp_path, one_t
                                   "2", "--batch-size", "2", "--output-dir", str(run), "--quiet"])
     assert trained.exit_code == 0, trained.output
     assert (run / "model.safetensors").is_file() and "done: 2 steps" in trained.output
+
+
+def test_dataset_split_to_parquet_answers_as_eval(tiny_dir, docvqa_dir, tmp_path, one_thread):
+    """--dataset with --split and --question-column, into Parquet: the rows in order, each page's questions asked
+    together (the vision tower once per page), the answers eval gives the same rows."""
+    from florence_kit.evaluate.corpus import read_records
+
+    out = tmp_path / "answers.parquet"
+    result = runner.invoke(app, ["predict", "--dataset", str(docvqa_dir), "--split", "validation", "--task", "docvqa",
+                                 "--question-column", "question", "--model", str(tiny_dir), "--output", str(out),
+                                 "--batch-size", "4", *SHORT])
+    assert result.exit_code == 0, result.output
+    records = read_records(out)
+    evaluated = runner.invoke(app, ["eval", "docvqa", "--model", str(tiny_dir), "--dataset", str(docvqa_dir),
+                                    "--split", "validation", "--output-dir", str(tmp_path / "eval"), *SHORT])
+    assert evaluated.exit_code == 0, evaluated.output
+    scored = lines(tmp_path / "eval" / "predictions.jsonl")
+    assert [r["row"] for r in records] == list(range(len(scored)))
+    assert [r["text"] for r in records] == [r["prediction"] for r in scored]
+    assert [r["prompt"] for r in records] == [r["prompt"] for r in scored]
+
+
+def test_list_file_with_questions_and_bad_paths(tiny_dir, tmp_path, one_thread):
+    """@list.jsonl: one image asked two questions gives two records; a listed file that is missing is unreadable."""
+    folder = make_folder(tmp_path / "imgs", n=2, broken=False)
+    listing = tmp_path / "list.jsonl"
+    rows = [{"image": "imgs/im001.png", "question": "what is it?"}, {"image": "imgs/im001.png", "question": "why?"},
+            {"image": "imgs/gone.png", "question": "where?"}]
+    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "qa.jsonl"
+    result = runner.invoke(app, ["predict", f"@{listing}", "--task", "docvqa", "--model", str(tiny_dir),
+                                 "--output", str(out), *SHORT])
+    assert result.exit_code == 0, result.output
+    assert "2 answered, 0 skipped as already done, 1 unreadable" in result.output
+    assert [r["prompt"] for r in lines(out)] == ["<DocVQA>what is it?", "<DocVQA>why?"]
+    assert "gone.png" in lines(tmp_path / "qa.bad.jsonl")[0]["error"]
+    assert folder.is_dir()

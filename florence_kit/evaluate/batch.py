@@ -36,6 +36,11 @@ class ImageRef:
     key: str  # what identifies the input in the output: the path as found, or the dataset row number
     path: str | None = None
     row: int | None = None
+    page: str | None = None  # inputs with the same page show the same image (default: the key)
+
+    @property
+    def image_key(self) -> str:
+        return self.page or self.key
 
 
 @dataclass(frozen=True)
@@ -112,24 +117,24 @@ class _Collator:
         bad: dict[str, str] = {}
         for request in requests:
             ref = request.image
-            if ref.key in images or ref.key in bad:
+            if ref.image_key in images or ref.image_key in bad:
                 continue
             try:
-                images[ref.key] = open_image(ref, self.rows, self.column)
+                images[ref.image_key] = open_image(ref, self.rows, self.column)
             except Exception as exc:  # anything a broken file can raise: counted, never fatal
-                bad[ref.key] = _reason(exc)
-        good = [r for r in requests if r.image.key in images]
-        batch = _Batch(good, [images[r.image.key].size for r in good],
-                       [Unreadable(r.index, bad[r.image.key]) for r in requests if r.image.key in bad])
+                bad[ref.image_key] = _reason(exc)
+        good = [r for r in requests if r.image.image_key in images]
+        batch = _Batch(good, [images[r.image.image_key].size for r in good],
+                       [Unreadable(r.index, bad[r.image.image_key]) for r in requests if r.image.image_key in bad])
         if not good:
             return batch
         prompts = [r.prompt for r in good]
         if self.by_page:
             slot: dict[str, int] = {}
-            index = [slot.setdefault(r.image.key, len(slot)) for r in good]
+            index = [slot.setdefault(r.image.image_key, len(slot)) for r in good]
             batch.inputs = encode_pages(self.processor, [images[k] for k in slot], prompts, index)
         else:
-            batch.inputs = encode(self.processor, [images[r.image.key] for r in good], prompts)
+            batch.inputs = encode(self.processor, [images[r.image.image_key] for r in good], prompts)
         return batch
 
 
@@ -155,7 +160,7 @@ def answer_requests(model: Any, processor: Any, spec: TaskSpec, requests: Sequen
     native = model.get_base_model() if hasattr(model, "get_base_model") else model
     by_page = hasattr(getattr(native, "model", None), "get_image_features")  # an ONNX export runs whole graphs
     lengths = prompt_lengths(processor, [r.prompt for r in requests])
-    order = page_order([r.image.key for r in requests], lengths)
+    order = page_order([r.image.image_key for r in requests], lengths)
     batches = [[requests[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
     loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
                         collate_fn=_Collator(processor, rows, image_column, by_page))

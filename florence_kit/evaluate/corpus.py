@@ -54,7 +54,8 @@ class Counts:
 
 def expand_inputs(args: Sequence[str]) -> list[Item]:
     """Files, folders (recursive, image suffixes), globs and ``@list`` files (one path a line, relative to the
-    list; ``@list.jsonl``: objects with ``image`` and optionally ``question``), in the order given, each path once.
+    list; ``@list.jsonl``: objects with ``image`` and optionally ``question``), in the order given, each (path,
+    question) once.
 
     A path that names nothing is a typo (one line, exit 2); a file a list names that cannot be read is an
     unreadable image, counted and skipped like a broken one.
@@ -63,9 +64,10 @@ def expand_inputs(args: Sequence[str]) -> list[Item]:
     seen: set[str] = set()
 
     def add(path: str, question: str | None = None) -> None:
-        if path not in seen:
-            seen.add(path)
-            items.append(Item(ImageRef(path, path=path), question))
+        key = path if question is None else f"{path}#{question}"  # one image asked several questions: one each
+        if key not in seen:
+            seen.add(key)
+            items.append(Item(ImageRef(key, path=path, page=path), question))
 
     for arg in args:
         if arg.startswith("@"):
@@ -441,7 +443,11 @@ def dataset_items(source: str, split: str | None, image_column: str, question_co
         raise UserError(f"'{source}' has no column '{question_column}' (it has {', '.join(columns)})")
     questions = ds[question_column] if question_column else [None] * len(ds)
     ids = ds["id"] if "id" in columns else None
-    items = [Item(ImageRef(str(i), row=i), None if q is None else str(q)) for i, q in enumerate(questions)]
+    from florence_kit.data.prepared import column_image_keys
+
+    pages = column_image_keys(ds, image_column)  # a page asked several questions is decoded and encoded once
+    items = [Item(ImageRef(str(i), row=i, page=page), None if q is None else str(q))
+             for i, (q, page) in enumerate(zip(questions, pages, strict=True))]
 
     def describe(item: Item) -> dict[str, Any]:
         row = int(item.image.row or 0)
