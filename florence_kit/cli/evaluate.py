@@ -249,6 +249,10 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
     fields = template_fields(spec.prompt)
     if "region" in fields:
         raise UserError(f"task '{spec.name}' asks about a box (--box): answer its images one at a time")
+    if fmt in ("coco", "yolo") and (spec.regions or {}).get("kind") not in ("od", "open-vocab-od", "grounding",
+                                                                            "region-proposal"):
+        raise UserError(f"--format {fmt} writes boxes and their class names, which task '{spec.name}' does not "
+                        "answer: use --format florence-jsonl (prompt and answer per image)")
     if fmt == "jsonl" and output.suffix.lower() not in (".jsonl", ".parquet"):
         raise UserError(f"--output '{output}' must end in .jsonl or .parquet (or pass --format coco|yolo|"
                         "florence-jsonl for a dataset folder)")
