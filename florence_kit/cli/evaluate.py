@@ -237,7 +237,7 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
     import os
 
     from florence_kit.common.errors import UserError
-    from florence_kit.evaluate.corpus import expand_inputs, predict_corpus, records_path, sidecar_path
+    from florence_kit.evaluate.corpus import dist_info, expand_inputs, predict_corpus, records_path, sidecar_path
     from florence_kit.evaluate.generation import generation_config_for
     from florence_kit.model.loading import load_for_generation
     from florence_kit.model.onnx_runtime import export_tasks_dirs
@@ -281,6 +281,7 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
 
     for item in items:
         prompt_for(item)  # a missing question fails before the model loads
+    dist_info()  # under torchrun: join the group and take this process's GPU before the model goes to one
     net, processor = load_for_generation(model, attn.value)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams, max_new_tokens=max_new_tokens)
     counts = predict_corpus(net, processor, spec, items, output, model_name=model, prompt_for=prompt_for,
