@@ -246,3 +246,25 @@ def test_list_file_with_questions_and_bad_paths(tiny_dir, tmp_path, one_thread):
     assert [r["prompt"] for r in lines(out)] == ["<DocVQA>what is it?", "<DocVQA>why?"]
     assert "gone.png" in lines(tmp_path / "qa.bad.jsonl")[0]["error"]
     assert folder.is_dir()
+
+
+def test_a_streamed_dataset_in_blocks_gives_the_downloaded_answers(tiny_dir, docvqa_dir, tmp_path, monkeypatch,
+                                                                  one_thread):
+    """--streaming reads a hub dataset's rows in blocks (here of 3, from the local copy turned into a stream): the
+    records equal those of the dataset read whole."""
+    import datasets
+
+    import florence_kit.data.dataset as dataset_module
+    import florence_kit.evaluate.corpus as corpus
+
+    args = ["predict", "--dataset", str(docvqa_dir), "--split", "validation", "--task", "docvqa",
+            "--question-column", "question", "--model", str(tiny_dir), "--batch-size", "4", *SHORT]
+    whole = runner.invoke(app, [*args, "--output", str(tmp_path / "whole.jsonl")])
+    assert whole.exit_code == 0, whole.output
+    local = datasets.load_from_disk(str(docvqa_dir))
+    monkeypatch.setattr(dataset_module, "load_source", lambda source, name=None, streaming=False:
+                        datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in local.items()}))
+    monkeypatch.setattr(corpus, "STREAM_BLOCK", 3)
+    streamed = runner.invoke(app, [*args, "--streaming", "--output", str(tmp_path / "streamed.jsonl")])
+    assert streamed.exit_code == 0, streamed.output
+    assert lines(tmp_path / "streamed.jsonl") == lines(tmp_path / "whole.jsonl")

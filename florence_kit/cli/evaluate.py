@@ -258,16 +258,21 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
                         "florence-jsonl for a dataset folder)")
     if fmt != "jsonl" and output.exists() and not output.is_dir():
         raise UserError(f"--format {fmt} writes a folder, but '{output}' is a file")
-    rows, describe = None, None
+    rows, blocks, items, varied = None, None, None, False
     if dataset:
         from florence_kit.evaluate.corpus import dataset_items
 
-        items, rows, describe = dataset_items(dataset, split, image_column, question_column, streaming)
+        if streaming and fmt != "jsonl":
+            raise UserError("--format writes the images into OUT, which a --streaming dataset does not keep: "
+                            "download it (leave out --streaming)")
+        found = dataset_items(dataset, split, image_column, question_column, streaming)
+        items, rows, blocks, varied = found.items, found.rows, found.blocks, found.varied_questions
     else:
         if question_column:
             raise UserError("--question-column reads --dataset; for files use @list.jsonl with a 'question' field")
         items = expand_inputs(inputs)
-    if not items:
+        varied = any(item.question is not None for item in items)
+    if items is not None and not items:
         raise UserError("nothing to answer: the inputs hold no image")
 
     def prompt_for(item: Any) -> str:
@@ -279,15 +284,20 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
                             "--question-column or @list.jsonl with 'question'")
         return spec.prompt.format(**{name: asked for name in fields})
 
-    for item in items:
+    for item in items or []:
         prompt_for(item)  # a missing question fails before the model loads
+    if items is None and fields and not varied and question is None:
+        raise UserError(f"task '{spec.name}' needs a question (its prompt is {spec.prompt!r}): pass --question or "
+                        "--question-column")
+    # what a rerun must match: the prompt, or the task's template where each input has its own question
+    prompt_label = spec.prompt if varied or not fields else spec.prompt.format(**{f: question for f in fields})
     dist_info()  # under torchrun: join the group and take this process's GPU before the model goes to one
     net, processor = load_for_generation(model, attn.value)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams, max_new_tokens=max_new_tokens)
     counts = predict_corpus(net, processor, spec, items, output, model_name=model, prompt_for=prompt_for,
-                            gen_config=gen_config, fmt=fmt, rows=rows, image_column=image_column,
-                            batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
-                            copy_images=copy_images, show_progress=not quiet, describe=describe)
+                            gen_config=gen_config, prompt_label=prompt_label, fmt=fmt, rows=rows, blocks=blocks,
+                            image_column=image_column, batch_size=batch_size, num_workers=num_workers,
+                            overwrite=overwrite, copy_images=copy_images, show_progress=not quiet)
     if os.environ.get("RANK", "0") == "0":
         records = records_path(output, fmt)
         bad = f" (listed in {sidecar_path(records)})" if counts.unreadable else ""

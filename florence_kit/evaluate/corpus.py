@@ -37,6 +37,7 @@ class Item:
 
     image: ImageRef
     question: str | None = None
+    info: dict[str, Any] | None = None  # what its record says of it (default: its path)
 
 
 @dataclass
@@ -288,22 +289,22 @@ class ChunkWriter:
         self.last = time.monotonic()
 
 
-def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[Item], out: Path, *,
-                   model_name: str, prompt_for: Callable[[Item], str], gen_config: Any, fmt: str = "jsonl",
-                   rows: Any = None, image_column: str = "image", batch_size: int = 16, num_workers: int = 0,
-                   overwrite: bool = False, copy_images: bool = False, show_progress: bool = True,
-                   describe: Callable[[Item], dict[str, Any]] | None = None) -> Counts:
+def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[Item] | None, out: Path, *,
+                   model_name: str, prompt_for: Callable[[Item], str], gen_config: Any, prompt_label: str,
+                   fmt: str = "jsonl", rows: Any = None, blocks: Iterable[tuple[Sequence[Item], Any]] | None = None,
+                   image_column: str = "image", batch_size: int = 16, num_workers: int = 0, overwrite: bool = False,
+                   copy_images: bool = False, show_progress: bool = True) -> Counts:
     """Answer ``items`` into ``out`` (see the module's docstring); every rank calls it, rank 0 merges.
 
-    ``prompt_for`` gives each item's prompt (the task's, with its question); ``describe`` what the record says of
-    its input (default: ``{"path": ...}``); ``rows`` the dataset :class:`ImageRef` rows point into.
+    ``prompt_for`` gives each item's prompt (the task's, with its question); ``prompt_label`` is the prompt a rerun
+    must match (the prompt itself, or the task's template when questions vary); ``rows`` the dataset the items'
+    :class:`ImageRef` rows point into. A stream passes ``blocks`` instead: (items, rows) in input order, one
+    block in memory at a time.
     """
     rank, world = dist_info()
     records_file = records_path(out, fmt)
     parts = parts_path(records_file)
-    prompts = [prompt_for(item) for item in items]
-    template = spec.prompt if len({*prompts}) > 1 else (prompts[0] if prompts else spec.prompt)
-    settings = {"model": model_name, "task": spec.name, "prompt": template}
+    settings = {"model": model_name, "task": spec.name, "prompt": prompt_label}
     check_settings(records_file, settings, overwrite)  # every rank: all refuse alike, none waits for a refuser
     if rank == 0:
         if overwrite:
@@ -315,32 +316,42 @@ def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[I
             atomic_write(parts / "settings.json", lambda p: p.write_text(json.dumps(settings) + "\n"))
     barrier(world)
     done = _done(records_file)
-    todo = [i for i, item in enumerate(items) if item.image.key not in done]
-    mine = todo[rank::world]
-    describe = describe or (lambda item: {"path": item.image.path})
-    requests = [Request(i, items[i].image, prompts[i]) for i in mine]
+    if blocks is None:
+        blocks = [(list(items or []), rows)]
+    seen: list[Item] = []
     writer = ChunkWriter(parts, rank)
-    counts = Counts(skipped=len(items) - len(todo), total=len(items),
-                    answered_before=sum(1 for item in items if "error" not in done.get(item.image.key, {"error": 1})))
-    with _progress(show_progress and rank == 0, len(items), counts.skipped, world) as advance:
-        for results in answer_requests(model, processor, spec, requests, gen_config, rows=rows,
-                                       image_column=image_column, batch_size=batch_size, num_workers=num_workers):
-            batch = []
-            for result in results:
-                item = items[result.index]
-                base = {"key": item.image.key, **describe(item)}
-                if isinstance(result, Unreadable):
-                    batch.append({**base, "error": result.reason, **settings})
-                else:
-                    assert isinstance(result, Answer)
-                    batch.append({**base, "width": result.width, "height": result.height, **settings,
-                                  "prompt": prompts[result.index], "text": result.text, "answer": result.parsed})
-            writer.add(batch)
-            advance(len(results))
+    counts = Counts()
+    total = len(items) if items is not None else None
+    with _progress(show_progress and rank == 0, total, world) as advance:
+        for block, block_rows in blocks:
+            todo = [item for item in block if item.image.key not in done]
+            advance(len(block) - len(todo), world=False)
+            seen.extend(block)
+            counts.skipped += len(block) - len(todo)
+            counts.answered_before += sum(1 for item in block if "error" not in done.get(item.image.key, {"error": 1}))
+            mine = todo[rank::world]
+            requests = [Request(n, item.image, prompt_for(item)) for n, item in enumerate(mine)]
+            for results in answer_requests(model, processor, spec, requests, gen_config, rows=block_rows,
+                                           image_column=image_column, batch_size=batch_size,
+                                           num_workers=num_workers):
+                batch = []
+                for result in results:
+                    item = mine[result.index]
+                    base = {"key": item.image.key, **(item.info or {"path": item.image.path})}
+                    if isinstance(result, Unreadable):
+                        batch.append({**base, "error": result.reason, **settings})
+                    else:
+                        assert isinstance(result, Answer)
+                        batch.append({**base, "width": result.width, "height": result.height, **settings,
+                                      "prompt": requests[result.index].prompt, "text": result.text,
+                                      "answer": result.parsed})
+                writer.add(batch)
+                advance(len(results))
     writer.flush()
+    counts.total = len(seen)
     barrier(world)
     if rank == 0:
-        counts = _merge(items, records_file, fmt, counts, rows, image_column, copy_images, out)
+        counts = _merge(seen, records_file, fmt, counts, rows, image_column, copy_images, out)
     barrier(world)
     return counts
 
@@ -376,12 +387,12 @@ def _merge(items: Sequence[Item], records_file: Path, fmt: str, counts: Counts, 
 class _progress:
     """A rich progress bar with images/s and ETA on the main process; nothing elsewhere."""
 
-    def __init__(self, show: bool, total: int, done: int, world: int) -> None:
-        self.show, self.total, self.done, self.world = show, total, done, world
+    def __init__(self, show: bool, total: int | None, world: int) -> None:
+        self.show, self.total, self.world = show, total, world
 
-    def __enter__(self) -> Callable[[int], None]:
+    def __enter__(self) -> Callable[..., None]:
         if not self.show:
-            return lambda n: None
+            return lambda n, world=True: None
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -401,9 +412,14 @@ class _progress:
         self.bar = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), Rate(""),
                             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=True)
         self.bar.start()
-        task = self.bar.add_task("predict", total=self.total, completed=self.done)
-        # this process answers 1/world of the inputs: the bar counts them world-fold
-        return lambda n: self.bar.advance(task, n * self.world)
+        task = self.bar.add_task("predict", total=self.total)
+
+        def advance(n: int, world: bool = True) -> None:
+            # this process answers 1/world of the inputs: the bar counts them world-fold; skipped ones once
+            if n:
+                self.bar.advance(task, n * self.world if world else n)
+
+        return advance
 
     def __exit__(self, *exc: Any) -> None:
         if self.show:
@@ -414,10 +430,23 @@ class _progress:
 # Dataset inputs
 
 
+STREAM_BLOCK = 4096  # rows of a stream held in memory at a time (images still encoded)
+
+
+@dataclass
+class DatasetInputs:
+    """A dataset's rows as inputs: ``items`` and the ``rows`` they point into, or for a stream ``blocks``."""
+
+    items: list[Item] | None
+    rows: Any
+    blocks: Iterable[tuple[list[Item], Any]] | None
+    varied_questions: bool
+
+
 def dataset_items(source: str, split: str | None, image_column: str, question_column: str | None,
-                  streaming: bool) -> tuple[list[Item], Any, Callable[[Item], dict[str, Any]]]:
-    """Items for every row of ``source``'s split (key: the row number), the rows they point into, and what a
-    record says of its input (``row``, and ``id`` where the dataset has that column)."""
+                  streaming: bool) -> DatasetInputs:
+    """Every row of ``source``'s split as an input (key: the row number; the record says ``row`` and ``id`` where the
+    dataset has that column). A page asked several questions (rows showing the same image) is one ``page``."""
     import datasets
 
     from florence_kit.data.dataset import load_source
@@ -429,28 +458,47 @@ def dataset_items(source: str, split: str | None, image_column: str, question_co
         if chosen not in loaded:
             raise UserError(f"--split '{chosen}' is not in '{source}' (it has {', '.join(names)})")
         ds = loaded[chosen]
+    elif split:
+        raise UserError(f"'{source}' has no splits; leave out --split")
     else:
         ds = loaded
-    if isinstance(ds, datasets.IterableDataset):
-        # a stream has no random access: its rows are read once, in order, into memory (images still encoded)
-        ds = datasets.Dataset.from_list(list(ds.cast_column(image_column, datasets.Image(decode=False))),
-                                        features=None)
     columns = list(ds.column_names or [])
-    if image_column not in columns:
+    if columns and image_column not in columns:
         raise UserError(f"'{source}' has no column '{image_column}' (it has {', '.join(columns)}); pass "
                         "--image-column")
-    if question_column and question_column not in columns:
+    if columns and question_column and question_column not in columns:
         raise UserError(f"'{source}' has no column '{question_column}' (it has {', '.join(columns)})")
-    questions = ds[question_column] if question_column else [None] * len(ds)
-    ids = ds["id"] if "id" in columns else None
+    if isinstance(ds, datasets.IterableDataset):
+        return DatasetInputs(None, None, _stream_blocks(ds, image_column, question_column), bool(question_column))
     from florence_kit.data.prepared import column_image_keys
 
+    questions = ds[question_column] if question_column else [None] * len(ds)
+    ids = ds["id"] if "id" in columns else None
     pages = column_image_keys(ds, image_column)  # a page asked several questions is decoded and encoded once
-    items = [Item(ImageRef(str(i), row=i, page=page), None if q is None else str(q))
+    items = [Item(ImageRef(str(i), row=i, page=page), None if q is None else str(q),
+                  {"row": i, **({"id": ids[i]} if ids is not None else {})})
              for i, (q, page) in enumerate(zip(questions, pages, strict=True))]
+    return DatasetInputs(items, ds, None, bool(question_column))
 
-    def describe(item: Item) -> dict[str, Any]:
-        row = int(item.image.row or 0)
-        return {"row": row, **({"id": ids[row]} if ids is not None else {})}
 
-    return items, ds, describe
+def _stream_blocks(ds: Any, image_column: str, question_column: str | None) -> Iterable[tuple[list[Item], Any]]:
+    """A stream in blocks of :data:`STREAM_BLOCK` rows, each a list of items and the rows (encoded images) they
+    point into; every process reads the whole stream and answers its own share of each block."""
+    import datasets
+
+    block: list[dict[str, Any]] = []
+    start = 0
+    for row in ds.cast_column(image_column, datasets.Image(decode=False)):
+        block.append({image_column: row.get(image_column), "question": row.get(question_column or ""),
+                      "id": row.get("id")})
+        if len(block) == STREAM_BLOCK:
+            yield _block_items(block, start, image_column), block
+            start, block = start + len(block), []
+    if block:
+        yield _block_items(block, start, image_column), block
+
+
+def _block_items(block: list[dict[str, Any]], start: int, image_column: str) -> list[Item]:
+    return [Item(ImageRef(str(start + n), row=n), None if row["question"] is None else str(row["question"]),
+                 {"row": start + n, **({"id": row["id"]} if row["id"] is not None else {})})
+            for n, row in enumerate(block)]
