@@ -60,7 +60,7 @@ def test_folder_becomes_one_ordered_file_with_the_one_image_answers(tiny_dir, tm
     folder = make_folder(tmp_path / "imgs")
     out = tmp_path / "caps.jsonl"
     result = runner.invoke(app, ["predict", str(folder), "--task", "caption", "--model", str(tiny_dir),
-                                 "--output", str(out), "--batch-size", "5", *SHORT])
+                                 "--output", str(out), "--batch-size", "5", "--num-workers", "1", *SHORT])
     assert result.exit_code == 0, result.output
     assert "12 answered, 0 skipped as already done, 4 unreadable" in result.output
     records = lines(out)
