@@ -268,3 +268,15 @@ def test_a_streamed_dataset_in_blocks_gives_the_downloaded_answers(tiny_dir, doc
     streamed = runner.invoke(app, [*args, "--streaming", "--output", str(tmp_path / "streamed.jsonl")])
     assert streamed.exit_code == 0, streamed.output
     assert lines(tmp_path / "streamed.jsonl") == lines(tmp_path / "whole.jsonl")
+
+
+@pytest.mark.slow
+def test_speed_benchmark_runs_and_asserts_the_same_answers(tmp_path, one_thread):
+    from benchmarks import predict_speed
+
+    out = tmp_path / "speed.json"
+    predict_speed.main(["--n", "8", "--batch-size", "4", "--num-workers", "0", "--max-new-tokens", "4",
+                        "--json", str(out)])
+    row = json.loads(out.read_text())
+    assert row["images"] == 8 and row["card_images_per_s"] > 0 and row["predict_images_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["predict_images_per_s"] / row["card_images_per_s"])
