@@ -31,11 +31,12 @@ def build_model(name: str, seed: int = 0):
     from transformers import Florence2ForConditionalGeneration
 
     from florence_kit.model.memory import builtin_config
-    from florence_kit.model.tiny import VOCAB_SIZE, build_processor, reinit_default, tiny_config
+    from florence_kit.model.tiny import IMAGE_TOKEN_ID, VOCAB_SIZE, build_processor, reinit_default, tiny_config
 
     size = MODELS[name]
     processor = build_processor(size)
     config = tiny_config(VOCAB_SIZE, size) if name == "tiny" else builtin_config(name)
+    config.image_token_id = IMAGE_TOKEN_ID  # the token florence-kit's offline processor writes for <image>
     torch.manual_seed(seed)
     model = Florence2ForConditionalGeneration(config)
     reinit_default(model)

@@ -73,7 +73,13 @@ PredictFormatOption = Annotated[LabelFormat, typer.Option(
     "--format", help="jsonl: records (or .parquet by --output's suffix); coco, yolo, florence-jsonl: a dataset "
     "folder `finetune --dataset` trains on (auto-labelling).")]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace an --output another model, task or prompt wrote.")]
-SplitOption = Annotated[str | None, typer.Option(help="Split of --dataset; default: its only or first split.")]
+PredictDatasetOption = Annotated[str | None, typer.Option(
+    "--dataset", help="Answer a dataset's images instead: a save_to_disk folder, parquet/JSONL with an image column, "
+    "or a hub id.")]
+PredictStreamingOption = Annotated[
+    bool, typer.Option("--streaming", help="Stream a hub --dataset instead of downloading it whole.")
+]
+SplitOption = Annotated[str | None, typer.Option(help="Split of --dataset; default: train, else its first split.")]
 ImageColumnOption = Annotated[str, typer.Option(help="Column of --dataset that holds the images.")]
 QuestionColumnOption = Annotated[
     str | None, typer.Option(help="Column of --dataset that holds each row's question (else --question for all).")
