@@ -229,6 +229,17 @@ def test_dataset_split_to_parquet_answers_as_eval(tiny_dir, docvqa_dir, tmp_path
     assert [r["row"] for r in records] == list(range(len(scored)))
     assert [r["text"] for r in records] == [r["prediction"] for r in scored]
     assert [r["prompt"] for r in records] == [r["prompt"] for r in scored]
+    assert {(r["dataset"], r["split"]) for r in records} == {(str(docvqa_dir), "validation")}
+
+    # a rerun over the Parquet file: nothing to do; another split over it: refused (its row numbers are others)
+    again = runner.invoke(app, ["predict", "--dataset", str(docvqa_dir), "--split", "validation", "--task", "docvqa",
+                                "--question-column", "question", "--model", str(tiny_dir), "--output", str(out),
+                                *SHORT])
+    assert again.exit_code == 0 and f"0 answered, {len(records)} skipped" in again.output, again.output
+    other = runner.invoke(app, ["predict", "--dataset", str(docvqa_dir), "--split", "test", "--task", "docvqa",
+                                "--question-column", "question", "--model", str(tiny_dir), "--output", str(out),
+                                *SHORT])
+    assert other.exit_code == 2 and "split 'validation' there, 'test' now" in other.output, other.output
 
 
 def test_list_file_with_questions_and_bad_paths(tiny_dir, tmp_path, one_thread):

@@ -258,7 +258,7 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
                         "florence-jsonl for a dataset folder)")
     if fmt != "jsonl" and output.exists() and not output.is_dir():
         raise UserError(f"--format {fmt} writes a folder, but '{output}' is a file")
-    rows, blocks, items, varied = None, None, None, False
+    rows, blocks, items, varied, source = None, None, None, False, None
     if dataset:
         from florence_kit.evaluate.corpus import dataset_items
 
@@ -267,6 +267,7 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
                             "download it (leave out --streaming)")
         found = dataset_items(dataset, split, image_column, question_column, streaming)
         items, rows, blocks, varied = found.items, found.rows, found.blocks, found.varied_questions
+        source = {"dataset": dataset, "split": found.split}  # the keys are its row numbers
     else:
         if question_column:
             raise UserError("--question-column reads --dataset; for files use @list.jsonl with a 'question' field")
@@ -297,7 +298,7 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
     counts = predict_corpus(net, processor, spec, items, output, model_name=model, prompt_for=prompt_for,
                             gen_config=gen_config, prompt_label=prompt_label, fmt=fmt, rows=rows, blocks=blocks,
                             image_column=image_column, batch_size=batch_size, num_workers=num_workers,
-                            overwrite=overwrite, copy_images=copy_images, show_progress=not quiet)
+                            overwrite=overwrite, copy_images=copy_images, show_progress=not quiet, source=source)
     if os.environ.get("RANK", "0") == "0":
         records = records_path(output, fmt)
         bad = f" (listed in {sidecar_path(records)})" if counts.unreadable else ""

@@ -28,7 +28,7 @@ from florence_kit.tasks.spec import TaskSpec
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 FLUSH_EVERY = int(os.environ.get("FLORENCE_KIT_PREDICT_CHUNK", "64"))  # records per chunk file at most
 FLUSH_SECONDS = 30.0  # and at least this often
-SETTINGS = ("model", "task", "prompt")  # what must match for a rerun to continue an OUT
+SETTINGS = ("model", "task", "prompt", "dataset", "split")  # what must match for a rerun to continue an OUT
 
 
 @dataclass
@@ -245,6 +245,18 @@ def _settings_of(records: Path, parts: Path) -> dict[str, Any] | None:
     return None
 
 
+def _fits_template(prompt: Any, template: Any) -> bool:
+    """Whether ``prompt`` (a finished record's) is ``template`` with its questions filled in."""
+    import re
+
+    from florence_kit.tasks.spec import template_fields
+
+    if not isinstance(prompt, str) or not isinstance(template, str) or not template_fields(template):
+        return False
+    pattern = ".*".join(re.escape(part) for part in re.split(r"\{[^{}]*\}", template))
+    return re.fullmatch(pattern, prompt, flags=re.S) is not None
+
+
 def check_settings(records: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse to continue an OUT that another model, task or prompt wrote (unless ``overwrite``)."""
     if overwrite:
@@ -252,7 +264,8 @@ def check_settings(records: Path, settings: dict[str, Any], overwrite: bool) -> 
     found = _settings_of(records, parts_path(records))
     if found is None:
         return
-    differ = [k for k in SETTINGS if found.get(k) != settings.get(k)]
+    differ = [k for k in SETTINGS if found.get(k) != settings.get(k)
+              and not (k == "prompt" and _fits_template(found.get(k), settings.get(k)))]
     if differ:
         what = "; ".join(f"{k} {found.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
         raise UserError(f"'{records}' holds answers of another run ({what}): pass --overwrite to replace them, "
@@ -293,18 +306,19 @@ def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[I
                    model_name: str, prompt_for: Callable[[Item], str], gen_config: Any, prompt_label: str,
                    fmt: str = "jsonl", rows: Any = None, blocks: Iterable[tuple[Sequence[Item], Any]] | None = None,
                    image_column: str = "image", batch_size: int = 16, num_workers: int = 0, overwrite: bool = False,
-                   copy_images: bool = False, show_progress: bool = True) -> Counts:
+                   copy_images: bool = False, show_progress: bool = True,
+                   source: dict[str, Any] | None = None) -> Counts:
     """Answer ``items`` into ``out`` (see the module's docstring); every rank calls it, rank 0 merges.
 
     ``prompt_for`` gives each item's prompt (the task's, with its question); ``prompt_label`` is the prompt a rerun
     must match (the prompt itself, or the task's template when questions vary); ``rows`` the dataset the items'
     :class:`ImageRef` rows point into. A stream passes ``blocks`` instead: (items, rows) in input order, one
-    block in memory at a time.
+    block in memory at a time. ``source`` (``dataset``, ``split``) names the dataset whose row numbers the keys are.
     """
     rank, world = dist_info()
     records_file = records_path(out, fmt)
     parts = parts_path(records_file)
-    settings = {"model": model_name, "task": spec.name, "prompt": prompt_label}
+    settings = {"model": model_name, "task": spec.name, "prompt": prompt_label, **(source or {})}
     check_settings(records_file, settings, overwrite)  # every rank: all refuse alike, none waits for a refuser
     if rank == 0:
         if overwrite:
@@ -441,6 +455,7 @@ class DatasetInputs:
     rows: Any
     blocks: Iterable[tuple[list[Item], Any]] | None
     varied_questions: bool
+    split: str | None = None
 
 
 def dataset_items(source: str, split: str | None, image_column: str, question_column: str | None,
@@ -452,6 +467,7 @@ def dataset_items(source: str, split: str | None, image_column: str, question_co
     from florence_kit.data.dataset import load_source
 
     loaded = load_source(source, streaming=streaming)
+    chosen = split
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         names = list(loaded)
         chosen = split or ("train" if "train" in names else names[0])
@@ -469,7 +485,8 @@ def dataset_items(source: str, split: str | None, image_column: str, question_co
     if columns and question_column and question_column not in columns:
         raise UserError(f"'{source}' has no column '{question_column}' (it has {', '.join(columns)})")
     if isinstance(ds, datasets.IterableDataset):
-        return DatasetInputs(None, None, _stream_blocks(ds, image_column, question_column), bool(question_column))
+        return DatasetInputs(None, None, _stream_blocks(ds, image_column, question_column), bool(question_column),
+                             chosen)
     from florence_kit.data.prepared import column_image_keys
 
     questions = ds[question_column] if question_column else [None] * len(ds)
@@ -478,7 +495,7 @@ def dataset_items(source: str, split: str | None, image_column: str, question_co
     items = [Item(ImageRef(str(i), row=i, page=page), None if q is None else str(q),
                   {"row": i, **({"id": ids[i]} if ids is not None else {})})
              for i, (q, page) in enumerate(zip(questions, pages, strict=True))]
-    return DatasetInputs(items, ds, None, bool(question_column))
+    return DatasetInputs(items, ds, None, bool(question_column), chosen)
 
 
 def _stream_blocks(ds: Any, image_column: str, question_column: str | None) -> Iterable[tuple[list[Item], Any]]:
