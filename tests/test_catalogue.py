@@ -569,6 +569,71 @@ def _(env: Env) -> list[str]:
             "--question", "What is written in the second paragraph of this page?"]
 
 
+def _images(env: Env, n: int = 1) -> Path:
+    folder = env.tmp / "imgs"
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(folder / f"im{i}.png")
+    return folder
+
+
+def _many(env: Env, *inputs: str, task: str = "caption", out: Path | None = None) -> list[str]:
+    return ["predict", *inputs, "--task", task, "--model", str(env.tiny), "--output", str(out or env.tmp / "o.jsonl"),
+            "--max-new-tokens", "4", "--quiet"]
+
+
+@case("predict: several images without --output", "several inputs need --output")
+def _(env: Env) -> list[str]:
+    folder = _images(env, 2)
+    return ["predict", str(folder / "im0.png"), str(folder / "im1.png"), "--model", str(env.tiny)]
+
+
+@case("predict: an input path that does not exist", "input 'nowhere' does not exist")
+def _(env: Env) -> list[str]:
+    return _many(env, "nowhere")
+
+
+@case("predict: a glob that matches nothing", "matches no file")
+def _(env: Env) -> list[str]:
+    return _many(env, str(env.tmp / "*.png"))
+
+
+@case("predict: --output neither .jsonl nor .parquet", "must end in .jsonl or .parquet")
+def _(env: Env) -> list[str]:
+    return _many(env, str(_images(env)), out=env.tmp / "answers.csv")
+
+
+@case("predict: a question task over files without a question", "needs a question")
+def _(env: Env) -> list[str]:
+    return _many(env, str(_images(env)), task="docvqa")
+
+
+@case("predict --format coco for a text task", "use --format florence-jsonl")
+def _(env: Env) -> list[str]:
+    return [*_many(env, str(_images(env)), out=env.tmp / "labels"), "--format", "coco"]
+
+
+@case("predict --dataset without its image column", "has no column 'picture'")
+def _(env: Env) -> list[str]:
+    return [*_many(env, out=env.tmp / "o.jsonl"), "--dataset", str(env.docvqa), "--image-column", "picture"]
+
+
+@case("predict: another task over an existing --output", "pass --overwrite")
+def _(env: Env) -> list[str]:
+    out = env.tmp / "o.jsonl"
+    out.write_text(json.dumps({"key": "x", "model": str(env.tiny), "task": "ocr", "prompt": "<OCR>"}) + "\n")
+    return _many(env, str(_images(env)), out=out)
+
+
+@case("predict: a folder of unreadable images", "0 answered, 0 skipped as already done, 2 unreadable", code=0)
+def _(env: Env) -> list[str]:
+    folder = env.tmp / "imgs"
+    folder.mkdir()
+    (folder / "zero.png").write_bytes(b"")
+    png_header_only(folder / "bomb.png", 20000, 20000)
+    return _many(env, str(folder))
+
+
 @case("--eval-every: a task's answer length past the decoder's positions is capped", "answers are capped at 48",
       code=0)
 def _(env: Env) -> list[str]:

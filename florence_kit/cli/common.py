@@ -43,6 +43,53 @@ TasksDirOption = Annotated[
     typer.Option("--tasks-dir", help="Extra folder of task files (repeatable; also FLORENCE_KIT_TASKS_PATH)."),
 ]
 
+# --- options several commands share: one type each, the same help wherever they appear ---
+ModelOption = Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")]
+DatasetOption = Annotated[str | None, typer.Option(help="Hub id or local data; default: the task's (one task only).")]
+StreamingOption = Annotated[
+    bool, typer.Option(help="Stream a hub dataset instead of downloading it whole (needs --max-samples).")
+]
+NumBeamsOption = Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")]
+MaxNewTokensOption = Annotated[int | None, typer.Option(help="Answer length cap; default: the task's.")]
+NumWorkersOption = Annotated[
+    int, typer.Option(help="DataLoader workers that decode images and run the processor (0: in-process).")
+]
+QuestionOption = Annotated[str | None, typer.Option(help="The question (for tasks whose prompt has one).")]
+PredictTaskOption = Annotated[str | None, typer.Option(
+    "--task", help="Task whose prompt and generation settings to use; default: the task the run or export was made "
+    "for, else docvqa.")]
+# predict over many images
+PredictOutputOption = Annotated[Path | None, typer.Option(
+    "--output", help="Answer every input into this file: .jsonl (default) or .parquet, one record per input in input "
+    "order; with --format, a dataset folder. The same command again continues where a stopped run ended.")]
+class LabelFormat(str, Enum):
+    jsonl = "jsonl"
+    coco = "coco"
+    yolo = "yolo"
+    florence_jsonl = "florence-jsonl"
+
+
+PredictFormatOption = Annotated[LabelFormat, typer.Option(
+    "--format", help="jsonl: records (or .parquet by --output's suffix); coco, yolo, florence-jsonl: a dataset "
+    "folder `finetune --dataset` trains on (auto-labelling).")]
+OverwriteOption = Annotated[bool, typer.Option(help="Replace an --output another model, task or prompt wrote.")]
+PredictDatasetOption = Annotated[str | None, typer.Option(
+    "--dataset", help="Answer a dataset's images instead: a save_to_disk folder, parquet/JSONL with an image column, "
+    "or a hub id.")]
+PredictStreamingOption = Annotated[
+    bool, typer.Option("--streaming", help="Stream a hub --dataset instead of downloading it whole.")
+]
+SplitOption = Annotated[str | None, typer.Option(help="Split of --dataset; default: train, else its first split.")]
+ImageColumnOption = Annotated[str, typer.Option(help="Column of --dataset that holds the images.")]
+QuestionColumnOption = Annotated[
+    str | None, typer.Option(help="Column of --dataset that holds each row's question (else --question for all).")
+]
+CopyImagesOption = Annotated[bool, typer.Option(help="--format: copy the images into OUT (default: hard links).")]
+PredictBatchSizeOption = Annotated[
+    int, typer.Option(help="Images per generate() call (grouped by prompt length; same answers as 1).")
+]
+QuietOption = Annotated[bool, typer.Option(help="No progress bar.")]
+
 
 def model_task(model: str | None, tasks_dirs: list[Path], fallback: str = "docvqa") -> str:
     """The one task a run folder was trained for (its config.yaml) or an ONNX export was made for, else

@@ -4,11 +4,39 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from florence_kit.cli.common import Attn, AttnOption, Speed, TasksDirOption, console, model_task, user_errors
+from florence_kit.cli.common import (
+    Attn,
+    AttnOption,
+    CopyImagesOption,
+    DatasetOption,
+    ImageColumnOption,
+    LabelFormat,
+    MaxNewTokensOption,
+    ModelOption,
+    NumBeamsOption,
+    NumWorkersOption,
+    OverwriteOption,
+    PredictBatchSizeOption,
+    PredictDatasetOption,
+    PredictFormatOption,
+    PredictOutputOption,
+    PredictStreamingOption,
+    PredictTaskOption,
+    QuestionColumnOption,
+    QuestionOption,
+    QuietOption,
+    Speed,
+    SplitOption,
+    StreamingOption,
+    TasksDirOption,
+    console,
+    model_task,
+    user_errors,
+)
 from florence_kit.tasks.regions import BoxFormat
 
 
@@ -36,10 +64,8 @@ def eval_(
         typer.Argument(help="Task name, a comma list of tasks or a group (e.g. cauldron); see `florence-kit tasks "
                        "list`. Several tasks: each is scored into OUTPUT_DIR/<task>/, with OUTPUT_DIR/summary.json."),
     ],
-    model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
-    dataset: Annotated[
-        str | None, typer.Option(help="Hub id or local data; default: the task's (one task only).")
-    ] = None,
+    model: ModelOption = "base",
+    dataset: DatasetOption = None,
     split: Annotated[str | None, typer.Option(help="Split to score; default: the task's eval split.")] = None,
     output_dir: Annotated[Path, typer.Option(help="Where predictions.jsonl and metrics.json go.")] = Path(
         "runs/eval"
@@ -48,14 +74,10 @@ def eval_(
         int, typer.Option(help="Examples per generate() call (sorted by prompt length; same answers as 1).")
     ] = 16,
     max_samples: Annotated[int | None, typer.Option(help="Score only the first N rows.")] = None,
-    streaming: Annotated[
-        bool, typer.Option(help="Stream a hub dataset instead of downloading it whole (needs --max-samples).")
-    ] = False,
-    num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Answer length cap; default: the task's.")] = None,
-    num_workers: Annotated[
-        int, typer.Option(help="DataLoader workers that decode images and run the processor (0: in-process).")
-    ] = 0,
+    streaming: StreamingOption = False,
+    num_beams: NumBeamsOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    num_workers: NumWorkersOption = 0,
     # --- regions ---
     box_format: Annotated[
         BoxFormat | None,
@@ -66,7 +88,7 @@ def eval_(
                             "vision tower once (same answers); off: one decode per question, sorted by length.")
     ] = Speed.auto,
     attn: AttnOption = Attn.auto,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOption = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
     """Generate answers for a task's eval split and score them with the task's metric.
@@ -147,21 +169,147 @@ def score(
 
 @user_errors
 def predict(
-    image: Annotated[Path, typer.Argument(help="An image file.")],
-    task: Annotated[str | None, typer.Option(help="Task whose prompt and generation settings to use; default: the "
-                                           "task the run or export was made for, else docvqa.")] = None,
-    model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
-    question: Annotated[str | None, typer.Option(help="The question (for tasks whose prompt has one).")] = None,
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Image files, folders (recursive), globs or @list.txt (one path a line; @list.jsonl: image and "
+        "question). One image without --output: the answer is printed.", show_default=False)] = None,
+    task: PredictTaskOption = None,
+    model: ModelOption = "base",
+    question: QuestionOption = None,
     box: Annotated[str | None, typer.Option(
         help="x1,y1,x2,y2 in pixels: the region of region-in tasks (region-category, region-ocr, ...).")] = None,
-    num_beams: Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")] = None,
+    num_beams: NumBeamsOption = None,
     attn: AttnOption = Attn.auto,
     tasks_dir: TasksDirOption = None,
+    # --- many images ---
+    output: PredictOutputOption = None,
+    format_: PredictFormatOption = LabelFormat.jsonl,
+    overwrite: OverwriteOption = False,
+    dataset: PredictDatasetOption = None,
+    split: SplitOption = None,
+    image_column: ImageColumnOption = "image",
+    question_column: QuestionColumnOption = None,
+    streaming: PredictStreamingOption = False,
+    copy_images: CopyImagesOption = False,
+    batch_size: PredictBatchSizeOption = 16,
+    num_workers: NumWorkersOption = 0,
+    max_new_tokens: MaxNewTokensOption = None,
+    quiet: QuietOption = False,
 ) -> None:
-    """Answer one image with a model.
+    """Answer one image, or many into one file (resumable; torchrun for several processes or machines).
 
-    Example: florence-kit predict page.png --task docvqa --model runs/finetune --question "What is the total?"
+    Examples:
+
+      florence-kit predict page.png --task docvqa --model runs/finetune --question "What is the total?"
+
+      florence-kit predict photos/ --task caption --model runs/caption --output captions.jsonl
+
+      florence-kit predict photos/ --task od --model large-ft --output labels --format coco
     """
+    from florence_kit.common.errors import UserError
+
+    many = output is not None or dataset is not None or format_ is not LabelFormat.jsonl
+    if not many:
+        if not inputs or len(inputs) != 1:
+            raise UserError("several inputs need --output OUT (.jsonl or .parquet), where every answer is written")
+        _predict_one(Path(inputs[0]), task, model, question, box, num_beams, attn, tasks_dir)
+        return
+    if output is None:
+        raise UserError("--dataset and --format need --output OUT")
+    if box is not None:
+        raise UserError("--box is for one image; region-in tasks over many images are not supported")
+    if inputs and dataset:
+        raise UserError("pass image paths or --dataset, not both")
+    if not inputs and not dataset:
+        raise UserError("nothing to answer: pass image files, folders, globs, @list.txt or --dataset")
+    _predict_many(inputs or [], output, format_.value, task=task, model=model, question=question,
+                  num_beams=num_beams, max_new_tokens=max_new_tokens, attn=attn, tasks_dir=tasks_dir,
+                  overwrite=overwrite, dataset=dataset, split=split, image_column=image_column,
+                  question_column=question_column, streaming=streaming, copy_images=copy_images,
+                  batch_size=batch_size, num_workers=num_workers, quiet=quiet)
+
+
+def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None, model: str, question: str | None,
+                  num_beams: int | None, max_new_tokens: int | None, attn: Attn, tasks_dir: list[Path] | None,
+                  overwrite: bool, dataset: str | None, split: str | None, image_column: str,
+                  question_column: str | None, streaming: bool, copy_images: bool, batch_size: int,
+                  num_workers: int, quiet: bool) -> None:
+    """``predict`` over many inputs: everything the user typed checked before the model loads."""
+    import os
+
+    from florence_kit.common.errors import UserError
+    from florence_kit.evaluate.corpus import dist_info, expand_inputs, predict_corpus, records_path, sidecar_path
+    from florence_kit.evaluate.generation import generation_config_for
+    from florence_kit.model.loading import load_for_generation
+    from florence_kit.model.onnx_runtime import export_tasks_dirs
+    from florence_kit.tasks.registry import get_task
+    from florence_kit.tasks.spec import template_fields
+
+    dirs = [*(tasks_dir or []), *export_tasks_dirs(model)]
+    spec = get_task(task or model_task(model, dirs), dirs)
+    fields = template_fields(spec.prompt)
+    if "region" in fields:
+        raise UserError(f"task '{spec.name}' asks about a box (--box): answer its images one at a time")
+    if fmt in ("coco", "yolo") and (spec.regions or {}).get("kind") not in ("od", "open-vocab-od", "grounding",
+                                                                            "region-proposal"):
+        raise UserError(f"--format {fmt} writes boxes and their class names, which task '{spec.name}' does not "
+                        "answer: use --format florence-jsonl (prompt and answer per image)")
+    if fmt == "jsonl" and output.suffix.lower() not in (".jsonl", ".parquet"):
+        raise UserError(f"--output '{output}' must end in .jsonl or .parquet (or pass --format coco|yolo|"
+                        "florence-jsonl for a dataset folder)")
+    if fmt != "jsonl" and output.exists() and not output.is_dir():
+        raise UserError(f"--format {fmt} writes a folder, but '{output}' is a file")
+    rows, blocks, items, varied, source = None, None, None, False, None
+    if dataset:
+        from florence_kit.evaluate.corpus import dataset_items
+
+        if streaming and fmt != "jsonl":
+            raise UserError("--format writes the images into OUT, which a --streaming dataset does not keep: "
+                            "download it (leave out --streaming)")
+        found = dataset_items(dataset, split, image_column, question_column, streaming)
+        items, rows, blocks, varied = found.items, found.rows, found.blocks, found.varied_questions
+        source = {"dataset": dataset, "split": found.split}  # the keys are its row numbers
+    else:
+        if question_column:
+            raise UserError("--question-column reads --dataset; for files use @list.jsonl with a 'question' field")
+        items = expand_inputs(inputs)
+        varied = any(item.question is not None for item in items)
+    if items is not None and not items:
+        raise UserError("nothing to answer: the inputs hold no image")
+
+    def prompt_for(item: Any) -> str:
+        asked = item.question if item.question is not None else question
+        if not fields:
+            return spec.prompt
+        if asked is None:
+            raise UserError(f"task '{spec.name}' needs a question (its prompt is {spec.prompt!r}): pass --question, "
+                            "--question-column or @list.jsonl with 'question'")
+        return spec.prompt.format(**{name: asked for name in fields})
+
+    for item in items or []:
+        prompt_for(item)  # a missing question fails before the model loads
+    if items is None and fields and not varied and question is None:
+        raise UserError(f"task '{spec.name}' needs a question (its prompt is {spec.prompt!r}): pass --question or "
+                        "--question-column")
+    # what a rerun must match: the prompt, or the task's template where each input has its own question
+    prompt_label = spec.prompt if varied or not fields else spec.prompt.format(**{f: question for f in fields})
+    dist_info()  # under torchrun: join the group and take this process's GPU before the model goes to one
+    net, processor = load_for_generation(model, attn.value)
+    gen_config = generation_config_for(spec, net, processor, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    counts = predict_corpus(net, processor, spec, items, output, model_name=model, prompt_for=prompt_for,
+                            gen_config=gen_config, prompt_label=prompt_label, fmt=fmt, rows=rows, blocks=blocks,
+                            image_column=image_column, batch_size=batch_size, num_workers=num_workers,
+                            overwrite=overwrite, copy_images=copy_images, show_progress=not quiet, source=source)
+    if os.environ.get("RANK", "0") == "0":
+        records = records_path(output, fmt)
+        bad = f" (listed in {sidecar_path(records)})" if counts.unreadable else ""
+        console.print(f"predict: {counts.answered} answered, {counts.skipped} skipped as already done, "
+                      f"{counts.unreadable} unreadable{bad}; output: {output}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
+def _predict_one(image: Path, task: str | None, model: str, question: str | None, box: str | None,
+                 num_beams: int | None, attn: Attn, tasks_dir: list[Path] | None) -> None:
+    """One image: the answer printed (region tasks: as JSON, and drawn into a PNG beside the image)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from florence_kit.common.errors import UserError

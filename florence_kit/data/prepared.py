@@ -59,24 +59,31 @@ def image_keys(dataset: Any) -> list[str]:
 
 
 def _image_keys(dataset: Any) -> list[str]:
-    import datasets
 
     if hasattr(dataset, "parts"):  # florence_kit.data.mixing.MixedDataset: keys per task, examples by (part, item)
         per_part = [image_keys(part) for part in dataset.parts]
         return [f"{part}-{per_part[part][item]}" for part, item in dataset.index]
     if not hasattr(dataset, "_locate"):
         return [f"example-{i}" for i in range(len(dataset))]
-    ds, column = dataset.ds, dataset.task.image_column
     rows = [dataset._locate(i)[0] for i in range(len(dataset))]
+    digests = column_image_keys(dataset.ds, dataset.task.image_column)
+    return [digests[row] for row in rows]
+
+
+def column_image_keys(ds: Any, column: str) -> list[str]:
+    """One key per row of ``ds``: rows with equal keys show the same image (a hash of the encoded bytes, or of the
+    file's path, size and mtime); ``row-N`` where the column is not a plain ``datasets.Image``."""
+    import datasets
+
     feature = ds.features.get(column) if getattr(ds, "features", None) else None
     if isinstance(feature, datasets.Image):
         raw = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
-        digests: dict[int, str] = {}
-        for row, value in enumerate(raw[column]):
+        digests = []
+        for value in raw[column]:
             data = (value or {}).get("bytes") or file_state((value or {}).get("path"))
-            digests[row] = hashlib.blake2b(data, digest_size=16).hexdigest()
-        return [digests[row] for row in rows]
-    return [f"row-{row}" for row in rows]
+            digests.append(hashlib.blake2b(data, digest_size=16).hexdigest())
+        return digests
+    return [f"row-{row}" for row in range(len(ds))]
 
 
 def file_state(path: str | None) -> bytes:

@@ -1,0 +1,521 @@
+"""``predict`` over a corpus: inputs → one ordered output file, resumable, sharded over processes and machines.
+
+Each process (a torchrun / accelerate launch rank, or the only one) answers inputs r, r+N, ... of what is not done
+yet, and writes what it answers in chunk files under ``OUT.parts/`` (write, fsync, rename: a chunk is whole or
+absent, so a kill -9 loses at most the chunk in flight). When every rank is done the main process merges all
+chunks into OUT in input order (again write, fsync, rename) and removes the chunks. A rerun reads what OUT and the
+chunks already hold and skips it; a different model, task or prompt over the same OUT is refused unless
+``overwrite``. Several machines need OUT on a filesystem they share.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from florence_kit.common.errors import UserError
+from florence_kit.evaluate.batch import Answer, ImageRef, Request, Unreadable, answer_requests
+from florence_kit.tasks.spec import TaskSpec
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+FLUSH_EVERY = int(os.environ.get("FLORENCE_KIT_PREDICT_CHUNK", "64"))  # records per chunk file at most
+FLUSH_SECONDS = 30.0  # and at least this often
+SETTINGS = ("model", "task", "prompt", "dataset", "split")  # what must match for a rerun to continue an OUT
+
+
+@dataclass
+class Item:
+    """One input: its image and, where the task asks one, its question."""
+
+    image: ImageRef
+    question: str | None = None
+    info: dict[str, Any] | None = None  # what its record says of it (default: its path)
+
+
+@dataclass
+class Counts:
+    answered: int = 0
+    skipped: int = 0  # already in OUT or its chunks
+    unreadable: int = 0  # in the sidecar, this run's and earlier ones'
+    total: int = 0
+    answered_before: int = 0  # of the skipped, those with an answer (the rest were unreadable before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def expand_inputs(args: Sequence[str]) -> list[Item]:
+    """Files, folders (recursive, image suffixes), globs and ``@list`` files (one path a line, relative to the
+    list; ``@list.jsonl``: objects with ``image`` and optionally ``question``), in the order given, each (path,
+    question) once.
+
+    A path that names nothing is a typo (one line, exit 2); a file a list names that cannot be read is an
+    unreadable image, counted and skipped like a broken one.
+    """
+    items: list[Item] = []
+    seen: set[str] = set()
+
+    def add(path: str, question: str | None = None) -> None:
+        key = path if question is None else f"{path}#{question}"  # one image asked several questions: one each
+        if key not in seen:
+            seen.add(key)
+            items.append(Item(ImageRef(key, path=path, page=path), question))
+
+    for arg in args:
+        if arg.startswith("@"):
+            for path, question in _read_list(Path(arg[1:]).expanduser()):
+                add(path, question)
+            continue
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise UserError(f"folder '{arg}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            for p in found:
+                add(p)
+        elif path.is_file():
+            add(str(path))
+        elif glob.has_magic(arg):
+            matched = sorted(p for p in glob.glob(os.path.expanduser(arg), recursive=True) if os.path.isfile(p))
+            if not matched:
+                raise UserError(f"'{arg}' matches no file")
+            for p in matched:
+                add(p)
+        else:
+            raise UserError(f"input '{arg}' does not exist (a file, a folder, a glob or @list.txt)")
+    return items
+
+
+def _read_list(path: Path) -> list[tuple[str, str | None]]:
+    if not path.is_file():
+        raise UserError(f"list file '{path}' does not exist")
+    out: list[tuple[str, str | None]] = []
+    jsonl = path.suffix.lower() == ".jsonl"
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        question = None
+        if jsonl:
+            try:
+                row = json.loads(line)
+                name, question = str(row["image"]), row.get("question")
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{number}: each line needs a JSON object with 'image'") from None
+        else:
+            name = line.strip()
+        full = Path(name).expanduser()
+        out.append((str(full if full.is_absolute() else path.parent / full), question))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files
+
+
+def is_folder_format(fmt: str) -> bool:
+    return fmt in ("coco", "yolo", "florence-jsonl")
+
+
+def records_path(out: Path, fmt: str) -> Path:
+    """The ordered records file: OUT itself, or OUT/predictions.jsonl when OUT is a dataset folder."""
+    return out / "predictions.jsonl" if is_folder_format(fmt) else out
+
+
+def sidecar_path(records: Path) -> Path:
+    """``out.jsonl`` → ``out.bad.jsonl``: each unreadable input with the reason."""
+    return records.with_name(records.name.rsplit(".", 1)[0] + ".bad.jsonl")
+
+
+def parts_path(records: Path) -> Path:
+    return records.with_name(records.name + ".parts")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)``, fsync, rename over ``path``, fsync the folder: ``path`` is whole or as it was."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems cannot sync a folder
+        pass
+
+
+def _write_jsonl(records: Iterable[dict[str, Any]]) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for rec in records:
+                handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    return write
+
+
+def _write_parquet(records: list[dict[str, Any]]) -> Callable[[Path], None]:
+    """Parquet wants one type per column: the parsed answer (text or a structure) is kept as its JSON text."""
+
+    def write(tmp: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [{**rec, "answer": json.dumps(rec["answer"], ensure_ascii=False)} for rec in records]
+        columns = list(dict.fromkeys(k for rec in rows for k in rec))
+        table = pa.table({c: [rec.get(c) for rec in rows] for c in columns}) if rows else pa.table({})
+        pq.write_table(table, tmp)
+
+    return write
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL or Parquet output (or chunk); a torn last line (none is ever written) is ignored."""
+    if not path.is_file():
+        return []
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        return [{**r, "answer": json.loads(r["answer"])} if isinstance(r.get("answer"), str) else r for r in rows]
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) under torchrun / accelerate launch; (0, 1) alone. Joins the process group once
+    (gloo: it only carries barriers, so it runs beside CUDA too)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        # a rank that finishes its share waits for the slowest at the barrier: days, not gloo's 30 minutes
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _settings_of(records: Path, parts: Path) -> dict[str, Any] | None:
+    meta = parts / "settings.json"
+    if meta.is_file():
+        return json.loads(meta.read_text(encoding="utf-8"))
+    for path in (records, sidecar_path(records)):
+        for rec in read_records(path)[:1]:
+            return {k: rec.get(k) for k in SETTINGS}
+    return None
+
+
+def _fits_template(prompt: Any, template: Any) -> bool:
+    """Whether ``prompt`` (a finished record's) is ``template`` with its questions filled in."""
+    import re
+
+    from florence_kit.tasks.spec import template_fields
+
+    if not isinstance(prompt, str) or not isinstance(template, str) or not template_fields(template):
+        return False
+    pattern = ".*".join(re.escape(part) for part in re.split(r"\{[^{}]*\}", template))
+    return re.fullmatch(pattern, prompt, flags=re.S) is not None
+
+
+def check_settings(records: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to continue an OUT that another model, task or prompt wrote (unless ``overwrite``)."""
+    if overwrite:
+        return
+    found = _settings_of(records, parts_path(records))
+    if found is None:
+        return
+    differ = [k for k in SETTINGS if found.get(k) != settings.get(k)
+              and not (k == "prompt" and _fits_template(found.get(k), settings.get(k)))]
+    if differ:
+        what = "; ".join(f"{k} {found.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
+        raise UserError(f"'{records}' holds answers of another run ({what}): pass --overwrite to replace them, "
+                        "or another --output")
+
+
+def _done(records: Path) -> dict[str, dict[str, Any]]:
+    """key → record of every input already answered or found unreadable (OUT, its sidecar, the chunks)."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in (records, sidecar_path(records), *sorted(parts_path(records).glob("*.jsonl"))):
+        for rec in read_records(path):
+            done[str(rec.get("key"))] = rec
+    return done
+
+
+class ChunkWriter:
+    """Buffers this rank's records and writes them as whole chunk files under the parts folder."""
+
+    def __init__(self, parts: Path, rank: int) -> None:
+        self.parts, self.stem, self.seq = parts, f"rank{rank:05d}-{uuid.uuid4().hex[:10]}", 0
+        self.buffer: list[dict[str, Any]] = []
+        self.last = time.monotonic()
+
+    def add(self, records: Iterable[dict[str, Any]]) -> None:
+        self.buffer.extend(records)
+        if len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            atomic_write(self.parts / f"{self.stem}-{self.seq:06d}.jsonl", _write_jsonl(self.buffer))
+            self.seq += 1
+            self.buffer = []
+        self.last = time.monotonic()
+
+
+def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[Item] | None, out: Path, *,
+                   model_name: str, prompt_for: Callable[[Item], str], gen_config: Any, prompt_label: str,
+                   fmt: str = "jsonl", rows: Any = None, blocks: Iterable[tuple[Sequence[Item], Any]] | None = None,
+                   image_column: str = "image", batch_size: int = 16, num_workers: int = 0, overwrite: bool = False,
+                   copy_images: bool = False, show_progress: bool = True,
+                   source: dict[str, Any] | None = None) -> Counts:
+    """Answer ``items`` into ``out`` (see the module's docstring); every rank calls it, rank 0 merges.
+
+    ``prompt_for`` gives each item's prompt (the task's, with its question); ``prompt_label`` is the prompt a rerun
+    must match (the prompt itself, or the task's template when questions vary); ``rows`` the dataset the items'
+    :class:`ImageRef` rows point into. A stream passes ``blocks`` instead: (items, rows) in input order, one
+    block in memory at a time. ``source`` (``dataset``, ``split``) names the dataset whose row numbers the keys are.
+    """
+    rank, world = dist_info()
+    records_file = records_path(out, fmt)
+    parts = parts_path(records_file)
+    settings = {"model": model_name, "task": spec.name, "prompt": prompt_label, **(source or {})}
+    check_settings(records_file, settings, overwrite)  # every rank: all refuse alike, none waits for a refuser
+    if rank == 0:
+        if overwrite:
+            shutil.rmtree(parts, ignore_errors=True)
+            for path in (records_file, sidecar_path(records_file)):
+                path.unlink(missing_ok=True)
+        parts.mkdir(parents=True, exist_ok=True)
+        if not (parts / "settings.json").is_file():
+            atomic_write(parts / "settings.json", lambda p: p.write_text(json.dumps(settings) + "\n"))
+    barrier(world)
+    done = _done(records_file)
+    if blocks is None:
+        blocks = [(list(items or []), rows)]
+    seen: list[Item] = []
+    writer = ChunkWriter(parts, rank)
+    counts = Counts()
+    total = len(items) if items is not None else None
+    with _progress(show_progress and rank == 0, total, world) as advance:
+        for block, block_rows in blocks:
+            todo = [item for item in block if item.image.key not in done]
+            advance(len(block) - len(todo), world=False)
+            seen.extend(block)
+            counts.skipped += len(block) - len(todo)
+            counts.answered_before += sum(1 for item in block if "error" not in done.get(item.image.key, {"error": 1}))
+            mine = todo[rank::world]
+            requests = [Request(n, item.image, prompt_for(item)) for n, item in enumerate(mine)]
+            for results in answer_requests(model, processor, spec, requests, gen_config, rows=block_rows,
+                                           image_column=image_column, batch_size=batch_size,
+                                           num_workers=num_workers):
+                batch = []
+                for result in results:
+                    item = mine[result.index]
+                    base = {"key": item.image.key, **(item.info or {"path": item.image.path})}
+                    if isinstance(result, Unreadable):
+                        batch.append({**base, "error": result.reason, **settings})
+                    else:
+                        assert isinstance(result, Answer)
+                        batch.append({**base, "width": result.width, "height": result.height, **settings,
+                                      "prompt": requests[result.index].prompt, "text": result.text,
+                                      "answer": result.parsed})
+                writer.add(batch)
+                advance(len(results))
+    writer.flush()
+    counts.total = len(seen)
+    barrier(world)
+    if rank == 0:
+        counts = _merge(seen, records_file, fmt, counts, rows, image_column, copy_images, out)
+    barrier(world)
+    return counts
+
+
+def _merge(items: Sequence[Item], records_file: Path, fmt: str, counts: Counts, rows: Any, image_column: str,
+           copy_images: bool, out: Path) -> Counts:
+    done = _done(records_file)
+    ordered = [done[item.image.key] for item in items if item.image.key in done]
+    good = [rec for rec in ordered if "error" not in rec]
+    bad = [rec for rec in ordered if "error" in rec]
+    missing = len(items) - len(ordered)
+    if missing:  # a rank died between its last chunk and the barrier: nothing is merged, a rerun finishes
+        raise UserError(f"{missing} input(s) have no answer in {parts_path(records_file)}; run the same command "
+                        "again to answer them")
+    records_file.parent.mkdir(parents=True, exist_ok=True)
+    if is_folder_format(fmt):
+        from florence_kit.evaluate.labels import write_dataset
+
+        write_dataset(out, fmt, good, rows=rows, image_column=image_column, copy_images=copy_images)
+    writer = _write_parquet(good) if records_file.suffix.lower() == ".parquet" else _write_jsonl(good)
+    atomic_write(records_file, writer)
+    sidecar = sidecar_path(records_file)
+    if bad:
+        atomic_write(sidecar, _write_jsonl(bad))
+    else:
+        sidecar.unlink(missing_ok=True)
+    shutil.rmtree(parts_path(records_file), ignore_errors=True)
+    counts.answered = len(good) - counts.answered_before
+    counts.unreadable = len(bad)
+    return counts
+
+
+class _progress:
+    """A rich progress bar with images/s and ETA on the main process; nothing elsewhere."""
+
+    def __init__(self, show: bool, total: int | None, world: int) -> None:
+        self.show, self.total, self.world = show, total, world
+
+    def __enter__(self) -> Callable[..., None]:
+        if not self.show:
+            return lambda n, world=True: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        class Rate(TextColumn):
+            def render(self, task: Any) -> Any:
+                from rich.text import Text
+
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:.1f} images/s" if speed else "- images/s")
+
+        self.bar = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), Rate(""),
+                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("predict", total=self.total)
+
+        def advance(n: int, world: bool = True) -> None:
+            # this process answers 1/world of the inputs: the bar counts them world-fold; skipped ones once
+            if n:
+                self.bar.advance(task, n * self.world if world else n)
+
+        return advance
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.show:
+            self.bar.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset inputs
+
+
+STREAM_BLOCK = 4096  # rows of a stream held in memory at a time (images still encoded)
+
+
+@dataclass
+class DatasetInputs:
+    """A dataset's rows as inputs: ``items`` and the ``rows`` they point into, or for a stream ``blocks``."""
+
+    items: list[Item] | None
+    rows: Any
+    blocks: Iterable[tuple[list[Item], Any]] | None
+    varied_questions: bool
+    split: str | None = None
+
+
+def dataset_items(source: str, split: str | None, image_column: str, question_column: str | None,
+                  streaming: bool) -> DatasetInputs:
+    """Every row of ``source``'s split as an input (key: the row number; the record says ``row`` and ``id`` where the
+    dataset has that column). A page asked several questions (rows showing the same image) is one ``page``."""
+    import datasets
+
+    from florence_kit.data.dataset import load_source
+
+    loaded = load_source(source, streaming=streaming)
+    chosen = split
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        names = list(loaded)
+        chosen = split or ("train" if "train" in names else names[0])
+        if chosen not in loaded:
+            raise UserError(f"--split '{chosen}' is not in '{source}' (it has {', '.join(names)})")
+        ds = loaded[chosen]
+    elif split:
+        raise UserError(f"'{source}' has no splits; leave out --split")
+    else:
+        ds = loaded
+    columns = list(ds.column_names or [])
+    if columns and image_column not in columns:
+        raise UserError(f"'{source}' has no column '{image_column}' (it has {', '.join(columns)}); pass "
+                        "--image-column")
+    if columns and question_column and question_column not in columns:
+        raise UserError(f"'{source}' has no column '{question_column}' (it has {', '.join(columns)})")
+    if isinstance(ds, datasets.IterableDataset):
+        return DatasetInputs(None, None, _stream_blocks(ds, image_column, question_column), bool(question_column),
+                             chosen)
+    from florence_kit.data.prepared import column_image_keys
+
+    questions = ds[question_column] if question_column else [None] * len(ds)
+    ids = ds["id"] if "id" in columns else None
+    pages = column_image_keys(ds, image_column)  # a page asked several questions is decoded and encoded once
+    items = [Item(ImageRef(str(i), row=i, page=page), None if q is None else str(q),
+                  {"row": i, **({"id": ids[i]} if ids is not None else {})})
+             for i, (q, page) in enumerate(zip(questions, pages, strict=True))]
+    return DatasetInputs(items, ds, None, bool(question_column), chosen)
+
+
+def _stream_blocks(ds: Any, image_column: str, question_column: str | None) -> Iterable[tuple[list[Item], Any]]:
+    """A stream in blocks of :data:`STREAM_BLOCK` rows, each a list of items and the rows (encoded images) they
+    point into; every process reads the whole stream and answers its own share of each block."""
+    import datasets
+
+    block: list[dict[str, Any]] = []
+    start = 0
+    for row in ds.cast_column(image_column, datasets.Image(decode=False)):
+        block.append({image_column: row.get(image_column), "question": row.get(question_column or ""),
+                      "id": row.get("id")})
+        if len(block) == STREAM_BLOCK:
+            yield _block_items(block, start, image_column), block
+            start, block = start + len(block), []
+    if block:
+        yield _block_items(block, start, image_column), block
+
+
+def _block_items(block: list[dict[str, Any]], start: int, image_column: str) -> list[Item]:
+    return [Item(ImageRef(str(start + n), row=n), None if row["question"] is None else str(row["question"]),
+                 {"row": start + n, **({"id": row["id"]} if row["id"] is not None else {})})
+            for n, row in enumerate(block)]
