@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from florence_kit.common.errors import UserError
+from florence_kit.common.files import atomic_write
 from florence_kit.evaluate.batch import Answer, ImageRef, Request, Unreadable, answer_requests
 from florence_kit.tasks.spec import TaskSpec
 
@@ -137,26 +138,6 @@ def sidecar_path(records: Path) -> Path:
 
 def parts_path(records: Path) -> Path:
     return records.with_name(records.name + ".parts")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)``, fsync, rename over ``path``, fsync the folder: ``path`` is whole or as it was."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some filesystems cannot sync a folder
-        pass
 
 
 def _write_jsonl(records: Iterable[dict[str, Any]]) -> Callable[[Path], None]:

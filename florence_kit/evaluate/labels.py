@@ -114,7 +114,7 @@ def write_dataset(out: Path, fmt: str, records: list[dict[str, Any]], *, rows: A
 
 
 def _write(path: Path, text: str) -> None:
-    from florence_kit.evaluate.corpus import atomic_write
+    from florence_kit.common.files import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
