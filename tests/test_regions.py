@@ -1,4 +1,4 @@
-"""Region tasks (issue 7): `<loc_*>` targets that the native processor parses back, COCO / YOLO / hub data,
+"""Region tasks: `<loc_*>` targets that the native processor parses back, COCO / YOLO / hub data,
 class-aware COCO mAP on hand-made predictions, and the four region tasks training and scoring on the tiny model."""
 
 from __future__ import annotations

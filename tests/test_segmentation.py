@@ -1,4 +1,4 @@
-"""Florence-2's whole region vocabulary (issue 16): polygons in the processor's own grammar, boxes in prompts, the
+"""Florence-2's whole region vocabulary: polygons in the processor's own grammar, boxes in prompts, the
 segmentation / region-in / open-vocabulary / proposal tasks' data, their metrics on hand-made answers, drawing, and
 segmentation training and scoring on the tiny model."""
 
