@@ -448,6 +448,51 @@ def _(env: Env) -> list[str]:
     return env.ft()[:2] + ["--model", "base"] + env.ft()[4:]
 
 
+# --- convert (Microsoft-format checkpoints and adapters) ------------------------------------------
+
+MS_FIXTURE = Path(__file__).parent / "fixtures" / "ms_florence"
+
+
+def ms_copy(env: Env) -> Path:
+    """A copy of the recorded Microsoft-format checkpoint, to break."""
+    import shutil
+
+    return Path(shutil.copytree(MS_FIXTURE / "model", env.tmp / "ms"))
+
+
+@case("convert: weights without the language model's embeddings", "lack the language model's token embeddings")
+def _(env: Env) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    src = ms_copy(env)
+    state = load_file(str(src / "model.safetensors"))
+    kept = {k: v for k, v in state.items() if not k.endswith(("shared.weight", "embed_tokens.weight"))}
+    assert len(kept) < len(state)
+    save_file(kept, str(src / "model.safetensors"))
+    env.check = nothing_written
+    return ["convert", str(src), str(env.out)]
+
+
+@case("convert: config.json not UTF-8", "is not UTF-8 text")
+def _(env: Env) -> list[str]:
+    src = ms_copy(env)
+    config = (src / "config.json").read_text()
+    (src / "config.json").write_bytes(config.encode("utf-16"))
+    env.check = nothing_written
+    return ["convert", str(src), str(env.out)]
+
+
+@case("convert: damaged --base safetensors", "is truncated or damaged")
+def _(env: Env) -> list[str]:
+    base = env.tmp / "base"
+    base.mkdir()
+    (base / "config.json").write_bytes((env.tiny / "config.json").read_bytes())
+    weights = (env.tiny / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    env.check = nothing_written
+    return ["convert", str(MS_FIXTURE / "adapter"), str(env.out), "--base", str(base)]
+
+
 # --- output folder ------------------------------------------------------------------------------
 
 
