@@ -443,6 +443,17 @@ def _(env: Env) -> list[str]:
     return env.ft(model=folder)
 
 
+@case("ONNX export without its record and decoder graph", "an incomplete ONNX export")
+def _(env: Env) -> list[str]:
+    folder = env.model_dir(None, {name: (env.tiny / name).read_bytes() for name in ("config.json", "tokenizer.json")})
+    (folder / "onnx").mkdir()
+    for graph in ("vision_encoder", "embed_tokens", "encoder_model"):
+        (folder / "onnx" / f"{graph}.onnx").write_bytes(b"graph")
+    image = env.tmp / "page.png"
+    Image.new("RGB", (64, 64), "white").save(image)
+    return ["predict", str(image), "--model", str(folder), "--question", "What is it?"]
+
+
 @case("hub model while offline", "offline")
 def _(env: Env) -> list[str]:
     return env.ft()[:2] + ["--model", "base"] + env.ft()[4:]
