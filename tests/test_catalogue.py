@@ -667,6 +667,18 @@ def _(env: Env) -> list[str]:
     return env.ft("--config", str(env.tmp / "run.yaml"))
 
 
+@case("caption task with --eval-every, Java tokenizer chosen, no Java", "the Java caption tokenizer needs")
+def _(env: Env) -> list[str]:
+    import shutil
+
+    which = shutil.which
+    env.monkeypatch.setenv("FLORENCE_KIT_CAPTION_TOKENIZER", "java")
+    env.monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else which(name, *a, **k))
+    env.check = nothing_written  # refused before the first step, not at the first evaluation
+    rows = [{"captions": ["a white page", "an empty page"]}] * 4
+    return env.ft("--eval-every", "1", task="caption", data=env.rows_data(rows))
+
+
 @case("--report-to tensorboard without the package", "pip install 'florence-kit[tensorboard]'")
 def _(env: Env) -> list[str]:
     import importlib.util
