@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import wrapped_modules
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
 from florence_kit.data.dataset import TaskDataset, load_split
 from florence_kit.model import adapters, loading
-from florence_kit.model.adapters import load_adapter_model, wrap_lora, wrapped_modules
+from florence_kit.model.adapters import load_adapter_model, wrap_lora
 from florence_kit.model.loading import load_model
 from florence_kit.model.modes import apply_mode, component, trainable_counts, unwrap
 from florence_kit.train.config import TrainConfig

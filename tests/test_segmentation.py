@@ -13,6 +13,8 @@ from pathlib import Path
 
 import datasets
 import pytest
+from support import polygons_to_mask
+from synthetic_regions import PHRASES, segmentation_splits, shape_scenes, write_coco
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
@@ -27,11 +29,10 @@ from florence_kit.common.geometry import (
     polygon_bins,
     self_intersects,
 )
-from florence_kit.common.masks import mask_to_polygons, polygons_to_mask, rle_to_polygons
+from florence_kit.common.masks import mask_to_polygons, rle_to_polygons
 from florence_kit.data.dataset import TaskDataset, load_source
 from florence_kit.data.region_units import region_units, shape_counts
 from florence_kit.data.regions import RegionCounts
-from florence_kit.demo.synthetic_regions import PHRASES, segmentation_splits, shape_scenes, write_coco
 from florence_kit.metrics import get_metric
 from florence_kit.tasks.registry import get_task
 
@@ -527,13 +528,13 @@ def test_coco_rle_holes_are_filled_and_counted_when_loading(tmp_path: Path) -> N
 def test_refcoco_style_rows_load_through_a_task_file(tmp_path: Path) -> None:
     """One referred object per row (RefCOCO's layout): `objects: "."` reads phrase, bbox and segmentation from the
     row's own columns; each expression is one example, a row without one is counted and left out."""
-    from florence_kit.tasks.spec import load_task_file
+    from florence_kit.tasks.spec import load_task_specs
 
     (tmp_path / "refseg.yaml").write_text(
         "task: refseg\nprompt: '<REFERRING_EXPRESSION_SEGMENTATION>{phrase}'\ntarget: '{target}'\n"
         "references: references\nmetric: [mean_iou]\ndataset: {path: ./x}\n"
         "regions: {kind: segmentation, objects: '.', phrase: sentences, segmentation: mask}\n")
-    spec = load_task_file(tmp_path / "refseg.yaml")
+    (spec,) = load_task_specs(tmp_path / "refseg.yaml")
     rows = datasets.Dataset.from_dict({
         "image": [_image(), _image()], "bbox": [[10, 10, 20, 20], [40, 5, 30, 35]],
         "sentences": [["the square", "left box"], []], "mask": [[SQUARE], [TRIANGLE]]})
