@@ -48,20 +48,10 @@ def build(model_name: str, mode: str, lora_r: int, cuda: bool = False, lora_visi
 
 
 def _wrap_lora(model, r: int, lora_vision: bool = False):
-    try:  # the shared function once helper "lora" is merged
-        from florence_kit.model.adapters import wrap_lora
+    """The adapters a user's ``--mode lora`` run trains (florence_kit.model.adapters.wrap_lora)."""
+    from florence_kit.model.adapters import wrap_lora
 
-        return wrap_lora(model, r=r, alpha=2 * r, dropout=0.05, lora_vision=lora_vision)
-    except ImportError:
-        from peft import LoraConfig, get_peft_model
-
-        targets = (
-            r"model\.language_model\.(encoder|decoder)\.layers\.\d+\."
-            r"((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)"
-        )
-        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets,
-                            modules_to_save=["multi_modal_projector"])
-        return get_peft_model(model, config)
+    return wrap_lora(model, r=r, alpha=2 * r, dropout=0.05, lora_vision=lora_vision)
 
 
 def _quantized(config, cuda: bool = False):

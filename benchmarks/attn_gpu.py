@@ -2,7 +2,7 @@
 
     bash -c 'source benchmarks/gpu_env.sh && python3 -m benchmarks.attn_gpu --json $OUT/attn.json'
 
-Prepared for a lent GPU (not run on CPU: ``--attn flash`` needs CUDA and ``pip install "florence-kit[flash]"``).
+Needs a CUDA GPU (``--attn flash`` needs CUDA and ``pip install "florence-kit[flash]"``); no results recorded yet.
 Base-sized random Florence-2 (benchmarks.train_speed.BASE_OVERRIDES) at 768 px in bf16; batches of questions of
 very different lengths, padded to the longest (where flash-attn's unpadded kernels pay). For each kernel of the
 language model: the loss and logits of one batch against SDPA's (max abs difference; bf16 tolerance), the mean

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# What only a CUDA GPU can show, in one short run (a lent GPU is rare: everything in one call).
+# What only a CUDA GPU can show, in one run of about 15 minutes.
 #   bash benchmarks/gpu_check.sh [precision|memory|mfu ...]     (default: all three; results under $OUT)
 #   MEMORY_MODES="qlora" MFU_ARGS="--variants eager" bash benchmarks/gpu_check.sh memory mfu   (a subset)
-# Logs go to $OUT/logs.txt (one file: the device tool returns few files), results to $OUT/*.json[l].
+# Logs go to $OUT/logs.txt (one file for all parts), results to $OUT/*.json[l].
 # 1. precision/quantisation paths end to end on the tiny model: the demo under --precision auto (bf16),
 #    fp16 with loss scaling, qlora (4-bit NF4 on CUDA) + paged 8-bit AdamW, lora + 8-bit AdamW; each run
 #    trained, saved, reloaded by `eval`.

@@ -1,9 +1,9 @@
-"""The reference fine-tuning loop: Hugging Face's "Fine-tuning Florence-2" blog (June 2024), kept faithful.
+"""The reference fine-tuning loop: the behaviour of Hugging Face's "Fine-tuning Florence-2" blog (June 2024).
 
-This is the baseline florence-kit is measured against (``python -m benchmarks.train_speed``).  It is the
-blog's code, ported only where transformers 5's native ``Florence2ForConditionalGeneration`` requires it
-(no ``trust_remote_code``; the vision tower lives at ``model.model.vision_tower``).  Everything that makes
-it slow or subtly wrong is kept on purpose, because that *is* the reference:
+This is the baseline florence-kit is measured against (``python -m benchmarks.train_speed``): a plain PyTorch
+loop that makes the blog's documented choices on transformers 5's native ``Florence2ForConditionalGeneration``
+(no ``trust_remote_code``; the vision tower lives at ``model.model.vision_tower``). Everything that makes
+the blog's loop slow or subtly wrong is kept on purpose, because that *is* the reference:
 
 * the processor is called per batch inside the training loop (``collate_fn``), so every image is decoded
   and resized again every epoch, with ``num_workers=0``;
@@ -56,7 +56,7 @@ def make_collate_fn(processor: Any, device: str = "cpu") -> Callable[[list[tuple
 
 
 def freeze_vision_tower_like_the_blog(model: Any) -> None:
-    """The blog's freezing, verbatim in spirit: ``is_trainable`` is not a PyTorch attribute, so this is a no-op."""
+    """The blog's freezing: ``is_trainable`` is not a PyTorch attribute, so this is a no-op."""
     for param in model.model.vision_tower.parameters():
         param.is_trainable = False
 

@@ -7,8 +7,8 @@
 
 A variant is ``eager`` or ``compiled`` plus flags joined by ``+`` (``FLAGS`` below: backend switches, what
 gets compiled, which attention kernel); ``--profile`` adds each variant's top kernels (also grouped by input
-shape) and the DaViT tower's share of a step. ``benchmarks/gpu_mfu_sweep.sh`` holds the runs made on lent
-GPUs; results in ``benchmarks/train_mfu_h200.json`` and the README.
+shape) and the DaViT tower's share of a step. ``benchmarks/gpu_mfu_sweep.sh`` holds the runs measured on an
+H200; results in ``benchmarks/train_mfu_h200.json`` and docs/benchmarks.md.
 
 FLOPs are counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` records every matmul,
 convolution and attention kernel of one forward + backward (the optimizer's element-wise work is not

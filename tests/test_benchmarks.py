@@ -1,4 +1,4 @@
-"""The GPU MFU benchmark's CPU smoke path: what a lent GPU will run must at least run here."""
+"""The GPU MFU benchmark's CPU smoke path: the script a GPU runs also runs on the CPU with the tiny model."""
 
 from __future__ import annotations
 

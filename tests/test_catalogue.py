@@ -443,9 +443,65 @@ def _(env: Env) -> list[str]:
     return env.ft(model=folder)
 
 
+@case("ONNX export without its record and decoder graph", "an incomplete ONNX export")
+def _(env: Env) -> list[str]:
+    folder = env.model_dir(None, {name: (env.tiny / name).read_bytes() for name in ("config.json", "tokenizer.json")})
+    (folder / "onnx").mkdir()
+    for graph in ("vision_encoder", "embed_tokens", "encoder_model"):
+        (folder / "onnx" / f"{graph}.onnx").write_bytes(b"graph")
+    image = env.tmp / "page.png"
+    Image.new("RGB", (64, 64), "white").save(image)
+    return ["predict", str(image), "--model", str(folder), "--question", "What is it?"]
+
+
 @case("hub model while offline", "offline")
 def _(env: Env) -> list[str]:
     return env.ft()[:2] + ["--model", "base"] + env.ft()[4:]
+
+
+# --- convert (Microsoft-format checkpoints and adapters) ------------------------------------------
+
+MS_FIXTURE = Path(__file__).parent / "fixtures" / "ms_florence"
+
+
+def ms_copy(env: Env) -> Path:
+    """A copy of the recorded Microsoft-format checkpoint, to break."""
+    import shutil
+
+    return Path(shutil.copytree(MS_FIXTURE / "model", env.tmp / "ms"))
+
+
+@case("convert: weights without the language model's embeddings", "lack the language model's token embeddings")
+def _(env: Env) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    src = ms_copy(env)
+    state = load_file(str(src / "model.safetensors"))
+    kept = {k: v for k, v in state.items() if not k.endswith(("shared.weight", "embed_tokens.weight"))}
+    assert len(kept) < len(state)
+    save_file(kept, str(src / "model.safetensors"))
+    env.check = nothing_written
+    return ["convert", str(src), str(env.out)]
+
+
+@case("convert: config.json not UTF-8", "is not UTF-8 text")
+def _(env: Env) -> list[str]:
+    src = ms_copy(env)
+    config = (src / "config.json").read_text()
+    (src / "config.json").write_bytes(config.encode("utf-16"))
+    env.check = nothing_written
+    return ["convert", str(src), str(env.out)]
+
+
+@case("convert: damaged --base safetensors", "is truncated or damaged")
+def _(env: Env) -> list[str]:
+    base = env.tmp / "base"
+    base.mkdir()
+    (base / "config.json").write_bytes((env.tiny / "config.json").read_bytes())
+    weights = (env.tiny / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    env.check = nothing_written
+    return ["convert", str(MS_FIXTURE / "adapter"), str(env.out), "--base", str(base)]
 
 
 # --- output folder ------------------------------------------------------------------------------
@@ -738,6 +794,18 @@ def _(env: Env) -> list[str]:
 def _(env: Env) -> list[str]:
     (env.tmp / "run.yaml").write_text("lr: [0.1, 0.2]\n")
     return env.ft("--config", str(env.tmp / "run.yaml"))
+
+
+@case("caption task with --eval-every, Java tokenizer chosen, no Java", "the Java caption tokenizer needs")
+def _(env: Env) -> list[str]:
+    import shutil
+
+    which = shutil.which
+    env.monkeypatch.setenv("FLORENCE_KIT_CAPTION_TOKENIZER", "java")
+    env.monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else which(name, *a, **k))
+    env.check = nothing_written  # refused before the first step, not at the first evaluation
+    rows = [{"captions": ["a white page", "an empty page"]}] * 4
+    return env.ft("--eval-every", "1", task="caption", data=env.rows_data(rows))
 
 
 @case("--report-to tensorboard without the package", "pip install 'florence-kit[tensorboard]'")

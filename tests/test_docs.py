@@ -59,3 +59,35 @@ def test_the_checker_sees_a_broken_anchor(tmp_path: Path):
     page.write_text("# Title\n## Some heading\n[ok](#some-heading) [bad](#nowhere) [file](b.md)\n")
     assert links(page) == ["#some-heading", "#nowhere", "b.md"]
     assert anchors(page) == {"title", "some-heading"}
+
+
+# How the project was made is no fact about it: these phrases say it (the list is skipped in this file only).
+PROCESS_WORDS = re.compile(
+    r"\blent\b|\bsession \d|\b(?:next|gpu|device|work) sessions?\b|\bissues? #?\d+\b|\btickets?\b|\bwork items?\b"
+    r"|\bdevice tool\b|\bgoals? (?:is |was )?(?:not )?met\b|\bagainst the goals\b|\bhelper \"\w+\"|\bdrawn by chance\b"
+    r"|\bTODO\b|\bFIXME\b",
+    re.IGNORECASE,
+)
+SCANNED = ("docs", "benchmarks", "florence_kit", "tests")
+
+
+def process_words(text: str) -> list[str]:
+    return [m.group(0) for m in PROCESS_WORDS.finditer(text)]
+
+
+def test_no_file_speaks_of_how_the_project_was_made():
+    found = []
+    for folder in SCANNED:
+        for path in sorted((ROOT / folder).rglob("*")):
+            text_file = path.is_file() and path.suffix in {".md", ".py", ".sh", ".yaml", ".txt"}
+            if not text_file or path == Path(__file__):
+                continue
+            for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                found += [f"{path.relative_to(ROOT)}:{n}: {w}" for w in process_words(line)]
+    assert found == [], "\n".join(found)
+
+
+def test_the_process_word_check_sees_them():
+    assert process_words("run on a lent H200 in session 4 (issue 16); goal met. TODO") == [
+        "lent", "session 4", "issue 16", "goal met", "TODO"]
+    assert process_words("an ONNX InferenceSession; a session-scoped fixture; it issues a warning; silent") == []

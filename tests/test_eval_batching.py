@@ -55,13 +55,13 @@ def _one_at_a_time(model, processor, task, split, **overrides):
     return [generate(model, processor, [ex.image], [ex.prompt], config)[0] for ex in examples], examples
 
 
-def test_length_order_is_longest_first_and_stable(model_and_processor):
-    from florence_kit.evaluate.generation import length_order
+def test_one_question_per_page_is_ordered_longest_first_and_stable(model_and_processor):
+    from florence_kit.evaluate.generation import page_order, prompt_lengths
 
     _, processor = model_and_processor
     prompts = ["<DocVQA>a", "<DocVQA>a much longer question", "<DocVQA>b", "<DocVQA>medium one"]
-    assert length_order(processor, prompts) == [1, 3, 0, 2]
-    assert length_order(processor, []) == []
+    assert page_order(["p0", "p1", "p2", "p3"], prompt_lengths(processor, prompts)) == [1, 3, 0, 2]
+    assert page_order([], prompt_lengths(processor, [])) == []
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

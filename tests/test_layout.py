@@ -92,3 +92,35 @@ def test_public_import_paths_stay(name):
 
     mod = importlib.import_module(name)
     assert callable(mod.metric) and callable(mod.get_metric)
+
+
+def layout_map() -> dict[str, str]:
+    """docs/development.md's map of the package: each subpackage's entry (its line and the lines under it)."""
+    text = (PACKAGE.parent / "docs" / "development.md").read_text()
+    block = text.split("## The layout of the package", 1)[1].split("```", 2)[1]
+    entries: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        head = line[2:].split("/", 1)[0] if line.startswith("  ") and not line.startswith("   ") else None
+        if head in STAGES:
+            current = head
+            entries[current] = line
+        elif current and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_the_layout_map_names_every_module():
+    import re
+
+    entries = layout_map()
+    missing = []
+    for name in modules():
+        parts = name.split(".")
+        if len(parts) != 3 or parts[2].startswith("__"):
+            continue
+        if not re.search(rf"\b{parts[2]}\b", entries.get(parts[1], "")):
+            missing.append(name)
+    assert set(entries) == set(STAGES) and missing == [], f"docs/development.md's layout map misses {missing}"

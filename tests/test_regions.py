@@ -1,4 +1,4 @@
-"""Region tasks (issue 7): `<loc_*>` targets that the native processor parses back, COCO / YOLO / hub data,
+"""Region tasks: `<loc_*>` targets that the native processor parses back, COCO / YOLO / hub data,
 class-aware COCO mAP on hand-made predictions, and the four region tasks training and scoring on the tiny model."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import datasets
 import pytest
+from synthetic_regions import CLASSES, hub_splits, shape_scenes, text_scenes, write_coco, write_yolo
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
 from florence_kit.common.geometry import encode_regions, ensure_parse_config, iou, parse_boxes, parse_quads, quantize
 from florence_kit.data.dataset import TaskDataset, load_source, load_split
 from florence_kit.data.regions import RegionCounts, region_fields
-from florence_kit.demo.synthetic_regions import CLASSES, hub_splits, shape_scenes, text_scenes, write_coco, write_yolo
 from florence_kit.metrics import get_metric
 from florence_kit.tasks.registry import get_task
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import verify_checkpoint
 
 from florence_kit.common.errors import UserError
 from florence_kit.train import checkpoints
@@ -167,7 +168,7 @@ def test_sigkill_then_resume_equals_uninterrupted(dropout_tiny, docvqa_dir, tmp_
     on_disk = checkpoints.list_checkpoints(run_dir)
     assert on_disk and on_disk[-1].name.startswith("step-")
     for folder in on_disk:  # none is unreadable, whatever moment the kill hit
-        checkpoints.verify(folder)
+        verify_checkpoint(folder)
 
     cfg = _cfg(dropout_tiny, docvqa_dir, run_dir, max_steps=10, keep_checkpoints=3, log_every=10)  # as the CLI
     cfg.resume = "latest"  # the run folder is not empty: resuming it needs no --overwrite
@@ -184,7 +185,7 @@ def test_sigkill_then_resume_equals_uninterrupted(dropout_tiny, docvqa_dir, tmp_
     assert [r["step"] for r in log if "loss" in r] == [1, 10]  # each logged step once, in order
     assert [r["step"] for r in log if r.get("event") == "resume"] == [int(on_disk[-1].name.removeprefix("step-"))]
     for folder in checkpoints.list_checkpoints(run_dir):
-        checkpoints.verify(folder)
+        verify_checkpoint(folder)
 
 
 def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_dir, docvqa_dir, tmp_path):

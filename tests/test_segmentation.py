@@ -1,9 +1,10 @@
-"""Florence-2's whole region vocabulary (issue 16): polygons in the processor's own grammar, boxes in prompts, the
+"""Florence-2's whole region vocabulary: polygons in the processor's own grammar, boxes in prompts, the
 segmentation / region-in / open-vocabulary / proposal tasks' data, their metrics on hand-made answers, drawing, and
 segmentation training and scoring on the tiny model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import datasets
 import pytest
+from support import polygons_to_mask
+from synthetic_regions import PHRASES, segmentation_splits, shape_scenes, write_coco
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
@@ -26,16 +29,17 @@ from florence_kit.common.geometry import (
     polygon_bins,
     self_intersects,
 )
-from florence_kit.common.masks import mask_to_polygons, polygons_to_mask, rle_to_polygons
+from florence_kit.common.masks import mask_to_polygons, rle_to_polygons
 from florence_kit.data.dataset import TaskDataset, load_source
 from florence_kit.data.region_units import region_units, shape_counts
 from florence_kit.data.regions import RegionCounts
-from florence_kit.demo.synthetic_regions import PHRASES, segmentation_splits, shape_scenes, write_coco
 from florence_kit.metrics import get_metric
 from florence_kit.tasks.registry import get_task
 
 runner = CliRunner()
-pytest.importorskip("pycocotools")
+# masks are rasterised and scored by pycocotools (the [detection] extra): only the tests that do so need it
+needs_pycocotools = pytest.mark.skipif(importlib.util.find_spec("pycocotools") is None,
+                                       reason="needs pycocotools: pip install 'florence-kit[detection]'")
 NEW_TASKS = ("segmentation", "region-segmentation", "region-category", "region-description", "region-ocr",
              "open-vocab-od", "region-proposal")
 
@@ -150,6 +154,7 @@ def test_clipping_and_self_intersection() -> None:
     assert not self_intersects([0, 0, 10, 0, 10, 10, 5, 3, 0, 10])  # concave is fine
 
 
+@needs_pycocotools
 def test_masks_trace_to_polygons_that_rasterise_back() -> None:
     np = pytest.importorskip("numpy")
     from PIL import Image, ImageDraw
@@ -195,6 +200,7 @@ SQUARE = [10, 10, 30, 10, 30, 30, 10, 30]
 TRIANGLE = [50, 5, 70, 40, 40, 40]
 
 
+@needs_pycocotools
 def test_segmentation_gives_one_example_per_phrase_with_every_object_it_names() -> None:
     row = {"image": _image(), "objects": [
         {"bbox": [10, 10, 20, 20], "category": "cat", "segmentation": [SQUARE]},
@@ -285,6 +291,7 @@ def test_a_task_whose_data_lacks_masks_exits_2_naming_the_key(tiny_dir: Path, tm
     assert result.exit_code == 2 and "have no 'segmentation'" in result.output
 
 
+@needs_pycocotools
 def test_coco_folder_with_polygons_and_rle_loads_and_counts_holes(tmp_path: Path) -> None:
     scenes = {"train": shape_scenes(6, seed=0), "validation": shape_scenes(3, seed=1)}
     poly_dir = write_coco(scenes, tmp_path / "poly", masks="polygons")
@@ -321,6 +328,7 @@ def _rect(x1: float, y1: float, x2: float, y2: float) -> list[float]:
     return [x1, y1, x2, y1, x2, y2, x1, y2]
 
 
+@needs_pycocotools
 def test_mean_iou_on_hand_made_masks() -> None:
     refs = [_seg_ref("a", [[_rect(100, 100, 400, 400)]]), _seg_ref("b", [[_rect(0, 0, 100, 100)]])]
     half = encode_polygons([[_rect(100, 100, 400, 250)]], SIZE)  # the top half of the true square
@@ -332,6 +340,7 @@ def test_mean_iou_on_hand_made_masks() -> None:
     assert get_metric("mean_iou").compute(["", exact], refs)[1] == pytest.approx(0.5, abs=0.01)  # no answer: 0
 
 
+@needs_pycocotools
 def test_mask_map_over_the_whole_set() -> None:
     square, far = _rect(100, 100, 400, 400), _rect(600, 600, 900, 900)
     refs = [_seg_ref("cat", [[square]]) for _ in range(4)]
@@ -374,6 +383,7 @@ def seg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@needs_pycocotools
 def test_segmentation_trains_and_evaluates_on_the_tiny_model(tiny_dir: Path, seg_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["finetune", "segmentation", "--model", str(tiny_dir), "--dataset", str(seg_dir),
                                  "--output-dir", str(tmp_path / "ft"), "--max-steps", "2", "--batch-size", "4",
@@ -472,6 +482,7 @@ def test_serve_fills_a_region_in_prompt_from_the_box_field() -> None:
         predictor.prompt_for("<REGION_TO_CATEGORY>", "", "1,2,3", (128, 128))
 
 
+@needs_pycocotools
 def test_open_vocab_od_with_polygons_writes_the_phrase_then_poly_blocks(processor) -> None:
     spec = get_task("open-vocab-od")
     regions = {**spec.regions, "shape": "polygons"}
@@ -488,6 +499,7 @@ def test_open_vocab_od_with_polygons_writes_the_phrase_then_poly_blocks(processo
     assert get_metric("mask_map").compute([units[0]["target"]], refs)[1] == pytest.approx(1.0)
 
 
+@needs_pycocotools
 def test_coco_rle_holes_are_filled_and_counted_when_loading(tmp_path: Path) -> None:
     np = pytest.importorskip("numpy")
     from PIL import Image
@@ -516,13 +528,13 @@ def test_coco_rle_holes_are_filled_and_counted_when_loading(tmp_path: Path) -> N
 def test_refcoco_style_rows_load_through_a_task_file(tmp_path: Path) -> None:
     """One referred object per row (RefCOCO's layout): `objects: "."` reads phrase, bbox and segmentation from the
     row's own columns; each expression is one example, a row without one is counted and left out."""
-    from florence_kit.tasks.spec import load_task_file
+    from florence_kit.tasks.spec import load_task_specs
 
     (tmp_path / "refseg.yaml").write_text(
         "task: refseg\nprompt: '<REFERRING_EXPRESSION_SEGMENTATION>{phrase}'\ntarget: '{target}'\n"
         "references: references\nmetric: [mean_iou]\ndataset: {path: ./x}\n"
         "regions: {kind: segmentation, objects: '.', phrase: sentences, segmentation: mask}\n")
-    spec = load_task_file(tmp_path / "refseg.yaml")
+    (spec,) = load_task_specs(tmp_path / "refseg.yaml")
     rows = datasets.Dataset.from_dict({
         "image": [_image(), _image()], "bbox": [[10, 10, 20, 20], [40, 5, 30, 35]],
         "sentences": [["the square", "left box"], []], "mask": [[SQUARE], [TRIANGLE]]})

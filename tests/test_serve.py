@@ -38,7 +38,7 @@ def test_draw_regions_on_hand_made_post_processed_results() -> None:
     assert quads.getpixel((150, 10)) != WHITE and quads.getpixel((150, 25)) == WHITE
 
     polys = draw_regions(page, {"polygons": [[[120, 50, 180, 50, 150, 95]]], "labels": ["cell"]})
-    inside = polys.getpixel((150, 70))  # masks are filled translucently (issue 16), outlines drawn on top
+    inside = polys.getpixel((150, 70))  # masks are filled translucently, outlines drawn on top
     assert polys.getpixel((150, 50)) != WHITE and inside != WHITE and min(inside) > 150
 
     mixed = {"bboxes": [[0, 0, 5, 5]], "bboxes_labels": ["a"], "polygons": [], "polygons_labels": []}

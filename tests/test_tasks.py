@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import tomllib
 import yaml
+from synthetic_tasks import caption_rows, cauldron_rows, ocr_rows, shape_image, splits, vqa_rows
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
 from florence_kit.common.errors import UserError
 from florence_kit.data.dataset import TaskDataset, cap_rows, load_split
 from florence_kit.data.mixing import MixedDataset, parse_weights, training_data
-from florence_kit.demo.synthetic_tasks import caption_rows, cauldron_rows, ocr_rows, shape_image, splits, vqa_rows
 from florence_kit.metrics import get_metric
 from florence_kit.tasks.registry import all_tasks, get_task, resolve_tasks
 

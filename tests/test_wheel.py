@@ -20,7 +20,7 @@ def build_wheel(dest: Path) -> Path:
     """``pip wheel`` of a copy of the project (the checkout stays free of build/ and egg-info)."""
     src = dest / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE", "NOTICE"):
         shutil.copy(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "florence_kit", src / "florence_kit", ignore=ignore)
@@ -43,6 +43,13 @@ def test_wheel_ships_the_builtin_tasks_and_lists_them_outside_the_checkout(tmp_p
     expected = {"florence_kit/builtin_tasks/" + p.relative_to(BUILTIN_DIR).as_posix()
                 for p in BUILTIN_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert expected and expected <= shipped
+    with zipfile.ZipFile(wheel) as zf:  # the licence travels with the wheel and its metadata names it
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        licence = zf.read(next(n for n in names if n.endswith("licenses/LICENSE"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    assert any(n.endswith("licenses/NOTICE") for n in names)
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)

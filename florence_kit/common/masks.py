@@ -149,8 +149,3 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], size: tuple[int, int]) 
     if not polys:
         return mask_utils.encode(np.asfortranarray(np.zeros((h, w), np.uint8)))
     return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-
-
-def polygons_to_mask(polygons: Sequence[Sequence[float]], size: tuple[int, int]) -> np.ndarray:
-    """``polygons_to_rle`` decoded: an (h, w) uint8 mask."""
-    return coco_mask().decode(polygons_to_rle(polygons, size))

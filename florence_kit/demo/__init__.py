@@ -1,3 +1,3 @@
-"""The offline demo: a tiny model trained on documents it renders itself (``synthetic_docvqa``), and the
-synthetic data of the other task families, in their public schemas, for tests and examples.
+"""The offline demo: a tiny model trained on documents it renders itself (``synthetic_docvqa``), by the
+``recipe`` that ``florence-kit demo`` runs end to end on a CPU.
 """

@@ -172,14 +172,3 @@ def page_order(keys: Sequence[str], lengths: Sequence[int]) -> list[int]:
     for index in sorted(range(len(keys)), key=lambda i: -lengths[i]):
         pages.setdefault(keys[index], []).append(index)
     return [index for page in pages.values() for index in page]
-
-
-def length_order(processor: Any, prompts: Sequence[str]) -> list[int]:
-    """Indices of ``prompts``, longest encoder input first, so each batch pads little.
-
-    Image tokens are the same for every example, so the prompt's token count decides. Longest first
-    means a batch that does not fit in memory fails at once rather than at the end. Ties keep
-    dataset order (stable sort), so the order is deterministic.
-    """
-    lengths = prompt_lengths(processor, prompts)
-    return sorted(range(len(prompts)), key=lambda i: -lengths[i])

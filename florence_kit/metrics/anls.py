@@ -1,12 +1,13 @@
-"""ANLS exactly as the official DocVQA evaluation script computes it (the formula lmms-eval copies).
+"""ANLS (Biten et al., ICCV 2019), with the edges the official DocVQA evaluation gives it.
 
-tests/test_metric_references.py holds it to the script's own scores on 400 questions (docs/metrics.md).
+tests/test_metric_references.py checks it against that evaluation's recorded scores on 400 questions
+(docs/metrics.md).
 
-Edges that other implementations get wrong, kept here on purpose:
+Edges where implementations differ, chosen to agree with the DocVQA evaluation:
 - both strings are stripped, lower-cased and whitespace-collapsed before the edit distance, but the
-  normaliser is the length of the longer *raw* string (``len(s.upper())``, as the script does);
+  normaliser is the length of the longer *raw* string (upper-cased, which can change a length);
 - the per-question score ``1 - min NL`` is set to 0 only when *below* the threshold, so 0.5 is kept;
-- two empty strings score 1 (distance 0, the script's ``length == 0`` branch).
+- two empty strings score 1 (distance 0).
 """
 
 from __future__ import annotations

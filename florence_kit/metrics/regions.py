@@ -113,7 +113,7 @@ def _coco_eval(sizes: list[list[int]], truth: list[tuple[list, list[int]]], foun
 
 
 def tied_precision(evaluator: Any) -> Any:
-    """pycocotools' ``accumulate`` (area "all", 100 detections) with tied scores taken as one threshold.
+    """COCO's interpolated precision (area "all", 100 detections, 101 recall points) with tied scores as one threshold.
 
     Returns the interpolated precision ``[iou thresholds, recall points, classes]`` (-1: class without true
     boxes). The curve gets a point only where the score changes, so the order of images no longer matters.

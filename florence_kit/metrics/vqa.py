@@ -1,22 +1,24 @@
-"""VQA accuracy (the VQAv2 evaluation's formula and answer normalisation) and ChartQA's relaxed accuracy.
+"""VQA accuracy (the VQAv2 definition and answer normalisation) and ChartQA's relaxed accuracy.
 
-``vqa_accuracy``: with the ten human answers of a question, an answer scores min(#humans who gave it / 3, 1),
-averaged over the ten leave-one-annotator-out subsets exactly as the official ``vqaEval.py`` (GT-Vision-Lab/VQA,
-2021) does, so 3 matching humans of 10 give 0.9, not 1.0; 4 or more give 1.0. Answers are normalised as its
-``processPunctuation`` + ``processDigitArticle`` do, quirks included: the period rule's look-behind is a typo
-(``(?!<=\\d)``, so "3." loses its period), a comma between digits makes every listed punctuation mark vanish
-rather than become a space, and only the first 32 periods are removed (``re.UNICODE`` is passed as the count).
-The tests hold the normaliser to the script's own output for every answer of a 600-question corpus.
-One deliberate difference, the one lmms-eval also makes: the script normalises only when the ten humans
-disagree (when all ten wrote the same string, the answer must equal it as typed, after strip); here both sides
-are always normalised, so "Yes" matches ten "yes". On every question where the humans disagree the scores are
-identical.
+``vqa_accuracy`` implements the accuracy defined by Antol et al., "VQA: Visual Question Answering" (ICCV 2015),
+as the official VQA evaluation computes it (https://github.com/GT-Vision-Lab/VQA, ``vqaEval.py``): with the ten
+human answers of a question, an answer scores min(#humans who gave it / 3, 1), averaged over the ten
+leave-one-annotator-out subsets, so 3 matching humans of 10 give 0.9, not 1.0; 4 or more give 1.0. The
+normalisation tables below (contractions, punctuation marks, number words, articles) are that evaluation's
+published tables, reproduced as facts so that scores match it (NOTICE names the source; the repository states no
+licence). The normalisation follows the reference's observable behaviour, quirks included: a period is kept
+only before a digit (so "3." loses its period), a comma between digits makes every listed punctuation mark
+vanish rather than become a space, and only the first 32 periods are removed. tests/test_metric_references.py
+checks the normaliser against the reference's recorded output for every answer of a 600-question corpus.
+One deliberate difference: the reference normalises the human answers only when the ten disagree (when all ten
+wrote the same string, the answer must equal it as typed, after strip); here both sides are always normalised,
+so "Yes" matches ten "yes". On every question where the humans disagree the scores are identical.
 
-``relaxed_accuracy`` (ChartQA, Methani et al. 2020), as pix2struct's ``relaxed_correctness`` (what Pix2Struct's
-ChartQA numbers were computed with): a numeric answer is right within 5 % of a numeric reference (``"12%"`` reads
-as 0.12; Python's ``float`` decides what is a number, so "1,000" is not one and "1e3" is); otherwise it must equal
-the reference ignoring case; the best over the references. One deliberate difference: outer whitespace is
-stripped first (pix2struct reads "12% " as text).
+``relaxed_accuracy`` (ChartQA; Methani et al. 2020, Masry et al. 2022): a numeric answer is right within 5 % of
+a numeric reference (``"12%"`` reads as 0.12; Python's ``float`` decides what is a number, so "1,000" is not one
+and "1e3" is); otherwise it must equal the reference ignoring case; the best over the references. The scores
+equal those of Pix2Struct's ``relaxed_correctness`` (what Pix2Struct's ChartQA numbers were computed with), except
+that outer whitespace is stripped first (there "12% " reads as text).
 """
 
 from __future__ import annotations
@@ -60,20 +62,19 @@ NUMBER_WORDS = {
 }
 ARTICLES = {"a", "an", "the"}
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic, as in vqaEval.py
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit
+_DIGIT_COMMA = re.compile(r"\d,\d")
 
 
 def normalize_vqa_answer(text: str) -> str:
-    """vqaEval.py's processPunctuation + processDigitArticle."""
+    """The VQA evaluation's answer normalisation: punctuation, then number words, articles and contractions."""
     text = text.replace("\n", " ").replace("\t", " ").strip()
+    digit_comma = _DIGIT_COMMA.search(text) is not None  # "1,000": every listed mark is deleted, none spaced
     out = text
-    for p in PUNCTUATION:
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    out = _PERIOD_STRIP.sub("", out, count=32)  # sic: vqaEval.py passes re.UNICODE (32) as the count
+    for mark in PUNCTUATION:
+        touching_space = f"{mark} " in text or f" {mark}" in text
+        out = out.replace(mark, "" if digit_comma or touching_space else " ")
+    out = _PERIOD.sub("", out, count=32)  # the reference removes at most 32 periods
     words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
     words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
     return " ".join(words)

@@ -55,14 +55,3 @@ def enable_gradient_checkpointing(model: Any) -> dict[str, int]:
         1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
     )
     return {"vision": len(blocks), "language": language}
-
-
-def disable_gradient_checkpointing(model: Any) -> None:
-    """Undo :func:`enable_gradient_checkpointing` (the instance ``forward`` falls back to the class one)."""
-    if hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()
-    for block in vision_blocks(model):
-        if getattr(block.forward, "florence_kit_checkpointed", False):
-            del block.forward

@@ -131,11 +131,6 @@ def wrap_lora(model: Any, r: int, alpha: int, dropout: float, lora_vision: bool)
         return get_peft_model(model, config)
 
 
-def wrapped_modules(model: Any) -> list[str]:
-    """Names of the modules that carry a LoRA adapter (what the tests count)."""
-    return [name.removesuffix(".lora_A") for name, _ in model.named_modules() if name.endswith(".lora_A")]
-
-
 def base_reference(name: str) -> str:
     """What adapter_config.json records as the base: an absolute folder, or the hub id."""
     model_id, _ = resolve_model_id(name)

@@ -29,7 +29,7 @@ def compile_regions(model: Any) -> int:
 
     DaViT blocks compile with static shapes: an image's size is fixed by the processor, so each of the four
     stages has one shape (four graphs), and dynamic shapes there trip over the channel attention's
-    token-count head size (one lent H200 spent minutes recompiling them). BART layers compile with
+    token-count head size (on an H200, minutes of recompiling). BART layers compile with
     ``dynamic=None``: text lengths vary between batches, and torch marks the length dynamic after it has
     seen it change once instead of compiling one graph per length.
     """

@@ -123,7 +123,10 @@ class ConvertReport:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"'{path}' is not UTF-8 text (byte {exc.start}); JSON files are UTF-8: restore it from the "
+                        "original checkpoint") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"'{path}' is not valid JSON ({exc}); restore it from the original checkpoint") from None
     if not isinstance(data, dict):
@@ -144,8 +147,8 @@ def is_microsoft_checkpoint(path: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return is_microsoft_config(json.loads(config.read_text()))
-    except (json.JSONDecodeError, AttributeError):
+        return is_microsoft_config(json.loads(config.read_text(encoding="utf-8")))
+    except (ValueError, AttributeError):  # not UTF-8 or not JSON: reported by whoever reads it for real
         return False
 
 
@@ -156,8 +159,8 @@ def is_microsoft_adapter(path: Path) -> bool:
     if not config_file.is_file():
         return False
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError:  # not UTF-8 or not JSON: reported when it is converted
         return False
     base = str(config.get("base_model_name_or_path") or "")
     if base.startswith(MS_PREFIX) or (Path(base).is_dir() and is_microsoft_checkpoint(Path(base))):
@@ -438,6 +441,10 @@ def convert_checkpoint(src: Path, out: Path, *, dtype: str | None = None, overwr
     check_out(out, overwrite, src)
     state = read_weights(src)
     weights, mapping = convert_weights(state)
+    if "model.language_model.shared.weight" not in weights:
+        raise UserError(f"the weights in '{src}' lack the language model's token embeddings "
+                        "(language_model.model.shared.weight or an embed_tokens copy): an incomplete checkpoint; "
+                        "copy the complete one")
     report = ConvertReport(kind="checkpoint", out=out, mapped=mapping)
 
     processor = native_processor(src)
@@ -547,13 +554,17 @@ def _base_shapes(base: str) -> tuple[dict[str, tuple[int, ...]], bool] | None:
     path = Path(base)
     if not path.is_dir():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"--base '{file}' is truncated or damaged ({first_line(exc)}); copy the base again "
+                            "or convert it again") from None
     config = read_json(path / "config.json")
     return shapes, bool(config.get("tie_word_embeddings", True))
 

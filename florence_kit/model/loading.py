@@ -14,7 +14,7 @@ from florence_kit.common.errors import UserError, first_line
 from florence_kit.model.adapters import load_adapter_model
 from florence_kit.model.attention import set_attention
 from florence_kit.model.checkpoint_io import is_adapter_dir, load_native, locate
-from florence_kit.model.onnx_runtime import is_onnx_export, load_onnx_model
+from florence_kit.model.onnx_runtime import is_onnx_export, load_onnx_model, refuse_incomplete_export
 
 
 def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None) -> tuple[Any, Any]:
@@ -24,6 +24,7 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
             raise UserError(f"'{name}' is an ONNX export; it cannot be quantised with bitsandbytes: "
                             "export it with --quantize int8 instead")
         return load_onnx_model(Path(name).expanduser())
+    refuse_incomplete_export(Path(name).expanduser())
     model_id = locate(name)
     path = Path(model_id)
     if path.is_dir() and is_adapter_dir(path):

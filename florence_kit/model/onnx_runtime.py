@@ -37,6 +37,17 @@ def is_onnx_export(path: Path) -> bool:
     return path.is_dir() and ((path / EXPORT_INFO).is_file() or any((path / "onnx").glob("decoder_model_merged*.onnx")))
 
 
+def refuse_incomplete_export(path: Path) -> None:
+    """A folder with ONNX graphs, no PyTorch weights, and neither the export's record nor its decoder graph is an
+    export with files missing: say so, rather than let the PyTorch loader report missing safetensors."""
+    graphs = sorted(p.name for p in (path / "onnx").glob("*.onnx")) if path.is_dir() else []
+    if not graphs or is_onnx_export(path) or any(path.glob("*.safetensors")):
+        return
+    raise UserError(f"'{path}' holds ONNX graphs ({', '.join(graphs[:4])}) but neither {EXPORT_INFO} nor "
+                    "onnx/decoder_model_merged.onnx: an incomplete ONNX export; copy the whole export folder or "
+                    "export the model again (florence-kit export RUN --onnx OUT)")
+
+
 def require_onnxruntime() -> Any:
     try:
         import onnxruntime

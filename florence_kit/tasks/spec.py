@@ -272,11 +272,3 @@ def load_task_specs(path: Path) -> list[TaskSpec]:
     """Read and validate one task file: one task, or one per entry of its ``subsets:``."""
     data = read_task_yaml(path)
     return [spec_from_dict(item, origin=str(path)) for item in expand_subsets(data, str(path))]
-
-
-def load_task_file(path: Path) -> TaskSpec:
-    """Read and validate a single-task file (a file with ``subsets:`` needs :func:`load_task_specs`)."""
-    specs = load_task_specs(path)
-    if len(specs) != 1:
-        raise UserError(f"{path}: defines {len(specs)} tasks (subsets); load it with load_task_specs")
-    return specs[0]

@@ -202,18 +202,6 @@ def load(accelerator: Any, path: Path, fingerprint: dict[str, Any]) -> TrainStat
     return state
 
 
-def verify(path: Path) -> None:
-    """Read every file of a checkpoint (the test's "no checkpoint on disk is unreadable"); raises if one is not."""
-    import torch
-    from safetensors.torch import load_file
-
-    TrainState.from_file(path / STATE_FILE)
-    load_file(str(path / WEIGHTS_FILE))
-    for file in path.iterdir():
-        if file.suffix in {".bin", ".pkl", ".pt"}:
-            torch.load(file, weights_only=False)
-
-
 def fit_of_checkpoint(cfg: Any, checkpoint: Path, print_fn: Any = print) -> Any:
     """``--fit auto --resume``: ``cfg`` with the micro-batch, accumulation and checkpointing the run chose.
 

@@ -127,6 +127,10 @@ def training_tasks(cfg: TrainConfig) -> list[Any]:
     tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)
     if cfg.eval_every and len(tasks) > 1:
         raise UserError("--eval-every scores one task; with several tasks, evaluate each with `florence-kit eval`")
+    if cfg.eval_every:  # a caption metric's tokenizer is checked now, not after the first --eval-every steps
+        from florence_kit.metrics.readiness import check_metrics_ready
+
+        check_metrics_ready(tasks[0].metrics)
     return [with_box_format(t, cfg.box_format) for t in tasks]
 
 

@@ -1,6 +1,6 @@
 """Small offline datasets in the exact public schemas of The Cauldron, COCO-style captions, IAM lines and VQAv2.
 
-They exist so every task family can be trained and scored without a network (tests, ``tasks show``).
+They let the tests train and score every task family without a network.
 Pictures are simple shapes and words drawn with Pillow's embedded font; each answer is a fact of the
 picture (its colour, its shape, its word), so a model can only get them right by looking.
 """

@@ -1,0 +1,52 @@
+"""Test-only tools: they inspect or undo what florence-kit does, which the package itself never needs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def wrapped_modules(model: Any) -> list[str]:
+    """Names of the modules that carry a LoRA adapter."""
+    return [name.removesuffix(".lora_A") for name, _ in model.named_modules() if name.endswith(".lora_A")]
+
+
+def disable_gradient_checkpointing(model: Any) -> None:
+    """Undo ``enable_gradient_checkpointing`` (the instance ``forward`` falls back to the class one)."""
+    from florence_kit.model.activation_checkpointing import vision_blocks
+
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    for block in vision_blocks(model):
+        if getattr(block.forward, "florence_kit_checkpointed", False):
+            del block.forward
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Read every file of a checkpoint this test suite wrote; raises if one is unreadable.
+
+    Accelerate's optimizer, scheduler and RNG files are pickles: loaded with ``weights_only=False``, which is
+    safe only because the test wrote them itself a moment ago.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from florence_kit.train.checkpoints import STATE_FILE, WEIGHTS_FILE, TrainState
+
+    TrainState.from_file(path / STATE_FILE)
+    load_file(str(path / WEIGHTS_FILE))
+    for file in path.iterdir():
+        if file.suffix in {".bin", ".pkl", ".pt"}:
+            torch.load(file, weights_only=False)
+
+
+def polygons_to_mask(polygons: Sequence[Sequence[float]], size: tuple[int, int]) -> np.ndarray:
+    """Polygons rasterised by pycocotools, as the mask metrics do: an (h, w) uint8 mask."""
+    from florence_kit.common.masks import coco_mask, polygons_to_rle
+
+    return coco_mask().decode(polygons_to_rle(polygons, size))
