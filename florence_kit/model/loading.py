@@ -35,6 +35,20 @@ def load_model(name: str, *, dtype: Any = None, quantization_config: Any = None)
     return load_native(model_id, name, dtype=dtype, quantization_config=quantization_config)
 
 
+def load_for_training(name: str) -> tuple[Any, Any]:
+    """(model, processor) for ``finetune``: the weights in float32, whatever dtype the checkpoint was saved in.
+
+    They are the optimizer's master copy: ``--precision bf16/fp16`` autocasts the forward pass around them. A
+    16-bit checkpoint (hub Florence-2 weights are fp16) trained as it loads loses most AdamW updates to rounding
+    (two steps at lr 1e-5 moved 15% of a converted fp16 model's weights, against 73% in float32), fp16 loss
+    scaling refuses fp16 gradients, and transformers before 5.4 fed the fp16 vision tower float32 pixels
+    (``Input type (float) and bias type (c10::Half) should be the same``).
+    """
+    import torch
+
+    return load_model(name, dtype=torch.float32)
+
+
 def load_for_generation(name: str, attn: str = "auto") -> tuple[Any, Any]:
     """(model, processor) for eval, predict and serve: on the GPU when there is one (``generate`` is the slow part
     of these commands and runs many times faster there), with the ``--attn`` kernel decided for that device.

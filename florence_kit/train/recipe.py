@@ -87,7 +87,7 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     """Checks, then the model, the data, the memory fit and the mode; the run folder is started last."""
     from accelerate import PartialState
 
-    from florence_kit.model.loading import load_model, load_quantized
+    from florence_kit.model.loading import load_for_training, load_quantized
 
     check_run_options(cfg)
     procs = PartialState(cpu=multi_process_cpu())  # joins the process group under accelerate launch / torchrun
@@ -97,7 +97,7 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     run = Run(cfg, procs, say, resume_from, training_tasks(cfg))
     chosen_optim, chosen_lr = cfg.optim, cfg.lr
     run.cfg = cfg = resolved_options(cfg)  # config.yaml records what ran
-    run.model, run.processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
+    run.model, run.processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_for_training(cfg.model)
     load_training_data(run)
     run.cfg = fit_memory(run)
     apply_training_mode(run, chosen_optim, chosen_lr)
