@@ -112,6 +112,7 @@ def test_full_checkpoint_gives_the_reference_outputs(converted: Path, golden):
     processor = AutoProcessor.from_pretrained(converted)
     assert processor.tokenizer.convert_tokens_to_ids(["<od>", "<loc_0>", "<and>", "<image>"]) == [321, 325, 1344, 1345]
     worst = compare(model.eval(), processor, golden, "", GOLDEN["model"]["examples"])
+    print(f"converted vs recorded logits: max |diff| {worst:.3g}")
     assert worst < ATOL
 
 
