@@ -107,7 +107,12 @@ def test_saved_model_reloads_in_a_fresh_process_with_the_same_outputs(
     reloaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert reloaded["ids"] == in_memory["ids"]
     flat = [x for row in in_memory["logits"] for x in row]
-    assert [x for row in reloaded["logits"] for x in row] == pytest.approx(flat, abs=1e-5)
+    got = [x for row in reloaded["logits"] for x in row]
+    print(f"reloaded vs in-memory logits: max |diff| {max(abs(a - b) for a, b in zip(got, flat, strict=True)):.3g}, "
+          f"max |logit| {max(map(abs, flat)):.3g}")
+    # the same float32 weights; a fresh process may split its matrix products over another number of threads
+    # (another summation order): a few ulps of logits below ~5. A weight that did not round-trip: > 1e-3.
+    assert got == pytest.approx(flat, abs=1e-5)
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["vision_config"]["model_type"]
     gen = json.loads((tmp_path / "ckpt" / "generation_config.json").read_text())
     assert (gen["decoder_start_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (2, 2, 1)

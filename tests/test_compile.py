@@ -45,4 +45,8 @@ def test_compiled_training_matches_eager(tiny_dir, docvqa_dir, tmp_path):
     eager = _losses(tiny_dir, docvqa_dir, tmp_path / "eager")
     compiled = _losses(tiny_dir, docvqa_dir, tmp_path / "compiled", compile=True)
     assert len(compiled) == 3
-    assert compiled == pytest.approx(eager, rel=1e-4)  # fused kernels round differently, nothing more
+    print(f"compiled vs eager losses: worst relative difference "
+          f"{max(abs(c / e - 1) for c, e in zip(compiled, eager, strict=True)):.3g}")
+    # Inductor's fused kernels round differently (float32, ~1e-7 relative per op); Adam carries that into steps 2
+    # and 3 (see test_ddp): measured <= 1e-6. A graph that dropped a residual or a dropout mask: > 1e-2.
+    assert compiled == pytest.approx(eager, rel=1e-4)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -47,19 +48,50 @@ def test_two_process_ddp_equals_one_process(tiny_dir, docvqa_dir, tmp_path):
     a, b = load_file(str(ddp_dir / "model.safetensors")), load_file(str(single.output_dir / "model.safetensors"))
     start = load_file(str(tiny_dir / "model.safetensors"))
     assert a.keys() == b.keys()
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    moved = max(float((b[k] - start[k]).abs().max()) for k in b)
-    print(f"max |2-process - 1-process| = {diff:.3g}; max change from the start = {moved:.3g}")
-    # equal within float noise (gloo sums gradients in another order), a small fraction of what training moved
-    assert diff <= 3e-5 and moved > 1e-3
+    # Gloo sums the two halves' gradients in another order than one process does, and kernels may block the
+    # sums differently for batches of 2 and 4. Adam divides each gradient by its own running size, so where a
+    # gradient is near rounding level its update can change by up to lr: compare each tensor's difference with
+    # how far training moved it, not with an absolute number.
+    lrs = [1e-3 * (1 - step / 3) for step in range(3)]  # linear decay to 0 over 3 steps, no warmup
+    worst, where = max((_relative_difference(a[k], b[k], start[k], k), k) for k in a)
+    print(f"worst |2-process - 1-process| / |1-process - start| = {worst:.3g} ({where})")
+    # float noise: <= 1e-4 measured with AVX-512, AVX2 and plain (SSE) kernels; the second process's half of each
+    # batch dropped (or gradients not all-reduced): 0.76. 1e-2 leaves ~100x and ~75x margin.
+    assert worst <= 1e-2
+    # Adam moves a weight by at most ~lr a step (|m/sqrt(v)| <= 1.01 over 3 steps), in whatever direction:
+    # the two runs can be no further apart than both moving the whole way in opposite directions
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 2 * 1.01 * sum(lrs)
+    assert max(float((b[k] - start[k]).abs().max()) for k in b) > 0.5 * sum(lrs)  # training moved the weights
 
     # only the main process wrote the log: one record per logged step, same losses as the single process
     ddp_log = [json.loads(line) for line in (ddp_dir / "metrics.jsonl").read_text().splitlines()]
     one_log = {r["step"]: r for r in map(json.loads, (single.output_dir / "metrics.jsonl").read_text().splitlines())}
     assert [r["step"] for r in ddp_log] == [1, 3]  # log_every 10 from the CLI: the first and last step
     for record in ddp_log:
-        assert abs(record["loss"] - one_log[record["step"]]["loss"]) < 1e-4
+        # rounded to 6 decimals when logged (+-5e-7 each) and summed over the tokens in another order (a few
+        # float32 ulps of a loss near 8, ~1e-6); half the data would change it by > 1e-2
+        assert record["loss"] == pytest.approx(one_log[record["step"]]["loss"], abs=1e-5)
         assert record["samples"] == one_log[record["step"]]["samples"]
+
+
+def _with_a_gradient(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` less its attention key biases, whose gradient is zero in exact arithmetic (softmax ignores the
+    constant ``q . b_k`` added to all of one query's scores): computed, it is rounding noise, and Adam turns
+    noise into moves of up to lr a step either way. (DaViT's channel attention sums over tokens, not channels:
+    its key bias is a real parameter.)"""
+    if name.endswith("k_proj.bias"):
+        return tensor[:0]
+    if name.endswith("window_attn.qkv.bias"):  # DaViT's spatial attention: [query | key | value]
+        query, _, value = tensor.chunk(3)
+        return torch.cat([query, value])
+    return tensor
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor, name: str) -> float:
+    """|a - b| / |b - start| (L2 norms) over the entries of a tensor that have a gradient (b unmoved: 0 if a = b)."""
+    a, b, start = (_with_a_gradient(name, t.float()) for t in (a, b, start))
+    moved = float((b - start).norm())
+    return float((a - b).norm()) / moved if moved else float((a - b).norm() > 0)
 
 
 def _rank_of(pid: int) -> int | None:
@@ -79,8 +111,6 @@ def test_ctrl_c_reaching_one_ddp_process_stops_all_after_the_same_step(tiny_dir,
     import contextlib
     import signal
     import time
-
-    import pytest
 
     if not os.path.isdir("/proc/self"):
         pytest.skip("needs /proc to find the rank-1 process")

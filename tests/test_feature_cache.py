@@ -46,7 +46,12 @@ def test_cached_training_gives_the_same_losses(tiny_dir, docvqa_dir, docvqa_task
     cached, cached_images = _train(tiny_dir, docvqa_dir, docvqa_task, tmp_path / "cached", mode="frozen-encoder",
                                    cache_vision_features=True)
     assert len(plain) == len(cached) == 4  # 4 steps of 8 over 24 questions: into the second epoch
-    assert cached == pytest.approx(plain, rel=1e-3)
+    worst = max(abs(c - p) / p for c, p in zip(cached, plain, strict=True))
+    print(f"cached vs plain losses: worst relative difference {worst:.3g}")
+    # The cache stores features as float16: each moves by <= 2**-11 = 4.9e-4 of itself. Serving every question the
+    # batch's first page (features off by ~100%) moves this tiny model's losses by 1.4e-3, so rounding moves them by
+    # ~4.9e-4 x 1.4e-3 = 7e-7 (measured 4e-7, on any kernels: float16 rounding, not float32 noise, dominates).
+    assert cached == pytest.approx(plain, rel=1e-5)
     assert plain_images == 4 * 8
     assert cached_images == pages < rows  # DaViT ran once per distinct page, not per question or epoch
     entries = list((tmp_path / "cached" / "vision_cache").glob("*/*.npy"))
@@ -55,7 +60,7 @@ def test_cached_training_gives_the_same_losses(tiny_dir, docvqa_dir, docvqa_task
     again, again_images = _train(tiny_dir, docvqa_dir, docvqa_task, tmp_path / "again", mode="frozen-encoder",
                                  cache_vision_features=True, vision_cache_dir=tmp_path / "cached" / "vision_cache")
     assert again_images == 0
-    assert again == pytest.approx(cached, rel=1e-6)
+    assert again == cached  # bit for bit: both runs read the same float16 store and run the same kernels in order
 
 
 def test_cache_needs_a_frozen_tower(tiny_dir, docvqa_dir, docvqa_task, tmp_path):

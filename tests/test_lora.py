@@ -196,7 +196,11 @@ def test_export_merge_matches_the_adapter_model(lora_run: Path, tiny_dir: Path, 
         got = merged(**batch).logits
         untouched = base.eval()(**batch).logits
     assert (want - untouched).abs().max() > 1e-3  # the adapter changes the outputs...
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # ...and the merged model reproduces them
+    print(f"merged vs adapter logits: max |diff| {float((got - want).abs().max()):.3g}, "
+          f"max |logit| {float(want.abs().max()):.3g}")
+    # ...and the merged model reproduces them: x(W + s*BA) against xW + s*(xA)B rounds each product in another
+    # order, a few float32 ulps of logits below ~5 (~1e-6); a merge that dropped or doubled s*BA moves them >1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     again = runner.invoke(app, ["export", str(lora_run), "--merge", str(out)])
     assert again.exit_code == 2 and "not empty" in again.output
 

@@ -77,6 +77,11 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(tmp_path
     assert counts == {"vision": 2, "language": 4}  # both DaViT blocks, 2 encoder + 2 decoder BART layers
     ckpt, ckpt_bytes = _grads_and_saved_bytes(model, batch)
     assert plain.keys() == ckpt.keys() and any(n.startswith("model.vision_tower.blocks") for n in ckpt)
+    worst = max(float((ckpt[n] - plain[n]).abs().max() / plain[n].abs().max().clamp_min(1e-30)) for n in plain)
+    print(f"checkpointed vs plain gradients: worst |diff| / max |grad| per tensor = {worst:.3g}")
+    # the recomputed forward runs the same kernels on the same inputs (dropout replays its RNG state); only the order
+    # in which autograd adds a shared weight's contributions can change: a few float32 ulps (2**-24 = 6e-8) of
+    # the gradient. A recomputation with fresh dropout masks changes gradients by ~10%.
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
     assert ckpt_bytes < 0.6 * plain_bytes  # autograd keeps far less between forward and backward

@@ -150,7 +150,10 @@ def test_auto_losses_equal_the_plain_paths(tiny_dir, docvqa_dir, tmp_path):
                              "--no-group-by-image")
     _, _, frozen_plain = _finetune(tiny_dir, docvqa_dir, tmp_path / "fplain", "--mode", "frozen-encoder",
                                    "--speed", "off")
-    assert cached == pytest.approx(frozen_plain, rel=1e-3)
+    print(f"cached vs plain losses: worst relative difference "
+          f"{max(abs(c / p - 1) for c, p in zip(cached, frozen_plain, strict=True)):.3g}")
+    # float16 features (<= 2**-11 of each) against features ~100% wrong moving the loss ~1e-3: see test_feature_cache
+    assert cached == pytest.approx(frozen_plain, rel=1e-5)
 
 
 def test_streaming_and_a_full_disk_keep_the_plain_path(tiny_dir, docvqa_dir, tmp_path, monkeypatch):

@@ -93,7 +93,9 @@ def test_adamw_is_fused_where_it_runs_and_updates_as_foreach_does(monkeypatch):
             model.weight.grad, model.bias.grad = (g.clone() for g in step)
             optimizer.step()
         results[fused] = [model.weight.detach().clone(), model.bias.detach().clone()]
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[True], results[False], strict=True))
+    # the same arithmetic, another association (fused multiply-adds): each of the 4 updates rounds w (|w| < 5)
+    # a few ulps apart, <= ~1e-6 relative after 4 steps. A missed weight decay or bias correction: > 1e-4.
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(results[True], results[False], strict=True))
     real = torch.optim.AdamW
 
     def no_fused_kernel(params, fused=None, **kwargs):
