@@ -247,12 +247,14 @@ def choose_speed(run: Run) -> TrainConfig:
             return len({keys[i] for i in kept})
 
         height, width = pixel_shape(run.processor.image_processor)
-        # under FSDP the frozen tower runs inside the sharded model: no feature cache (train/sharding.py)
-        frozen = "vision" in frozen_components(cfg.mode, cfg.lora_vision) and run.strategy != "fsdp"
-        decision = [decide(cfg, frozen_vision=frozen,
+        # under FSDP the frozen tower runs inside the sharded model, not beside it: nothing to cache
+        no_cache = "under --strategy fsdp the frozen tower runs inside the sharded model" if run.strategy == "fsdp" \
+            else None
+        decision = [decide(cfg, frozen_vision="vision" in frozen_components(cfg.mode, cfg.lora_vision),
                            pages=pages, pixel_size=(height, width),
                            feature_page_bytes=feature_bytes_per_page(run.model, height, width),
-                           resumed=recorded(cfg, run.resume_from) if run.resume_from is not None else None)]
+                           resumed=recorded(cfg, run.resume_from) if run.resume_from is not None else None,
+                           no_cache=no_cache)]
     if run.procs.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
