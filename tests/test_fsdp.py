@@ -188,8 +188,16 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
 @pytest.mark.slow
 def test_fsdp_sigkill_then_resume_equals_uninterrupted(tiny_dir, docvqa_dir, tmp_path):
     """Every process SIGKILLed after checkpoint step-2 of 6; ``--resume latest`` under FSDP ends on the weights
-    of the uninterrupted FSDP run, bit for bit. The checkpoint holds whole tensors: one process can read it."""
-    args = ["--model", str(tiny_dir), "--dataset", str(docvqa_dir), "--max-steps", "6", "--batch-size", "2",
+    of the uninterrupted FSDP run, bit for bit (dropout on: each process's RNG state resumes too). The
+    checkpoint holds whole tensors, as an unsharded run's does."""
+    import shutil
+
+    dropout = tmp_path / "dropout"
+    shutil.copytree(tiny_dir, dropout)
+    config = json.loads((dropout / "config.json").read_text())
+    config["text_config"]["dropout"] = 0.1
+    (dropout / "config.json").write_text(json.dumps(config))
+    args = ["--model", str(dropout), "--dataset", str(docvqa_dir), "--max-steps", "6", "--batch-size", "2",
             "--max-samples", "12", "--lr", "1e-3", "--save-every", "2", "--keep-checkpoints", "3", "--quiet",
             "--strategy", "fsdp"]
     killed = tmp_path / "killed"
@@ -273,8 +281,10 @@ def test_accelerate_use_fsdp_runs_fsdp2_and_one_process_reads_the_result(tiny_di
                  "--mixed_precision", "no", "--dynamo_backend", "no", "--use_fsdp",
                  *_cli("--model", str(tiny_dir), "--dataset", str(docvqa_dir), *COMMON, "--batch-size", "2",
                        "--save-every", "2", "--output-dir", str(out))], timeout=400)
-    assert "strategy: fsdp (FSDP2" in done.stdout, done.stdout[-2000:]
-    assert yaml.safe_load((out / "config.yaml").read_text())["strategy"] == "fsdp"
+    line = " ".join(done.stdout.split())
+    assert "strategy: fsdp (FSDP2" in line and "asked by accelerate launch --use_fsdp" in line, done.stdout[-2000:]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["strategy"] == "fsdp" and config["run"]["strategy"]["asked_by"] == "accelerate launch --use_fsdp"
 
     runner = CliRunner()
     scored = runner.invoke(app, ["eval", "docvqa", "--model", str(out), "--dataset", str(docvqa_dir),

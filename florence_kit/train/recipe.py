@@ -25,6 +25,7 @@ from florence_kit.train.accelerator import multi_process_cpu
 from florence_kit.train.checkpoints import TrainState
 from florence_kit.train.config import TrainConfig, TrainResult, check_output_dir, write_config
 from florence_kit.train.loop import train_loop
+from florence_kit.train.sharding import launcher_asked_fsdp
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Run:
     run_info: dict[str, Any] = field(default_factory=dict)  # config.yaml's ``run`` record
     start_step: int = 0
     strategy: str = "none"  # none | ddp | fsdp: what this launch runs (train/sharding.py)
+    launcher_fsdp: bool = False  # FSDP asked by accelerate launch --use_fsdp (ACCELERATE_USE_FSDP)
 
     @property
     def out(self) -> Path:
@@ -91,12 +93,13 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     from florence_kit.model.loading import load_model, load_quantized
 
     check_run_options(cfg)
+    launcher_fsdp = launcher_asked_fsdp()  # read before check_strategy takes it out of the environment
     strategy = check_strategy(cfg)
     procs = PartialState(cpu=multi_process_cpu())  # joins the process group under accelerate launch / torchrun
     say = print_fn if procs.is_main_process else (lambda _message: None)
     resume_from = prepare_run_dir(cfg, Path(cfg.output_dir))
     procs.wait_for_everyone()  # every process has checked the folder before the main one writes to it
-    run = Run(cfg, procs, say, resume_from, training_tasks(cfg), strategy=strategy)
+    run = Run(cfg, procs, say, resume_from, training_tasks(cfg), strategy=strategy, launcher_fsdp=launcher_fsdp)
     chosen_optim, chosen_lr = cfg.optim, cfg.lr
     run.cfg = cfg = strategy_option(resolved_options(cfg), strategy)  # config.yaml records what ran
     run.model, run.processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_model(cfg.model)
@@ -336,8 +339,9 @@ def record_strategy(run: Run, strategy: str, ranks: list[dict[str, int]]) -> Non
 
     backend = str(getattr(run.procs, "backend", None) or "none")
     if strategy != "none":
-        run.say(strategy_line(strategy, backend, ranks))
-    run.run_info["strategy"] = {"name": strategy, "processes": len(ranks), "backend": backend, "ranks": ranks}
+        run.say(strategy_line(strategy, backend, ranks, run.launcher_fsdp))
+    run.run_info["strategy"] = {"name": strategy, "processes": len(ranks), "backend": backend, "ranks": ranks,
+                                **({"asked_by": "accelerate launch --use_fsdp"} if run.launcher_fsdp else {})}
     if run.main:
         write_config(run.cfg, run.out, run.run_info)
 

@@ -217,8 +217,8 @@ def shares(model: Any, optimizer: Any) -> list[dict[str, int]]:
     return gathered
 
 
-def strategy_line(strategy: str, backend: str, ranks: list[dict[str, int]]) -> str:
-    """The one line a run prints about how it is distributed."""
+def strategy_line(strategy: str, backend: str, ranks: list[dict[str, int]], launcher: bool = False) -> str:
+    """The one line a run prints about how it is distributed (``launcher``: asked by ``--use_fsdp``)."""
     if strategy == "none":
         return "strategy: none (one process)"
 
@@ -231,7 +231,8 @@ def strategy_line(strategy: str, backend: str, ranks: list[dict[str, int]]) -> s
         f"{pct(r['optimizer_local'], r['optimizer_total'])}"
         for i, r in enumerate(ranks))
     what = "FSDP2, sharded per block" if strategy == "fsdp" else "DDP, a whole copy per process"
-    return f"strategy: {strategy} ({what}; {len(ranks)} processes over {backend}): {held}"
+    asked = "; asked by accelerate launch --use_fsdp, whose --fsdp_* settings are not used" if launcher else ""
+    return f"strategy: {strategy} ({what}; {len(ranks)} processes over {backend}{asked}): {held}"
 
 
 def optimizer_to_file(model: Any, optimizer: Any) -> dict[str, Any]:
