@@ -356,10 +356,10 @@ class Loop:
             s.best_metric, s.best_step, s.evals_since_best = value, s.step, 0
             if self.on_best is not None and acc.is_main_process:
                 self.on_best(whole, s.step, value)
-        if self.strategy == "fsdp" and whole is not None:
-            whole.to("cpu")
         else:
             s.evals_since_best += 1
+        if self.strategy == "fsdp" and whole is not None:
+            whole.to("cpu")
         self.write({"step": s.step, f"eval/{name}": value, "best": s.best_metric, "best_step": s.best_step})
         if self.cfg.early_stopping_patience and s.evals_since_best >= self.cfg.early_stopping_patience:
             s.stopped_early = True
