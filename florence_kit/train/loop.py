@@ -6,6 +6,8 @@ step budget is spent. The optional paths are small helpers, not branches of one 
 prepared store (:func:`training_data`), the vision-feature cache (:func:`vision_feature_cache`), DDP
 agreement on stopping (:meth:`Loop.stop_agreed`), ``--eval-every`` (:meth:`Loop.run_eval`) and
 checkpoints (:meth:`Loop.save_checkpoint`). A step whose loss is NaN/inf is skipped and counted.
+``--strategy fsdp`` shards the model in place before the optimizer is built (train/sharding.py); the loop
+itself is the same for every strategy.
 """
 
 from __future__ import annotations
