@@ -107,6 +107,11 @@ def shard(model: Any, device: Any) -> Any:
     model = unwrap(model)
     if int(os.environ.get("RANK", "0")) == 0:
         skeleton = copy.deepcopy(model).to("meta")  # the structure and buffers' shapes, no memory
+        from florence_kit.model.activation_checkpointing import disable_gradient_checkpointing, vision_blocks
+
+        if any(getattr(b.forward, "florence_kit_checkpointed", False) for b in vision_blocks(skeleton)):
+            # the copied DaViT blocks' checkpointed forwards would call the original (sharded) blocks
+            disable_gradient_checkpointing(skeleton)
         _PLAIN[model] = [skeleton, False]
     model.to(device)
     mesh = None
