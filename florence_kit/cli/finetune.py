@@ -37,6 +37,12 @@ class Fit(str, Enum):
     auto = "auto"
 
 
+class Strategy(str, Enum):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 class TooLong(str, Enum):
     drop = "drop"
     truncate = "truncate"
@@ -110,6 +116,11 @@ def finetune(
     precision: Annotated[
         Precision, typer.Option(help="auto: bf16 on GPUs that have it, fp16 + loss scaling on older GPUs, fp32 on CPU.")
     ] = Precision.auto,
+    strategy: Annotated[
+        Strategy, typer.Option(help="Under torchrun / accelerate launch: ddp (a whole copy per process) or fsdp "
+                               "(FSDP2: parameters, gradients and optimizer state sharded per block); auto: ddp, or "
+                               "fsdp when accelerate launch --use_fsdp asked for it. One process: auto only.")
+    ] = Strategy.auto,
     save_every: Annotated[
         int, typer.Option(help="Resumable checkpoint every N steps, in OUTPUT_DIR/checkpoints (0 = off).")
     ] = 0,
@@ -203,6 +214,8 @@ def finetune(
       florence-kit finetune docvqa --save-every 500 --output-dir runs/a  (then, after a crash: --resume latest)
 
       accelerate launch --num_processes 2 -m florence_kit.cli finetune docvqa --batch-size 4  (DDP, 2 GPUs)
+
+      torchrun --nproc-per-node 2 -m florence_kit.cli finetune docvqa --strategy fsdp  (sharded, CPU or GPU)
     """
     from florence_kit.train.config import TrainConfig
     from florence_kit.train.recipe import finetune as run
@@ -219,7 +232,8 @@ def finetune(
         prepare_data=prepare_data, prepare_dir=prepare_dir, group_by_image=group_by_image,
         group_by_length=group_by_length, speed=speed.value, attn=attn.value,
         report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
-        precision=precision.value, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume,
+        precision=precision.value, strategy=strategy.value, save_every=save_every, keep_checkpoints=keep_checkpoints,
+        resume=resume,
         eval_every=eval_every, eval_max_samples=eval_max_samples, early_stopping_patience=early_stopping_patience,
         gradient_checkpointing=gradient_checkpointing, fit=fit.value,
         box_format=box_format.value if box_format else None,

@@ -108,8 +108,8 @@ def trainable_state_dict(model: Any) -> dict[str, Any]:
 def install_hooks(accelerator: Any) -> None:
     """Make ``save_state``/``load_state`` store and check only the trainable weights.
 
-    Names are the unwrapped model's, so a checkpoint does not depend on the DDP wrapper. Under FSDP or
-    DeepSpeed Accelerate saves the (sharded) model itself and these hooks see no weights.
+    Names are the unwrapped model's, so a checkpoint does not depend on the DDP wrapper. Under FSDP the
+    model is not Accelerate's: these hooks see no weights, and train/sharding.py writes the same file.
     """
     import torch
     from safetensors.torch import load_file
@@ -138,8 +138,13 @@ def install_hooks(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save(accelerator: Any, run_dir: Path, state: TrainState, fingerprint: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically (temp folder, then rename) and keep the newest ``keep``."""
+def save(accelerator: Any, run_dir: Path, state: TrainState, fingerprint: dict[str, Any], keep: int,
+         sharded: tuple[Any, Any] | None = None) -> Path:
+    """Write ``checkpoints/step-N`` atomically (temp folder, then rename) and keep the newest ``keep``.
+
+    ``sharded``: (model, optimizer) under FSDP, which Accelerate does not hold; their whole states are
+    gathered into the same files an unsharded run writes (train/sharding.py).
+    """
     folder = checkpoints_dir(run_dir)
     tmp, final = folder / f".tmp-step-{state.step}", folder / f"step-{state.step}"
     if accelerator.is_main_process:
@@ -147,6 +152,10 @@ def save(accelerator: Any, run_dir: Path, state: TrainState, fingerprint: dict[s
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)  # every process writes its own RNG file
+    if sharded is not None:
+        from florence_kit.train.sharding import save_sharded
+
+        save_sharded(*sharded, tmp, WEIGHTS_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(state.to_json(fingerprint))
@@ -192,13 +201,21 @@ def check_settings(path: Path, fingerprint: dict[str, Any]) -> TrainState:
     return state
 
 
-def load(accelerator: Any, path: Path, fingerprint: dict[str, Any]) -> TrainState:
-    """Restore model, optimizer, scheduler, scaler and RNG from ``path``; refuse a checkpoint of another setup."""
+def load(accelerator: Any, path: Path, fingerprint: dict[str, Any], sharded: tuple[Any, Any] | None = None
+         ) -> TrainState:
+    """Restore model, optimizer, scheduler, scaler and RNG from ``path``; refuse a checkpoint of another setup.
+
+    ``sharded``: (model, optimizer) under FSDP, loaded here (each process takes its shard), not by Accelerate.
+    """
     state = check_settings(path, fingerprint)
     rng = path / f"random_states_{accelerator.process_index}.pkl"
     if not rng.is_file():  # Accelerate would skip a missing RNG file silently and the run would not be exact
         raise UserError(f"checkpoint '{path}' lacks {rng.name}; it is incomplete")
     accelerator.load_state(str(path))
+    if sharded is not None:
+        from florence_kit.train.sharding import load_sharded
+
+        load_sharded(*sharded, path, WEIGHTS_FILE)
     return state
 
 

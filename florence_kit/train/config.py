@@ -74,6 +74,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     # --- runtime ---
     precision: str = "auto"
+    strategy: str = "auto"  # auto | ddp | fsdp: how several processes share the run (train/sharding.py)
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: str | None = None

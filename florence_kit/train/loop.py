@@ -6,6 +6,8 @@ step budget is spent. The optional paths are small helpers, not branches of one 
 prepared store (:func:`training_data`), the vision-feature cache (:func:`vision_feature_cache`), DDP
 agreement on stopping (:meth:`Loop.stop_agreed`), ``--eval-every`` (:meth:`Loop.run_eval`) and
 checkpoints (:meth:`Loop.save_checkpoint`). A step whose loss is NaN/inf is skipped and counted.
+``--strategy fsdp`` shards the model in place before the optimizer is built (train/sharding.py); the loop
+itself is the same for every strategy.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from florence_kit.train.checkpoints import TrainState
 from florence_kit.train.config import SCHEDULES, TrainConfig
 from florence_kit.train.runfolder import StepInterrupt
 from florence_kit.train.sampling import make_sampler, mix_draws
+from florence_kit.train.sharding import check_fsdp_options, plain_model, resolve_strategy, shard, shares
 from florence_kit.train.step import forward_loss, make_optimizer, warmup_schedule
 
 NONFINITE_LIMIT = 5  # consecutive non-finite losses before the run stops
@@ -48,6 +51,7 @@ def train_loop(
     resume_from: Path | None = None,
     state: TrainState | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    on_shares: Callable[[str, list[dict[str, int]]], None] | None = None,
 ) -> tuple[int, float]:
     """Train ``model`` in place on ``dataset`` (examples); returns (optimizer steps, last loss).
 
@@ -55,11 +59,15 @@ def train_loop(
     steps, and ``on_best(unwrapped_model, step, value)`` when the value improved (up, or down for a metric
     registered ``higher_is_better=False`` such as CER);
     ``resume_from`` is a checkpoint folder; pass ``state`` to read the run's counters afterwards.
+    ``on_shares(strategy, shares)`` is called once, after the first step, with what each process holds
+    (train/sharding.py: ``none``, ``ddp`` or ``fsdp``; elements of parameters, gradients, optimizer state).
     ``stop_requested()`` (Ctrl-C seen) is asked after every step; under DDP the processes agree on it, so
     all of them stop after the same step and :class:`~florence_kit.train.runfolder.StepInterrupt` is raised on each.
     """
     loop = setup(model, processor, dataset, cfg, collate_truncate, resume_from, state, evaluating=evaluator is not None)
     loop.evaluator, loop.on_best = evaluator, on_best
+    if on_shares is not None:
+        loop.on_shares = lambda ranks: on_shares(loop.strategy, ranks)
     loop.set_train_mode()
     loop.start = time.perf_counter() - loop.state.elapsed_s  # a resume goes on counting
     with contextlib.ExitStack() as stack:
@@ -86,23 +94,32 @@ def setup(model: Any, processor: Any, dataset: Any, cfg: TrainConfig, collate_tr
 
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
+    strategy = resolve_strategy(cfg.strategy)
     accelerator = make_accelerator(cfg.precision, **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
+    if strategy == "fsdp":
+        check_fsdp_options(cfg, str(accelerator.mixed_precision))
     trackers.start(accelerator, cfg.report_to, asdict(cfg), cfg.output_dir)
     frozen_vision = model_for_training(model, cfg, accelerator, evaluating)
+    if strategy == "fsdp":  # sharded in place before the optimizer sees the parameters (it holds the shards)
+        model = shard(model, accelerator.device)
     optimizer = make_optimizer(model, learning_rate(cfg.lr, cfg.mode), cfg.weight_decay,
                                cfg.optim or default_optim(cfg.mode))
     loader, sampler, normalizer = training_data(dataset, processor, cfg, accelerator, model, collate_truncate)
     loader = accelerator.prepare(loader)  # first: its per-process length sets the schedule
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(cfg.schedule, cfg.warmup_steps, total))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if strategy == "fsdp":  # Accelerate would wrap the model in DDP and save only the main process's optimizer shard
+        scheduler = accelerator.prepare(scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     checkpoints.install_hooks(accelerator)
     fingerprint = run_fingerprint(cfg, accelerator)
     state = state if state is not None else TrainState()
+    sharded = (model, optimizer) if strategy == "fsdp" else None
     if resume_from is not None:
-        vars(state).update(vars(checkpoints.load(accelerator, resume_from, fingerprint)))
+        vars(state).update(vars(checkpoints.load(accelerator, resume_from, fingerprint, sharded)))
     return Loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, total, frozen_vision, fingerprint,
-                state, normalizer, vision_feature_cache(cfg, accelerator, model, frozen_vision))
+                state, normalizer, vision_feature_cache(cfg, accelerator, model, frozen_vision), strategy=strategy)
 
 
 def model_for_training(model: Any, cfg: TrainConfig, accelerator: Any, evaluating: bool) -> bool:
@@ -111,11 +128,6 @@ def model_for_training(model: Any, cfg: TrainConfig, accelerator: Any, evaluatin
 
     from florence_kit.model.modes import apply_mode, frozen_components
 
-    if accelerator.distributed_type == "FSDP" and (evaluating or cfg.mode != "full"):
-        raise UserError(  # generation runs on the main process only; the frozen tower is called outside FSDP's root
-            "under FSDP use --mode full without --eval-every (evaluate the saved model with `florence-kit eval`), "
-            "or launch DDP instead"
-        )
     set_seed(cfg.seed)
     apply_mode(model, cfg.mode, cfg.lora_vision)
     if cfg.gradient_checkpointing:
@@ -205,6 +217,8 @@ class Loop:
     log: TextIO | None = None
     start: float = 0.0
     last_loss: float = float("nan")
+    strategy: str = "none"  # none | ddp | fsdp (train/sharding.py)
+    on_shares: Callable[[list[dict[str, int]]], None] | None = None  # what each process holds, after the first step
 
     def run_epoch(self, on_step: Callable[[int, int, float, float], None] | None,
                   stop_requested: Callable[[], bool] | None) -> None:
@@ -257,8 +271,9 @@ class Loop:
                 batch = {**batch, "pixel_values": self.normalizer(batch["pixel_values"])}
             sync = acc.no_sync(self.model) if i < len(group) - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
-                loss = forward_loss(self.model, batch, self.frozen_vision, num_items=tokens,
-                                    feature_cache=self.feature_cache)
+                # under FSDP the frozen tower runs inside the sharded root (its gathers need the root's forward)
+                loss = forward_loss(self.model, batch, self.frozen_vision and self.strategy != "fsdp",
+                                    num_items=tokens, feature_cache=self.feature_cache)
                 loss = loss * acc.num_processes
                 acc.backward(loss)
             loss_sum += loss.detach().float()
@@ -271,6 +286,9 @@ class Loop:
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16 loss scaling skips steps whose gradients overflowed
             self.scheduler.step()
+        if self.on_shares is not None:  # once, while gradients and optimizer state both exist
+            self.on_shares(shares(self.model, self.optimizer))
+            self.on_shares = None
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss
 
@@ -329,16 +347,21 @@ class Loop:
 
         assert self.evaluator is not None
         acc, s = self.accelerator, self.state
-        result = [self.evaluator(acc.unwrap_model(self.model)) if acc.is_main_process else None]
+        whole = plain_model(acc.unwrap_model(self.model))  # under FSDP: weights gathered into the main process's copy
+        if self.strategy == "fsdp" and whole is not None:
+            whole.to(acc.device)  # generation on the run's device; the copy goes back to CPU memory after
+        result = [self.evaluator(whole) if acc.is_main_process else None]
         name, value = broadcast_object_list(result)[0] if acc.num_processes > 1 else result[0]
         self.set_train_mode()
         better = (lambda a, b: a > b) if get_metric(name).higher_is_better else (lambda a, b: a < b)
         if s.best_metric is None or better(value, s.best_metric):
             s.best_metric, s.best_step, s.evals_since_best = value, s.step, 0
             if self.on_best is not None and acc.is_main_process:
-                self.on_best(acc.unwrap_model(self.model), s.step, value)
+                self.on_best(whole, s.step, value)
         else:
             s.evals_since_best += 1
+        if self.strategy == "fsdp" and whole is not None:
+            whole.to("cpu")
         self.write({"step": s.step, f"eval/{name}": value, "best": s.best_metric, "best_step": s.best_step})
         if self.cfg.early_stopping_patience and s.evals_since_best >= self.cfg.early_stopping_patience:
             s.stopped_early = True
@@ -349,4 +372,4 @@ class Loop:
         """``--save-every``: the resumable state (weights, optimizer, schedule, RNG, position, counters)."""
         self.state.elapsed_s = round(time.perf_counter() - self.start, 3)
         checkpoints.save(self.accelerator, self.cfg.output_dir, self.state, self.fingerprint,
-                         self.cfg.keep_checkpoints)
+                         self.cfg.keep_checkpoints, (self.model, self.optimizer) if self.strategy == "fsdp" else None)

@@ -25,6 +25,7 @@ from florence_kit.train.accelerator import multi_process_cpu
 from florence_kit.train.checkpoints import TrainState
 from florence_kit.train.config import TrainConfig, TrainResult, check_output_dir, write_config
 from florence_kit.train.loop import train_loop
+from florence_kit.train.sharding import launcher_asked_fsdp
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Run:
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # trainable / total parameters per component
     run_info: dict[str, Any] = field(default_factory=dict)  # config.yaml's ``run`` record
     start_step: int = 0
+    strategy: str = "none"  # none | ddp | fsdp: what this launch runs (train/sharding.py)
+    launcher_fsdp: bool = False  # FSDP asked by accelerate launch --use_fsdp (ACCELERATE_USE_FSDP)
 
     @property
     def out(self) -> Path:
@@ -90,13 +93,15 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     from florence_kit.model.loading import load_for_training, load_quantized
 
     check_run_options(cfg)
+    launcher_fsdp = launcher_asked_fsdp()  # read before check_strategy takes it out of the environment
+    strategy = check_strategy(cfg)
     procs = PartialState(cpu=multi_process_cpu())  # joins the process group under accelerate launch / torchrun
     say = print_fn if procs.is_main_process else (lambda _message: None)
     resume_from = prepare_run_dir(cfg, Path(cfg.output_dir))
     procs.wait_for_everyone()  # every process has checked the folder before the main one writes to it
-    run = Run(cfg, procs, say, resume_from, training_tasks(cfg))
+    run = Run(cfg, procs, say, resume_from, training_tasks(cfg), strategy=strategy, launcher_fsdp=launcher_fsdp)
     chosen_optim, chosen_lr = cfg.optim, cfg.lr
-    run.cfg = cfg = resolved_options(cfg)  # config.yaml records what ran
+    run.cfg = cfg = strategy_option(resolved_options(cfg), strategy)  # config.yaml records what ran
     run.model, run.processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_for_training(cfg.model)
     load_training_data(run)
     run.cfg = fit_memory(run)
@@ -117,6 +122,24 @@ def check_run_options(cfg: TrainConfig) -> None:
     resolve_precision(cfg.precision, device_facts())
     check_options(cfg)
     check_report_to(cfg.report_to)
+
+
+def check_strategy(cfg: TrainConfig) -> str:
+    """``--strategy`` (and ``accelerate launch --use_fsdp``) resolved for this launch; what FSDP does not run,
+    refused here, before the model is loaded."""
+    from florence_kit.model.precision import ACCELERATE_NAME, device_facts, resolve_precision
+    from florence_kit.train.sharding import check_fsdp_options, resolve_strategy
+
+    strategy = resolve_strategy(cfg.strategy)
+    if strategy == "fsdp":
+        check_fsdp_options(cfg, ACCELERATE_NAME[resolve_precision(cfg.precision, device_facts())])
+    return strategy
+
+
+def strategy_option(cfg: TrainConfig, strategy: str) -> TrainConfig:
+    """``cfg`` with ``--strategy fsdp`` when FSDP runs (also when the launcher asked for it: config.yaml says so
+    and the loop does not depend on the launcher's environment)."""
+    return replace(cfg, strategy="fsdp") if strategy == "fsdp" else cfg
 
 
 def training_tasks(cfg: TrainConfig) -> list[Any]:
@@ -231,10 +254,14 @@ def choose_speed(run: Run) -> TrainConfig:
             return len({keys[i] for i in kept})
 
         height, width = pixel_shape(run.processor.image_processor)
+        # under FSDP the frozen tower runs inside the sharded model, not beside it: nothing to cache
+        no_cache = "under --strategy fsdp the frozen tower runs inside the sharded model" if run.strategy == "fsdp" \
+            else None
         decision = [decide(cfg, frozen_vision="vision" in frozen_components(cfg.mode, cfg.lora_vision),
                            pages=pages, pixel_size=(height, width),
                            feature_page_bytes=feature_bytes_per_page(run.model, height, width),
-                           resumed=recorded(cfg, run.resume_from) if run.resume_from is not None else None)]
+                           resumed=recorded(cfg, run.resume_from) if run.resume_from is not None else None,
+                           no_cache=no_cache)]
     if run.procs.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -302,11 +329,25 @@ def train(run: Run, quiet: bool) -> Outcome:
                 on_step=bar.update, collate_truncate=cfg.too_long == "truncate",
                 evaluator=evaluator, on_best=lambda model, step, value: save_best_of(run, model, step, value),
                 resume_from=run.resume_from, state=state, stop_requested=lambda: stop.requested,
+                on_shares=lambda strategy, ranks: record_strategy(run, strategy, ranks),
             )
         except StepInterrupt as exc:
             interrupted = exc
             steps, loss = exc.step, bar.last.get("loss", float("nan"))
     return Outcome(steps, loss, time.perf_counter() - start, state, rows.skipped, interrupted)
+
+
+def record_strategy(run: Run, strategy: str, ranks: list[dict[str, int]]) -> None:
+    """One line on how the run is distributed and what each process holds; config.yaml's ``run.strategy``."""
+    from florence_kit.train.sharding import strategy_line
+
+    backend = str(getattr(run.procs, "backend", None) or "none")
+    if strategy != "none":
+        run.say(strategy_line(strategy, backend, ranks, run.launcher_fsdp))
+    run.run_info["strategy"] = {"name": strategy, "processes": len(ranks), "backend": backend, "ranks": ranks,
+                                **({"asked_by": "accelerate launch --use_fsdp"} if run.launcher_fsdp else {})}
+    if run.main:
+        write_config(run.cfg, run.out, run.run_info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +368,11 @@ def save(run: Run, outcome: Outcome) -> TrainResult:
     run.run_info.update(steps=outcome.steps, final_loss=outcome.loss, skipped_bad_images=len(skipped))
     if interrupted:
         run.run_info.update(interrupted_at_step=interrupted.step, total_steps=interrupted.total)
+    from florence_kit.train.sharding import plain_model
+
+    model = plain_model(run.model)  # under FSDP every process helps gather the whole weights to the main one
     if run.main:
-        save_atomically(run.out, lambda folder: save_model(run, run.model, folder))
+        save_atomically(run.out, lambda folder: save_model(run, model, folder))
         write_config(run.cfg, run.out, run.run_info)
         write_card(run.out, options_dict(run.cfg), run.run_info)
     run.procs.wait_for_everyone()

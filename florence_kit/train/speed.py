@@ -101,12 +101,14 @@ def decide(
     resumed: dict[str, bool] | None = None,
     free: Callable[[Path], int] | None = None,
     device_of: Callable[[Path], int] | None = None,
+    no_cache: str | None = None,
 ) -> tuple[Any, str, dict[str, Any]]:
     """(``cfg`` with every switch True/False, the one line to print, the record for config.yaml).
 
     ``pages()`` counts the distinct training images (called only when a store is considered). ``resumed``: the
     switches the interrupted run chose, kept so that ``--resume`` deals the same batches. ``free(path)`` and
     ``device_of(path)``: the free bytes and the filesystem where ``path`` goes (default: this machine's).
+    ``no_cache``: why the feature cache cannot run here even with a frozen tower (said in the line).
     """
     free = free or free_bytes
     device_of = device_of or filesystem
@@ -157,7 +159,10 @@ def decide(
         elif asked["prepare_data"]:
             used[device_of(store_dir)] = store
         if asked["cache_vision_features"] is None:
-            if not frozen_vision:
+            if no_cache:
+                chosen["cache_vision_features"] = False
+                reasons.append(f"no feature cache: {no_cache}")
+            elif not frozen_vision:
                 chosen["cache_vision_features"] = False
                 vision = " --lora-vision" if getattr(cfg, "lora_vision", False) else ""
                 reasons.append(f"no feature cache: --mode {cfg.mode}{vision} trains the vision tower")
