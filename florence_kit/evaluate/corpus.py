@@ -319,12 +319,12 @@ def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[I
     total = len(items) if items is not None else None
     with _progress(show_progress and rank == 0, total, world) as advance:
         for block, block_rows in blocks:
-            todo = [item for item in block if item.image.key not in done]
-            advance(len(block) - len(todo), world=False)
+            pending = [item for item in block if item.image.key not in done]
+            advance(len(block) - len(pending), world=False)
             seen.extend(block)
-            counts.skipped += len(block) - len(todo)
+            counts.skipped += len(block) - len(pending)
             counts.answered_before += sum(1 for item in block if "error" not in done.get(item.image.key, {"error": 1}))
-            mine = todo[rank::world]
+            mine = pending[rank::world]
             requests = [Request(n, item.image, prompt_for(item)) for n, item in enumerate(mine)]
             for results in answer_requests(model, processor, spec, requests, gen_config, rows=block_rows,
                                            image_column=image_column, batch_size=batch_size,
