@@ -64,7 +64,7 @@ def test_tokens_equal_the_jar_for_every_caption(recorded) -> None:
 
 @pytest.mark.parametrize(
     ("caption", "tokens"),
-    [  # the examples of the issue that asked for this: kept whole, split, and bracket tokens that stay
+    [  # pieces the jar keeps whole, splits, or turns into bracket tokens
         ("A black-and-white photo of a 2.5-metre wall at 3:30.", "a black-and-white photo of a 2.5-metre wall at 3:30"),
         ("It cost $1,234.50 in the U.S. by e-mail!", "it cost $ 1,234.50 in the u.s. by e-mail"),
         ("The man's dog can't swim; don't (really).", "the man 's dog ca n't swim do n't -lrb- really -rrb-"),
