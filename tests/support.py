@@ -14,19 +14,6 @@ def wrapped_modules(model: Any) -> list[str]:
     return [name.removesuffix(".lora_A") for name, _ in model.named_modules() if name.endswith(".lora_A")]
 
 
-def disable_gradient_checkpointing(model: Any) -> None:
-    """Undo ``enable_gradient_checkpointing`` (the instance ``forward`` falls back to the class one)."""
-    from florence_kit.model.activation_checkpointing import vision_blocks
-
-    if hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()
-    for block in vision_blocks(model):
-        if getattr(block.forward, "florence_kit_checkpointed", False):
-            del block.forward
-
-
 def verify_checkpoint(path: Path) -> None:
     """Read every file of a checkpoint this test suite wrote; raises if one is unreadable.
 

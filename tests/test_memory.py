@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import disable_gradient_checkpointing
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
-from florence_kit.model.activation_checkpointing import enable_gradient_checkpointing
+from florence_kit.model.activation_checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from florence_kit.model.memory import (
     GPUS,
     MODES,

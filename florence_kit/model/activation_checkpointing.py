@@ -55,3 +55,18 @@ def enable_gradient_checkpointing(model: Any) -> dict[str, int]:
         1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
     )
     return {"vision": len(blocks), "language": language}
+
+
+def disable_gradient_checkpointing(model: Any) -> None:
+    """Undo ``enable_gradient_checkpointing`` (the instance ``forward`` falls back to the class one).
+
+    FSDP's plain copy for evaluation needs it: its copied DaViT blocks' checkpointed forwards would call the
+    original, sharded blocks.
+    """
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    for block in vision_blocks(model):
+        if getattr(block.forward, "florence_kit_checkpointed", False):
+            del block.forward
