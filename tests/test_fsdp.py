@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from support import verify_checkpoint
 
 from florence_kit.train import checkpoints
 from florence_kit.train.config import TrainConfig
@@ -219,7 +220,7 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted(tiny_dir, docvqa_dir, tmp
     on_disk = checkpoints.list_checkpoints(killed)
     assert on_disk
     for folder in on_disk:  # none is unreadable, whatever moment the kill hit
-        checkpoints.verify(folder)
+        verify_checkpoint(folder)
         state = torch.load(folder / "optimizer.bin", weights_only=False)
         assert len(state["state"]) == len(load_file(str(folder / "model.safetensors")))  # whole, every tensor
 
