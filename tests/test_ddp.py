@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import relative_difference
 
 from florence_kit.train.config import TrainConfig
 from florence_kit.train.recipe import finetune
@@ -53,7 +54,7 @@ def test_two_process_ddp_equals_one_process(tiny_dir, docvqa_dir, tmp_path):
     # gradient is near rounding level its update can change by up to lr: compare each tensor's difference with
     # how far training moved it, not with an absolute number.
     lrs = [1e-3 * (1 - step / 3) for step in range(3)]  # linear decay to 0 over 3 steps, no warmup
-    worst, where = max((_relative_difference(a[k], b[k], start[k], k), k) for k in a)
+    worst, where = max((relative_difference(a[k], b[k], start[k], k), k) for k in a)
     print(f"worst |2-process - 1-process| / |1-process - start| = {worst:.3g} ({where})")
     # float noise: <= 1e-4 measured with AVX-512, AVX2 and plain (SSE) kernels; the second process's half of each
     # batch dropped (or gradients not all-reduced): 0.76. 1e-2 leaves ~100x and ~75x margin.
@@ -72,26 +73,6 @@ def test_two_process_ddp_equals_one_process(tiny_dir, docvqa_dir, tmp_path):
         # float32 ulps of a loss near 8, ~1e-6); half the data would change it by > 1e-2
         assert record["loss"] == pytest.approx(one_log[record["step"]]["loss"], abs=1e-5)
         assert record["samples"] == one_log[record["step"]]["samples"]
-
-
-def _with_a_gradient(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` less its attention key biases, whose gradient is zero in exact arithmetic (softmax ignores the
-    constant ``q . b_k`` added to all of one query's scores): computed, it is rounding noise, and Adam turns
-    noise into moves of up to lr a step either way. (DaViT's channel attention sums over tokens, not channels:
-    its key bias is a real parameter.)"""
-    if name.endswith("k_proj.bias"):
-        return tensor[:0]
-    if name.endswith("window_attn.qkv.bias"):  # DaViT's spatial attention: [query | key | value]
-        query, _, value = tensor.chunk(3)
-        return torch.cat([query, value])
-    return tensor
-
-
-def _relative_difference(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor, name: str) -> float:
-    """|a - b| / |b - start| (L2 norms) over the entries of a tensor that have a gradient (b unmoved: 0 if a = b)."""
-    a, b, start = (_with_a_gradient(name, t.float()) for t in (a, b, start))
-    moved = float((b - start).norm())
-    return float((a - b).norm()) / moved if moved else float((a - b).norm() > 0)
 
 
 def _rank_of(pid: int) -> int | None:

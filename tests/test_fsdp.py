@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from support import verify_checkpoint
+from support import relative_difference, verify_checkpoint
 
 from florence_kit.train import checkpoints
 from florence_kit.train.config import TrainConfig
@@ -58,27 +58,11 @@ def _one_process(tiny_dir: Path, data: Path, out: Path, **overrides) -> Path:
     return result.output_dir
 
 
-def _with_a_gradient(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` less its attention key biases, whose gradient is zero in exact arithmetic (softmax ignores the
-    constant ``q . b_k`` added to all of one query's scores): computed, it is rounding noise, and Adam turns noise
-    into moves of up to lr a step either way. (DaViT's channel attention sums over tokens: its key bias is real.)"""
-    if name.endswith("k_proj.bias"):
-        return tensor[:0]
-    if name.endswith("window_attn.qkv.bias"):  # DaViT's spatial attention: [query | key | value]
-        query, _, value = tensor.chunk(3)
-        return torch.cat([query, value])
-    return tensor
-
-
 def _compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
     """The worst tensor's |a - b| / |b - start| (L2, over entries with a gradient), after the bounds every run
     must meet; ``b`` is the one-process run."""
     assert a.keys() == b.keys()
-    worst = 0.0
-    for k in a:
-        x, y, s = (_with_a_gradient(k, t.float()) for t in (a[k], b[k], start[k]))
-        moved = float((y - s).norm())
-        worst = max(worst, float((x - y).norm()) / moved if moved else float((x - y).norm() > 0))
+    worst = max(relative_difference(a[k], b[k], start[k], k) for k in a)
     # Adam moves a weight by at most ~lr a step (|m/sqrt(v)| <= 1.01 over 3 steps), in whatever direction: two runs
     # can be no further apart than both moving the whole way in opposite directions
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 2 * 1.01 * sum(LRS)
