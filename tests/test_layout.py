@@ -124,3 +124,49 @@ def test_the_layout_map_names_every_module():
         if not re.search(rf"\b{parts[2]}\b", entries.get(parts[1], "")):
             missing.append(name)
     assert set(entries) == set(STAGES) and missing == [], f"docs/development.md's layout map misses {missing}"
+
+
+# A run folder's own files, and the one module that names them (everything else asks its RunFolder).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "README.md")
+RUN_FOLDER_OWNER = "florence_kit.train.runfolder"
+
+
+def run_file_literals(path: Path) -> list[tuple[int, str]]:
+    """String constants in ``path`` that are a run file's name or end in it as a path (prose is left alone)."""
+    import re
+
+    named = re.compile(r"^(.*/)?\.?(" + "|".join(map(re.escape, RUN_FILES)) + r")(\.tmp)?$")
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }
+    return sorted(
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+        and named.match(node.value.strip())
+    )
+
+
+def test_only_the_run_folder_names_its_files():
+    found = [f"{name}:{line}: {text!r}" for name, path in modules().items() if name != RUN_FOLDER_OWNER
+             for line, text in run_file_literals(path)]
+    assert found == [], f"ask florence_kit.train.runfolder.RunFolder for these run files instead: {found}"
+    assert len(run_file_literals(modules()[RUN_FOLDER_OWNER])) == len(RUN_FILES)
+
+
+def test_the_run_file_check_sees_a_path_literal(tmp_path: Path):
+    """The check above would catch the ways a module names a run file (and not prose about it)."""
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        '"""Reads config.yaml."""\n'
+        'a = out / "config.yaml"\n'
+        'b = f"{out}/metrics.jsonl"\n'
+        'c = out / ".config.yaml.tmp"\n'
+        'd = "README.md"\n'
+        'e = "no config.yaml here; pass a run folder"\n'
+    )
+    assert [line for line, _ in run_file_literals(sample)] == [2, 3, 4, 5]

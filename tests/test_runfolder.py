@@ -314,3 +314,44 @@ def test_overwrite_leaves_nothing_of_the_earlier_runs_model_or_logs(
     assert (out / "adapter_model.safetensors").is_file() and is_adapter_dir(out)
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
     assert not (out / "tensorboard").exists()
+
+
+def test_run_folder_reads_what_it_wrote_and_tolerates_what_a_crash_leaves(tmp_path: Path) -> None:
+    """config.yaml swapped in whole (keys in their order), a torn metrics line skipped, a broken config empty."""
+    from florence_kit.train.runfolder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    assert not folder.is_run() and folder.config() == {} and folder.metrics() == [] and folder.tasks() == {}
+    folder.write_config({"task": "caption", "lr": 0.001, "tasks_dirs": [str(tmp_path), str(tmp_path / "gone")]})
+    assert folder.is_run() and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    written = f"task: caption\nlr: 0.001\ntasks_dirs:\n- {tmp_path}\n- {tmp_path}/gone\n"
+    assert (tmp_path / "config.yaml").read_text() == written
+    assert folder.tasks() == {"task": "caption", "tasks_dirs": [tmp_path]}  # a task folder since removed is left out
+    ckpt = tmp_path / "checkpoints" / "step-4"
+    ckpt.mkdir(parents=True)
+    assert RunFolder.of_checkpoint(ckpt).config()["lr"] == 0.001
+    for broken in ("task: [unclosed", "- a list\n- not options\n"):
+        (tmp_path / "config.yaml").write_text(broken)
+        assert folder.config() == {} and folder.tasks() == {}
+
+    folder.start_metrics()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert folder.metrics() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    folder.restart_metrics(1, ckpt)
+    assert (tmp_path / "metrics.jsonl").read_text() == (
+        f'{{"step": 1, "loss": 2.0}}\n{{"step": 1, "event": "resume", "checkpoint": "{ckpt}"}}\n'
+    )
+    assert folder.write_card("# card\n").read_text() == "# card\n" and folder.card_file == tmp_path / "README.md"
+
+
+def test_model_task_reads_a_run_without_the_onnx_exporter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """predict/serve asking a plain run folder for its task need not load the ONNX export code."""
+    import sys
+
+    from florence_kit.cli.common import model_task
+    from florence_kit.train.runfolder import RunFolder
+
+    monkeypatch.delitem(sys.modules, "florence_kit.present.onnx_export", raising=False)
+    RunFolder(tmp_path).write_config({"task": "caption"})
+    assert model_task(str(tmp_path), []) == "caption"
+    assert "florence_kit.present.onnx_export" not in sys.modules

@@ -95,13 +95,14 @@ def model_task(model: str | None, tasks_dirs: list[Path], fallback: str = "docvq
     """The one task a run folder was trained for (its config.yaml) or an ONNX export was made for, else
     ``fallback``: ``predict`` and ``serve`` without --task ask the model what it learned, in its own prompt."""
     from florence_kit.model.onnx_runtime import export_info, is_onnx_export
-    from florence_kit.present.onnx_export import run_tasks
     from florence_kit.tasks.registry import resolve_tasks
+    from florence_kit.train.runfolder import RunFolder
 
     path = Path(model).expanduser() if model else None
     if path is None or not path.is_dir():
         return fallback
-    own = run_tasks(path) if not is_onnx_export(path) else {"task": export_info(path).get("task"), "tasks_dirs": []}
+    own = (RunFolder(path).tasks() if not is_onnx_export(path)
+           else {"task": export_info(path).get("task"), "tasks_dirs": []})
     task = own.get("task")
     if not isinstance(task, str) or not task:
         return fallback

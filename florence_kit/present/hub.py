@@ -48,7 +48,9 @@ def check_can_push(repo: str) -> None:
 
 def files_to_push(run_dir: Path) -> list[str]:
     """The top-level files of a run folder: weights, processor, card, config and training log (no pickles)."""
-    if not (run_dir / "config.yaml").is_file() or not any(run_dir.glob("*.safetensors")):
+    from florence_kit.train.runfolder import RunFolder
+
+    if not RunFolder(run_dir).is_run() or not any(run_dir.glob("*.safetensors")):
         raise UserError(
             f"'{run_dir}' is not a finished run folder (needs config.yaml and *.safetensors weights); "
             "pass the --output-dir of a `florence-kit finetune` run"

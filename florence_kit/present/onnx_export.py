@@ -398,17 +398,9 @@ def load_for_export(source: str) -> tuple[Any, Any]:
 
 def run_tasks(source: Path) -> dict[str, Any]:
     """The run's task selection and its task folders (from config.yaml), so the export knows its prompts."""
-    import yaml
+    from florence_kit.train.runfolder import RunFolder
 
-    config = source / "config.yaml"
-    if not config.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(config.read_text()) or {}
-    except yaml.YAMLError:
-        return {}
-    dirs = [Path(d) for d in data.get("tasks_dirs") or [] if Path(d).is_dir()]
-    return {"task": data.get("task"), "tasks_dirs": dirs}
+    return RunFolder(source).tasks()
 
 
 def export_onnx(source: str, out: Path, *, quantize: str = "none", opset: int = DEFAULT_OPSET,

@@ -16,9 +16,12 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from florence_kit.common.errors import UserError
+
+if TYPE_CHECKING:
+    from florence_kit.train.runfolder import RunFolder
 
 DEFAULT_MAX_EXAMPLES = 500
 
@@ -95,22 +98,14 @@ def summary_folders(source: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def read_train_log(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl lines; a torn last line (run interrupted mid-write) is skipped, not fatal."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-    return rows
+def read_train_log(run: RunFolder) -> list[dict[str, Any]]:
+    """The run's logged steps (records without a step number are left out)."""
+    return [row for row in run.metrics() if isinstance(row.get("step"), (int, float))]
 
 
 def find_inputs(source: Path) -> ReportInputs:
     """An eval folder, a run folder, or a folder holding either (the demo's layout)."""
-    import yaml
+    from florence_kit.train.runfolder import RunFolder
 
     if not source.is_dir():
         raise UserError(f"'{source}' is not a folder; pass a run folder or an eval folder")
@@ -124,13 +119,12 @@ def find_inputs(source: Path) -> ReportInputs:
         inputs.evals = [replace(read_eval(source / folder), label=name) for name, folder in summary_folders(source)]
     order = {"before": 0, "after": 2}
     inputs.evals.sort(key=lambda e: order.get(e.label, 1))
-    train_dir = next((p for p in candidates if (p / "metrics.jsonl").is_file()), None)
-    if train_dir is not None:
-        inputs.train_dir = train_dir
-        inputs.train_log = read_train_log(train_dir / "metrics.jsonl")
-        if (train_dir / "config.yaml").is_file():
-            loaded = yaml.safe_load((train_dir / "config.yaml").read_text())
-            inputs.config = loaded if isinstance(loaded, dict) else {}
+    run = next((RunFolder(p) for p in candidates if RunFolder(p).has_metrics()), None)
+    train_dir = run.path if run is not None else None
+    if run is not None:
+        inputs.train_dir = run.path
+        inputs.train_log = read_train_log(run)
+        inputs.config = run.config()
     if not inputs.evals and train_dir is None:
         raise UserError(
             f"'{source}' holds no predictions.jsonl (an eval folder) or metrics.jsonl (a run folder); "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,13 @@ def _base_model(model: str) -> str | None:
     return None if Path(model_id).expanduser().exists() or model_id.count("/") != 1 else model_id
 
 
-def last_metrics(metrics_log: Path) -> dict[str, Any]:
+def last_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Non-training numbers (eval scores) from the last log record that has any (events are not scores)."""
     found: dict[str, Any] = {}
-    if metrics_log.is_file():
-        for line in metrics_log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            extra = {k: v for k, v in record.items() if k not in TRAINING_KEYS}
-            if extra and not any(k in record for k in NOT_METRICS):
-                found = {"step": record.get("step"), **extra}
+    for record in records:
+        extra = {k: v for k, v in record.items() if k not in TRAINING_KEYS}
+        if extra and not any(k in record for k in NOT_METRICS):
+            found = {"step": record.get("step"), **extra}
     return found
 
 
@@ -80,6 +74,8 @@ def model_card(options: dict[str, Any], run: dict[str, Any], metrics: dict[str, 
 
 
 def write_card(out: Path, options: dict[str, Any], run: dict[str, Any]) -> Path:
-    path = out / "README.md"
-    path.write_text(model_card(options, run, last_metrics(out / "metrics.jsonl")))
-    return path
+    """The card for the run in ``out``, with the scores its log ends on."""
+    from florence_kit.train.runfolder import RunFolder
+
+    folder = RunFolder(out)
+    return folder.write_card(model_card(options, run, last_metrics(folder.metrics())))

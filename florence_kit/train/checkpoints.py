@@ -229,15 +229,13 @@ def fit_of_checkpoint(cfg: Any, checkpoint: Path, print_fn: Any = print) -> Any:
     import json
     from dataclasses import replace
 
-    import yaml
+    from florence_kit.train.runfolder import RunFolder
 
     saved = json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprint", {})
     micro, accum = saved.get("batch_size"), saved.get("grad_accum")
     if not micro or not accum or micro * accum != cfg.batch_size * cfg.grad_accum:
         return None
-    config = checkpoint.resolve().parent.parent / "config.yaml"  # <run>/checkpoints/step-N
-    recorded = yaml.safe_load(config.read_text()) if config.is_file() else None
-    ckpt = recorded.get("gradient_checkpointing") if isinstance(recorded, dict) else None
+    ckpt = RunFolder.of_checkpoint(checkpoint).config().get("gradient_checkpointing")
     ckpt = cfg.gradient_checkpointing if ckpt is None else bool(ckpt)
     chosen = replace(cfg, batch_size=micro, grad_accum=accum, gradient_checkpointing=ckpt)
     print_fn(

@@ -121,18 +121,15 @@ def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
     given, the git commit of the working directory); ``versions`` the libraries and florence-kit's own
     commit. ``--config`` ignores both.
     """
-    import yaml
-
     from florence_kit.common.versions import git_commit, versions
     from florence_kit.train.config import options_dict
+    from florence_kit.train.runfolder import RunFolder
 
     data = options_dict(cfg)
     given = {k: data[k] for k, default in PER_COMMAND.items() if data[k] != default}
     data.update(PER_COMMAND)  # --config RUN/config.yaml --output-dir NEW must not resume or overwrite anything
     data.update(versions=versions(), run={**extra, **given, "git_commit": git_commit(Path.cwd())})
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(out / "config.yaml")
+    RunFolder(out).write_config(data)
 
 
 # What write_config records beside the options (for people, not for the run): accepted and ignored.

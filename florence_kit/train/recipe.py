@@ -289,6 +289,8 @@ def check_resume_settings(run: Run) -> None:
 
 def start_run_folder(run: Run) -> None:
     """metrics.jsonl started (or cut back to the checkpoint's step when resuming), config.yaml written."""
+    from florence_kit.train.runfolder import RunFolder
+
     out, report = run.out, run.report
     run.run_info = {"task_origin": run.data.origin, "examples": len(report.keep), "dropped": len(report.too_long),
                     **({"mix": run.data.mix} if run.data.mix else {}), "speed": run.speed}
@@ -297,10 +299,10 @@ def start_run_folder(run: Run) -> None:
     if run.main:
         out.mkdir(parents=True, exist_ok=True)
         if run.resume_from is not None:
-            restart_log(out / "metrics.jsonl", run.start_step, run.resume_from)
+            RunFolder(out).restart_metrics(run.start_step, run.resume_from)
             run.say(f"resuming from {run.resume_from} (step {run.start_step})")
         else:
-            (out / "metrics.jsonl").write_text("")
+            RunFolder(out).start_metrics()
             for stale in ("checkpoints", "best", "tensorboard"):  # an earlier run's, in a folder reused by --overwrite
                 shutil.rmtree(out / stale, ignore_errors=True)
         write_config(run.cfg, out, run.run_info)
@@ -314,7 +316,7 @@ def start_run_folder(run: Run) -> None:
 def train(run: Run, quiet: bool) -> Outcome:
     """The loop under a progress bar; Ctrl-C stops it after the step in progress (every process agrees)."""
     from florence_kit.train.progress import StepProgress
-    from florence_kit.train.runfolder import ImageGuard, StepInterrupt, stop_at_step_end
+    from florence_kit.train.runfolder import ImageGuard, RunFolder, StepInterrupt, stop_at_step_end
 
     cfg = run.cfg
     evaluator = make_evaluator(run.tasks[0], cfg, run.processor) if cfg.eval_every else None
@@ -325,7 +327,7 @@ def train(run: Run, quiet: bool) -> Outcome:
                       log_every=cfg.log_every, print_fn=run.say) as bar, stop_at_step_end() as stop:
         try:
             steps, loss = train_loop(
-                run.model, run.processor, rows, cfg, run.out / "metrics.jsonl",
+                run.model, run.processor, rows, cfg, RunFolder(run.out).metrics_file,
                 on_step=bar.update, collate_truncate=cfg.too_long == "truncate",
                 evaluator=evaluator, on_best=lambda model, step, value: save_best_of(run, model, step, value),
                 resume_from=run.resume_from, state=state, stop_requested=lambda: stop.requested,
@@ -418,22 +420,6 @@ def prepare_run_dir(cfg: TrainConfig, out: Path) -> Path | None:
     if checkpoint.resolve().parent.parent != out.resolve():
         check_output_dir(out, cfg.overwrite)
     return checkpoint
-
-
-def restart_log(log_path: Path, step: int, checkpoint: Path) -> None:
-    """On resume, drop log records past the checkpoint's step (the resumed run writes them again) and mark it."""
-    kept = []
-    for line in log_path.read_text().splitlines() if log_path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by the kill
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    kept.append(json.dumps({"step": step, "event": "resume", "checkpoint": str(checkpoint)}))
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    tmp.write_text("\n".join(kept) + "\n")
-    tmp.replace(log_path)
 
 
 def save_best(model: Any, out: Path, step: int, metric: str, value: float,

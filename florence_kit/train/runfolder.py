@@ -1,5 +1,8 @@
-"""What keeps a run folder whole: atomic saves, bad images skipped or named, and Ctrl-C that saves first.
+"""The run folder: :class:`RunFolder` reads and writes its files; atomic saves, bad images, Ctrl-C that saves first.
 
+- :class:`RunFolder` is the one place that knows the run's own files: ``config.yaml`` (every option and the
+  run's facts), ``metrics.jsonl`` (one JSON record a line) and the model card ``README.md``. Every other
+  module asks it for them, so the names and formats are written here once.
 - The final model is written to a hidden temporary folder and moved in file by file (``os.replace`` is
   atomic), so a full disk or a crash never leaves a half-written ``model.safetensors`` behind or
   destroys an earlier run's weights.
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,11 +22,122 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from florence_kit.common.errors import BadImageError, UserError
 from florence_kit.data.dataset import image_file
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CARD_FILE = "README.md"
+CHECKPOINTS_DIR = "checkpoints"  # <run>/checkpoints/step-N
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A fine-tuning run's output folder and its own files: what it was run with, what it logged, its card."""
+
+    path: Path
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path | str) -> RunFolder:
+        """The run that wrote ``checkpoint`` (``<run>/checkpoints/step-N``)."""
+        return cls(Path(checkpoint).resolve().parent.parent)
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def card_file(self) -> Path:
+        return self.path / CARD_FILE
+
+    def is_run(self) -> bool:
+        """A run folder is one whose config.yaml was written (at the start of the run, again at its end)."""
+        return self.config_file.is_file()
+
+    def has_metrics(self) -> bool:
+        return self.metrics_file.is_file()
+
+    # --- config.yaml ---
+
+    def config(self) -> dict[str, Any]:
+        """The recorded options and facts; empty where there is no config.yaml or it is no YAML mapping."""
+        import yaml
+
+        if not self.config_file.is_file():
+            return {}
+        try:
+            data = yaml.safe_load(self.config_file.read_text())
+        except yaml.YAMLError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        """``data`` as YAML in its own order, swapped in whole so a crash leaves the earlier file, never half a one."""
+        import yaml
+
+        tmp = self.path / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        tmp.replace(self.config_file)
+
+    def tasks(self) -> dict[str, Any]:
+        """The run's task selection and those of its task folders that still exist; empty for no run."""
+        data = self.config()
+        if not data:
+            return {}
+        dirs = [Path(d) for d in data.get("tasks_dirs") or [] if Path(d).is_dir()]
+        return {"task": data.get("task"), "tasks_dirs": dirs}
+
+    # --- metrics.jsonl ---
+
+    def start_metrics(self) -> None:
+        """An empty log: a new run (or one started over with --overwrite) logs from its first step."""
+        self.metrics_file.write_text("")
+
+    def restart_metrics(self, step: int, checkpoint: Path) -> None:
+        """On resume, drop records past the checkpoint's step (the resumed run writes them again) and mark it."""
+        log = self.metrics_file
+        kept = []
+        for line in log.read_text().splitlines() if log.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        kept.append(json.dumps({"step": step, "event": "resume", "checkpoint": str(checkpoint)}))
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("\n".join(kept) + "\n")
+        tmp.replace(log)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The log's records in order; a torn line (a run killed mid-write) is skipped, not fatal."""
+        if not self.metrics_file.is_file():
+            return []
+        records = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    # --- README.md ---
+
+    def write_card(self, text: str) -> Path:
+        """The model card (train/card.py writes its text); the hub shows it as the repo's page."""
+        self.card_file.write_text(text)
+        return self.card_file
+
 
 # What makes a folder one model or the other: an earlier run's left beside the new ones (--overwrite of a full run
 # by a lora run, or the reverse) would be loaded instead of them (a config.json makes a folder a full checkpoint).
@@ -158,7 +273,7 @@ def stop_at_step_end() -> Iterator[StopFlag]:
 
 def describe_output_dir(out: Path) -> str:
     """Why an existing non-empty folder is refused: an earlier run or something else."""
-    if (out / "config.yaml").is_file():
+    if RunFolder(out).is_run():
         return (f"--output-dir '{out}' is not empty: it holds an earlier run; pass --overwrite to replace it or "
                 "choose another folder")
     return (f"--output-dir '{out}' is not empty and is not a florence-kit run folder; pass --overwrite to write "

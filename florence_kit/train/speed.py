@@ -78,13 +78,11 @@ def recorded(cfg: Any, checkpoint: Path) -> dict[str, bool] | None:
     """
     import json
 
-    import yaml
-
     from florence_kit.train.checkpoints import STATE_FILE
+    from florence_kit.train.runfolder import RunFolder
 
-    config = Path(checkpoint).resolve().parent.parent / "config.yaml"
-    data = yaml.safe_load(config.read_text()) if config.is_file() else None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), bool) for k in SWITCHES):
+    data = RunFolder.of_checkpoint(checkpoint).config()
+    if not all(isinstance(data.get(k), bool) for k in SWITCHES):
         return None
     state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
     return {**{k: data[k] for k in SWITCHES},
