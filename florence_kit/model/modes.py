@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any
 
 SETTINGS = ("full", "lora", "frozen")  # what a component can do: every weight trains, only LoRA's, none
+QUANT_BITS = (None, 4)  # base storage loading can make (model/loading.load_quantized: NF4) and memory.py sizes
 COMPONENTS = {
     "vision": "model.vision_tower",
     "projector": "model.multi_modal_projector",
@@ -43,6 +44,12 @@ class TrainingMode:
     lr: float  # peak learning rate when --lr is not given
     quant_bits: int | None = None  # base Linear weights stored in this many bits (4: NF4 via bitsandbytes)
     optim_8bit: bool = False  # default optimizer: bitsandbytes' 8-bit AdamW (paged on CUDA)
+
+    def __post_init__(self) -> None:
+        settings = (self.vision, self.projector, self.language)
+        if any(setting not in SETTINGS for setting in settings) or self.quant_bits not in QUANT_BITS:
+            raise ValueError(f"mode {self.name!r}: settings must be among {SETTINGS} and quant_bits among "
+                             f"{QUANT_BITS} (what loading and the memory model implement), got {self}")
 
     @property
     def adapters(self) -> bool:
@@ -72,6 +79,17 @@ TABLE: dict[str, TrainingMode] = {row.name: row for row in (
 Mode = Enum("Mode", [(name.replace("-", "_"), name) for name in TABLE], type=str)  # type: ignore[misc]
 Mode.__doc__ = "Fine-tuning modes available on the command line (one per row of TABLE)."
 ADAPTER_MODES = tuple(name for name, row in TABLE.items() if row.adapters)
+
+
+def listing(names: Any) -> str:
+    """Mode names as a message lists them: ``a, b or c``."""
+    names = list(names)
+    return " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
+# what a message says to do when the vision tower must be frozen (--cache-vision-features)
+FROZEN_VISION_HINT = f"use --mode {listing(n for n, r in TABLE.items() if r.vision == 'frozen')} " \
+    "(without --lora-vision)"
 
 
 def mode_row(mode: Any) -> TrainingMode:
