@@ -42,10 +42,18 @@ def test_every_list_of_modes_is_the_table():
 
 
 def test_a_row_outside_what_the_code_implements_is_refused_at_once():
-    with pytest.raises(ValueError, match="settings must be among"):
-        TrainingMode("frozen-language", vision="full", projector="full", language="none", lr=1e-5)
-    with pytest.raises(ValueError, match="quant_bits among"):
+    for bad in (dict(language="frozen"), dict(projector="lora"), dict(vision="lora")):  # no code or coefficients
+        with pytest.raises(ValueError, match="settings must be among"):
+            TrainingMode("new", **{"vision": "full", "projector": "full", "language": "full", "lr": 1e-5, **bad})
+    with pytest.raises(ValueError, match="quant_bits must be among"):
         TrainingMode("q8", vision="frozen", projector="full", language="lora", lr=1e-4, quant_bits=8)
+    with pytest.raises(ValueError, match="quantised weights get no gradients"):  # 4-bit weights cannot train
+        TrainingMode("q-full", vision="frozen", projector="full", language="full", lr=1e-5, quant_bits=4)
+    with pytest.raises(ValueError, match="saves the adapter and the projector's copy only"):
+        TrainingMode("lora-vision-full", vision="full", projector="full", language="lora", lr=1e-4)
+    # what the code implements is a row: LoRA with 8-bit AdamW by default
+    row = TrainingMode("lora-8bit", vision="frozen", projector="full", language="lora", lr=1e-4, optim_8bit=True)
+    assert row.adapters and row.plan(lora_vision=True)["vision"] == "lora"
 
 
 @pytest.mark.parametrize("cls", [memory.FitRequest, AdapterOptions])

@@ -19,6 +19,10 @@ from enum import Enum
 from typing import Any
 
 SETTINGS = ("full", "lora", "frozen")  # what a component can do: every weight trains, only LoRA's, none
+# What the code implements, per component: PEFT wraps the language model (adapters.wrap_lora; the vision tower
+# only with --lora-vision, the projector never: it trains as a saved copy), and memory.py's activation
+# coefficients are measured for a language model that trains fully or through LoRA.
+IMPLEMENTED = {"vision": ("full", "frozen"), "projector": ("full",), "language": ("full", "lora")}
 QUANT_BITS = (None, 4)  # base storage loading can make (model/loading.load_quantized: NF4) and memory.py sizes
 COMPONENTS = {
     "vision": "model.vision_tower",
@@ -38,7 +42,7 @@ class TrainingMode:
     """
 
     name: str  # the --mode value
-    vision: str  # one of SETTINGS per component
+    vision: str  # a setting (SETTINGS) per component, among those IMPLEMENTED
     projector: str
     language: str  # "full" also trains the LM head (tied to the token embeddings)
     lr: float  # peak learning rate when --lr is not given
@@ -46,10 +50,18 @@ class TrainingMode:
     optim_8bit: bool = False  # default optimizer: bitsandbytes' 8-bit AdamW (paged on CUDA)
 
     def __post_init__(self) -> None:
-        settings = (self.vision, self.projector, self.language)
-        if any(setting not in SETTINGS for setting in settings) or self.quant_bits not in QUANT_BITS:
-            raise ValueError(f"mode {self.name!r}: settings must be among {SETTINGS} and quant_bits among "
-                             f"{QUANT_BITS} (what loading and the memory model implement), got {self}")
+        """A row the code cannot run is refused when the table is built, not when a run reaches it."""
+        settings = {"vision": self.vision, "projector": self.projector, "language": self.language}
+        if any(settings[name] not in allowed for name, allowed in IMPLEMENTED.items()):
+            raise ValueError(f"mode {self.name!r}: settings must be among {IMPLEMENTED}, got {settings}")
+        if self.adapters and self.vision != "frozen":
+            raise ValueError(f"mode {self.name!r}: an adapter run saves the adapter and the projector's copy only "
+                             "(adapters.save_adapter): its vision tower stays frozen (or gets LoRA with --lora-vision)")
+        if self.quant_bits not in QUANT_BITS:
+            raise ValueError(f"mode {self.name!r}: quant_bits must be among {QUANT_BITS}, got {self.quant_bits}")
+        if self.quant_bits is not None and not self.adapters:
+            raise ValueError(f"mode {self.name!r}: quantised weights get no gradients: a quantised base trains "
+                             "through LoRA")
 
     @property
     def adapters(self) -> bool:
