@@ -104,7 +104,7 @@ FROZEN_VISION_HINT = f"use --mode {listing(n for n, r in TABLE.items() if r.visi
     "(without --lora-vision)"
 
 
-def mode_row(mode: Any) -> TrainingMode:
+def mode_row(mode: str) -> TrainingMode:
     """The table's row for a mode name or Mode member; an unknown name is a ValueError."""
     name = getattr(mode, "value", mode)
     if name not in TABLE:
@@ -112,12 +112,12 @@ def mode_row(mode: Any) -> TrainingMode:
     return TABLE[name]
 
 
-def learning_rate(lr: float | None, mode: Any) -> float:
+def learning_rate(lr: float | None, mode: str) -> float:
     """The run's peak learning rate: ``lr`` when given, else the mode's default."""
     return mode_row(mode).lr if lr is None else lr
 
 
-def plan_for(mode: Any, lora_vision: bool = False) -> dict[str, str]:
+def plan_for(mode: str, lora_vision: bool = False) -> dict[str, str]:
     """The mode's plan; ``lora_vision`` adapts the vision tower too (LoRA modes only)."""
     return mode_row(mode).plan(lora_vision)
 
