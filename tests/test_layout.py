@@ -63,6 +63,21 @@ def test_imports_point_to_earlier_stages_only():
     assert upward == []
 
 
+def test_training_config_reaches_earlier_stages_only_as_typed_views():
+    """train/'s TrainConfig is what the package calls ``cfg``; a ``cfg`` parameter in an earlier stage would carry
+    it as ``Any``, a dependency on train/ that the import check above cannot see. Earlier stages define what they
+    read instead (model/memory.FitRequest, model/adapters.AdapterOptions), and train/ fills it."""
+    later = STAGES.index("train")
+    found = [
+        f"{m}.{node.name}"
+        for m, path in modules().items() if 0 <= stage(m) < later
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and "cfg" in {a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)}
+    ]
+    assert found == []
+
+
 def test_no_import_cycles_between_modules():
     mods = modules()
     graph = {m: imports_of(p, set(mods)) - {m} for m, p in mods.items()}

@@ -8,28 +8,12 @@ from typing import Annotated
 import typer
 
 from florence_kit.cli.common import TasksDirOption, console, user_errors
+from florence_kit.model.memory import GPUS
+from florence_kit.model.modes import ADAPTER_MODES, Mode, listing
+from florence_kit.model.precision import Precision
 
-
-class Gpu(str, Enum):
-    t4 = "t4"
-    l4 = "l4"
-    a100_40 = "a100-40"
-    a100_80 = "a100-80"
-    h100 = "h100"
-
-
-class PlanMode(str, Enum):
-    full = "full"
-    frozen_encoder = "frozen-encoder"
-    lora = "lora"
-    qlora = "qlora"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+# the cards the memory model knows (model/memory.GPUS), as Typer's choices
+Gpu = Enum("Gpu", [(name.replace("-", "_"), name) for name in GPUS], type=str)  # type: ignore[misc]
 
 
 @user_errors
@@ -37,7 +21,7 @@ def plan(
     task: Annotated[str, typer.Argument(help="Task name (its target length sets the decoder tokens).")],
     model: Annotated[str, typer.Option(help="base, large, or a checkpoint folder (only its config is read).")] = "base",
     gpu: Annotated[Gpu | None, typer.Option(help="Card to plan for; default: this machine (GPU, else RAM).")] = None,
-    mode: Annotated[PlanMode | None, typer.Option(help="Only this mode (default: every mode).")] = None,
+    mode: Annotated[Mode | None, typer.Option(help="Only this mode (default: every mode).")] = None,
     batch_size: Annotated[int, typer.Option(help="Effective batch to reach (micro-batch × accumulation).")] = 8,
     precision: Annotated[Precision, typer.Option(help="auto: bf16, fp16 on a T4, fp32 on CPU.")] = Precision.auto,
     image_size: Annotated[int | None, typer.Option(help="Image side; default: the model's processor's.")] = None,
@@ -45,10 +29,10 @@ def plan(
     target_tokens: Annotated[
         int | None, typer.Option(help="Target tokens; default: the task's max_new_tokens.")
     ] = None,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank assumed for lora/qlora.")] = 16,
+    lora_r: Annotated[int, typer.Option(help=f"LoRA rank assumed for {'/'.join(ADAPTER_MODES)}.")] = 16,
     lora_vision: Annotated[
-        bool, typer.Option(help="lora/qlora also adapt the vision tower (as finetune --lora-vision): it keeps "
-                           "its activations for the backward.")
+        bool, typer.Option(help=f"{'/'.join(ADAPTER_MODES)} also adapt the vision tower (as finetune --lora-vision): "
+                           "it keeps its activations for the backward.")
     ] = False,
     tasks_dir: TasksDirOption = None,
 ) -> None:
@@ -83,8 +67,8 @@ def plan(
                                ("--prompt-tokens", prompt_tokens, 0), ("--lora-r", lora_r, 1)):
         if value is not None and value < least:  # 0 must not fall back to the default, nor -64 plan nonsense
             raise UserError(f"{name} must be at least {least}, got {value}")
-    if lora_vision and mode and mode.value not in ("lora", "qlora"):
-        raise UserError("--lora-vision needs --mode lora or qlora (or no --mode)")
+    if lora_vision and mode and mode.value not in ADAPTER_MODES:
+        raise UserError(f"--lora-vision needs --mode {listing(ADAPTER_MODES)} (or no --mode)")
     spec = get_task(task, list(tasks_dir or []))
     config = load_config(model)
     s = sizes(config)
@@ -109,7 +93,7 @@ def plan(
     header = f"{'mode':<15} {'peak @ batch 1':>15} {'largest batch':>14} {'with checkpointing':>19}   --fit auto picks"
     console.print(header, highlight=False, soft_wrap=True)
     for f in fits:
-        label = f.mode + ("+vision" if lora_vision and f.mode in ("lora", "qlora") else "")
+        label = f.mode + ("+vision" if lora_vision and f.mode in ADAPTER_MODES else "")
         console.print(
             f"{label:<15} {f.peak_1 / GIB:>11.1f} GiB {f.max_batch:>14} {f.max_batch_ckpt:>19}   "
             f"{f.describe()}" + (f" (peak {f.peak / GIB:.1f} GiB)" if f.fits else ""),

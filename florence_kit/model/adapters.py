@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -201,10 +202,13 @@ def load_adapter_model(run_dir: Path, merge: bool = True, dtype: Any = None) -> 
 
 
 def default_optim(mode: str) -> str:
-    """qlora: paged 8-bit AdamW on CUDA; plain 8-bit AdamW elsewhere (paging is a CUDA unified-memory feature)."""
+    """The mode's optimizer: AdamW, or where the modes table says 8-bit (qlora), paged 8-bit AdamW on CUDA and
+    plain 8-bit AdamW elsewhere (paging is a CUDA unified-memory feature)."""
     import torch
 
-    if mode != "qlora":
+    from florence_kit.model.modes import mode_row
+
+    if not mode_row(mode).optim_8bit:
         return "adamw"
     return "paged-adamw8bit" if torch.cuda.is_available() else "adamw8bit"
 
@@ -218,17 +222,28 @@ def bnb_optimizer(groups: list[dict[str, Any]], lr: float, optim: str) -> Any:
     return cls(groups, lr=lr)
 
 
-def check_adapter_options(cfg: Any) -> str:
-    """Refuse option combinations that cannot run, before anything is loaded or written; returns the optimizer."""
-    from florence_kit.model.modes import ADAPTER_MODES, Mode
+@dataclass(frozen=True)
+class AdapterOptions:
+    """What the adapter checks read of a run's options (train/ builds it from its TrainConfig's same-named fields)."""
 
-    if cfg.lora_vision and Mode(cfg.mode) not in ADAPTER_MODES:
-        raise UserError("--lora-vision needs --mode lora or qlora")
-    if cfg.lora_r < 1:
-        raise UserError(f"--lora-r must be at least 1, got {cfg.lora_r}")
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
-    optim = cfg.optim or default_optim(cfg.mode)
+    mode: str
+    lora_r: int
+    lora_dropout: float
+    lora_vision: bool
+    optim: str | None  # None: the mode's default
+
+
+def check_adapter_options(options: AdapterOptions) -> str:
+    """Refuse option combinations that cannot run, before anything is loaded or written; returns the optimizer."""
+    from florence_kit.model.modes import ADAPTER_MODES, mode_row
+
+    if options.lora_vision and not mode_row(options.mode).adapters:
+        raise UserError(f"--lora-vision needs --mode {' or '.join(ADAPTER_MODES)}")
+    if options.lora_r < 1:
+        raise UserError(f"--lora-r must be at least 1, got {options.lora_r}")
+    if not 0.0 <= options.lora_dropout < 1.0:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {options.lora_dropout}")
+    optim = options.optim or default_optim(options.mode)
     if optim not in OPTIMIZERS:
         raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got '{optim}'")
     if optim != "adamw":

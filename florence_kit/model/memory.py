@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from florence_kit.model.modes import TABLE, TrainingMode, mode_row
+
 # Florence-2 sizes (transformers' Florence2VisionConfig defaults are the base tower).
 BASE_TEXT = {"d_model": 768, "layers": 6, "heads": 12, "ffn": 3072}
 LARGE_TEXT = {"d_model": 1024, "layers": 12, "heads": 16, "ffn": 4096}
@@ -177,8 +179,9 @@ VISION_BLOCK_LORA = 53.4
 VISION_PATCH = 4.0  # the pre-normed patch conv of stages 2-4, × tokens × channels of the stage
 PROJECTOR = 1.75  # × tokens × channels of the last stage
 ATTN = 3  # × heads × query tokens × key tokens
-# BART layers, × tokens × d_model (+ 2.25 × tokens × ffn for fc1/GELU/dropout); LoRA's dropout on the
-# adapters' inputs adds the difference (measured with lora_dropout 0.05, r 16).
+# BART layers, × tokens × d_model (+ 2.25 × tokens × ffn for fc1/GELU/dropout), keyed by the language
+# model's setting in the modes table; LoRA's dropout on the adapters' inputs adds the difference (measured
+# with lora_dropout 0.05, r 16).
 ENCODER = {"full": 13.0, "lora": 23.6}
 DECODER = {"full": 18.0, "lora": 30.7}
 CROSS_KV = {"full": 2.17, "lora": 6.04}  # per decoder layer, × encoder tokens × d_model (cross-attn K, V)
@@ -211,26 +214,27 @@ def activations(
     of it (with checkpointing: one layer recomputed during the backward). ``fused_attention``: SDPA runs a
     flash / memory-efficient kernel (CUDA), which keeps one log-sum-exp per query row instead of the
     heads × tokens² probabilities, dropout mask and attention mask the CPU path keeps.
-    ``lora_vision`` (lora/qlora): the tower's adapters train, so the backward runs through it and its blocks
+    ``lora_vision`` (adapter modes): the tower's adapters train, so the backward runs through it and its blocks
     keep their activations, as in full fine-tuning.
     """
+    plan = mode_row(mode).plan(lora_vision)
     attn = 0 if fused_attention else ATTN
     tokens = _stage_tokens(s, shape.image_size)
     enc_t = tokens[-1] + 1 + shape.prompt + 2
     dec_t = shape.target
     d, h = s.d_model, s.heads
-    lang = "lora" if mode in ("lora", "qlora") else "full"
+    lang = plan["language"]
     enc_layer = enc_t * (ENCODER[lang] * d + FFN * s.ffn) + attn * h * enc_t**2
     dec_layer = dec_t * (DECODER[lang] * d + FFN * s.ffn) + CROSS_KV[lang] * enc_t * d
     dec_layer += attn * h * (dec_t * enc_t + dec_t**2)
     head = dec_t * s.vocab + 2 * enc_t * d  # logits kept by the loss; embeddings, masks
     projector = PROJECTOR * tokens[-1] * s.embed_dim[-1]
-    adapted = lora_vision and mode in ("lora", "qlora")
+    adapted = plan["vision"] == "lora"
     block = VISION_BLOCK_LORA if adapted else VISION_BLOCK
     blocks = [block * n * c for n, c in zip(tokens, s.embed_dim, strict=True)]
     patch = 0 if adapted else tokens[0] * s.embed_dim[0] + 3 * shape.image_size**2
     patch += sum(VISION_PATCH * n * c for n, c in zip(tokens[1:], s.embed_dim[1:], strict=True))
-    vision_trains = mode == "full" or adapted
+    vision_trains = plan["vision"] != "frozen"
     if not checkpointing:
         kept = s.encoder_layers * enc_layer + s.decoder_layers * dec_layer + head + projector
         if vision_trains:
@@ -277,7 +281,7 @@ GPUS = {
     "a100-80": GPU("NVIDIA A100 80 GB", 79.2 * GIB, True),
     "h100": GPU("NVIDIA H100 80 GB", 79.2 * GIB, True),
 }
-MODES = ("full", "frozen-encoder", "lora", "qlora")
+MODES = tuple(TABLE)  # the modes table's names, in its order
 
 
 @dataclass(frozen=True)
@@ -288,7 +292,7 @@ class Setting:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed: fp32 master weights, low-precision activations)
     optim: str = "adamw"  # adamw | adamw8bit
     lora_r: int = 16
-    lora_vision: bool = False  # lora/qlora: adapters in the vision tower too (finetune --lora-vision)
+    lora_vision: bool = False  # adapter modes: adapters in the vision tower too (finetune --lora-vision)
 
 
 @dataclass(frozen=True)
@@ -306,31 +310,39 @@ class Estimate:
     peak: float  # max(training step, load)
 
 
-def trainable(s: Sizes, mode: str, lora_r: int = 16, lora_vision: bool = False) -> float:
-    if mode == "full":
-        return s.total
-    if mode == "frozen-encoder":
-        return s.total - s.vision
-    # lora/qlora: the adapters + the projector, which trains fully (PEFT modules_to_save copy)
-    return lora_r * sum(i + o for i, o in s.lora_targets) + s.projector + vision_adapters(s, mode, lora_r, lora_vision)
-
-
-def vision_adapters(s: Sizes, mode: str, lora_r: int, lora_vision: bool) -> float:
-    """Parameters of the vision tower's LoRA matrices (0 unless --lora-vision in lora/qlora)."""
-    if not lora_vision or mode not in ("lora", "qlora"):
+def trained(s: Sizes, component: str, setting: str, lora_r: int) -> float:
+    """Parameters of one component that get gradients and optimizer state under a modes-table setting."""
+    if setting == "frozen":
         return 0
-    return lora_r * sum(i + o for i, o in s.vision_lora_targets)
+    if setting == "full":
+        return {"vision": s.vision, "projector": s.projector, "language": s.language}[component]
+    # lora: the adapter matrices around the targets PEFT wraps (adapters.LANGUAGE_TARGETS, VISION_TARGETS)
+    return lora_r * sum(i + o for i, o in {"vision": s.vision_lora_targets, "language": s.lora_targets}[component])
+
+
+def trainable(s: Sizes, mode: str, lora_r: int = 16, lora_vision: bool = False) -> float:
+    """Trainable parameters: the sum of :func:`trained` over the mode's plan (full: ``s.total``)."""
+    plan = mode_row(mode).plan(lora_vision)
+    return sum(trained(s, name, setting, lora_r) for name, setting in plan.items())
+
+
+def stored_weights(s: Sizes, row: TrainingMode) -> float:
+    """Bytes of the base weights: fp32, or (``quant_bits``) every Linear outside the projector and the LM head
+    quantised, vision tower included; only 4-bit NF4 has a measured size here."""
+    if row.quant_bits is None:
+        return 4.0 * s.total
+    per_weight = {4: QUANT_BYTES}[row.quant_bits]
+    return per_weight * s.linear + 4 * (s.total - s.linear)
 
 
 def estimate(s: Sizes, setting: Setting, shape: Shape, device: str = "cpu") -> Estimate:
     mode = setting.mode
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode}")
+    row = mode_row(mode)  # an unknown mode is a ValueError
+    plan = row.plan(setting.lora_vision)
     n_train = trainable(s, mode, setting.lora_r, setting.lora_vision)
-    # qlora: every Linear outside the projector and the LM head is 4-bit NF4 (vision tower included)
-    weights = QUANT_BYTES * s.linear + 4 * (s.total - s.linear) if mode == "qlora" else 4.0 * s.total
-    if mode in ("lora", "qlora"):
-        weights += 4 * n_train  # adapter matrices + the projector's trained copy
+    weights = stored_weights(s, row)
+    if row.adapters:
+        weights += 4 * n_train  # adapter matrices + the projector's trained copy, beside the base weights
     low = setting.precision in ("bf16", "fp16")
     if low:
         weights += 2 * n_train  # autocast caches a low-precision copy of each trainable weight per forward
@@ -339,9 +351,9 @@ def estimate(s: Sizes, setting: Setting, shape: Shape, device: str = "cpu") -> E
     step_temp = 0.0 if setting.optim != "adamw" else 4.0 * n_train  # foreach AdamW: one sqrt(v) temporary
     # gradients that already exist while the activations are still held: everything but the vision tower's
     # (the backward reaches the vision tower last)
-    vision_grads = s.vision if mode == "full" else vision_adapters(s, mode, setting.lora_r, setting.lora_vision)
+    vision_grads = trained(s, "vision", plan["vision"], setting.lora_r)
     early_grads = 4.0 * (n_train - vision_grads)
-    if mode in ("full", "frozen-encoder"):  # tied LM head: its gradient is a second vocab × d matrix, summed
+    if plan["language"] == "full":  # tied LM head: its gradient is a second vocab × d matrix, summed
         early_grads += 4.0 * s.vocab * s.d_model  # into the embedding's during the backward
     kept, transient = activations(
         s, mode, shape, setting.checkpointing, fused_attention=device == "cuda", lora_vision=setting.lora_vision
@@ -353,14 +365,14 @@ def estimate(s: Sizes, setting: Setting, shape: Shape, device: str = "cpu") -> E
     live = max(fixed_fb + setting.batch * per_sample, fixed_step)
     overhead = CPU_RUNTIME
     load = 0.0
-    if mode == "qlora" and device == "cpu":
+    if row.quant_bits is not None and device == "cpu":
         # from_pretrained memory-maps the checkpoint and quantising reads every Linear weight, so the whole file
         # is resident at once, next to the 4-bit weights and the unquantised weights that
         # adapters.own_unquantized_weights copies out of the mapping before it closes. At batch 1 this is the
         # peak of a qlora run (measured 1.25 GB for base, 3.80 GB for large; predicted 1.21 and 3.77). With the
         # file mapped for the whole run instead, its pages stayed resident next to their 4-bit copies: the
         # 0.7 GB that training used to show on top.
-        # (On a GPU the file is host memory; with lora/full the mapped weights are the model's own weights.)
+        # (On a GPU the file is host memory; unquantised, the mapped weights are the model's own weights.)
         load = s.stored * s.total + QUANT_BYTES * s.linear + s.stored * (s.total - s.linear)
     if device == "cuda":
         overhead = CUDA_CONTEXT + (CUDA_ALLOCATOR - 1) * live
@@ -451,7 +463,8 @@ def gpu_precision(gpu: GPU, requested: str = "auto") -> str:
 
 
 def default_optim(mode: str) -> str:
-    return "adamw8bit" if mode == "qlora" else "adamw"
+    """The optimizer the memory model assumes: 8-bit AdamW where the mode's row says so (paging adds nothing)."""
+    return "adamw8bit" if mode_row(mode).optim_8bit else "adamw"
 
 
 def model_image_size(model: str) -> int:
@@ -509,10 +522,10 @@ def plan_modes(
     s: Sizes, shape: Shape, budget: Budget, effective_batch: int, modes: tuple[str, ...] = MODES, lora_r: int = 16,
     lora_vision: bool = False,
 ) -> list[Fit]:
-    """One Fit per mode; ``lora_vision`` applies to lora/qlora (the other modes have no adapters)."""
+    """One Fit per mode; ``lora_vision`` applies to the adapter modes (the others have no adapters)."""
     return [
         fit(s, Setting(mode, precision=budget.precision, optim=default_optim(mode), lora_r=lora_r,
-                       lora_vision=lora_vision and mode in ("lora", "qlora")), shape,
+                       lora_vision=lora_vision and mode_row(mode).adapters), shape,
             budget.memory, budget.device, effective_batch)
         for mode in modes
     ]
@@ -531,35 +544,45 @@ def text_lengths(processor: Any, rows: Any, limit: int = 1000) -> tuple[int, int
     return prompt, target
 
 
-def fit_auto(cfg: Any, model: Any, processor: Any, rows: Any, print_fn: Any = print) -> Any:
-    """``finetune --fit auto``: ``cfg`` with micro-batch, accumulation and checkpointing that fit this machine.
+@dataclass(frozen=True)
+class FitRequest:
+    """What ``--fit auto`` reads of a run's options (train/ builds it from its TrainConfig's same-named fields)."""
+
+    mode: str
+    batch_size: int  # the effective batch asked for is batch_size × grad_accum
+    grad_accum: int
+    precision: str  # auto | bf16 | fp16 | fp32 (--precision)
+    optim: str | None  # None: the mode's default
+    lora_r: int
+    lora_vision: bool
+    gradient_checkpointing: bool  # asked for: the pick keeps it on
+
+
+def fit_auto(request: FitRequest, model: Any, processor: Any, rows: Any, print_fn: Any = print) -> Fit:
+    """``finetune --fit auto``: the micro-batch, accumulation and checkpointing that fit this machine.
 
     The requested effective batch is ``--batch-size`` × ``--grad-accum``. On a GPU the budget is its total
     memory (torch.cuda.mem_get_info), on CPU the RAM available now (MemAvailable); 95 % of either is used.
     """
-    from dataclasses import replace
-
     from florence_kit.common.errors import UserError
 
     native = model.get_base_model() if hasattr(model, "get_base_model") else model
     s = sizes(native.config)
-    precision = getattr(cfg, "precision", None) or getattr(cfg, "mixed_precision", None)
-    precision = {"no": "fp32", None: "fp32"}.get(precision, precision)
-    budget = local_budget(precision)
+    budget = local_budget(request.precision)
     size = getattr(processor.image_processor, "size", None)  # a dict or transformers' SizeDict
     side = int(getattr(size, "height", None) or (size.get("height") if isinstance(size, dict) else 0) or IMAGE_SIZE)
     prompt, target = text_lengths(processor, rows)
     shape = Shape(side, prompt, target)
-    optim = getattr(cfg, "optim", None) or default_optim(cfg.mode)
+    optim = request.optim or default_optim(request.mode)
     optim = "adamw8bit" if "8bit" in optim else "adamw"
-    setting = Setting(cfg.mode, precision=budget.precision, optim=optim, lora_r=getattr(cfg, "lora_r", 16),
-                      lora_vision=bool(getattr(cfg, "lora_vision", False)))
-    effective = cfg.batch_size * cfg.grad_accum
-    chosen = fit(s, setting, shape, budget.memory, budget.device, effective, cfg.gradient_checkpointing)
+    setting = Setting(request.mode, precision=budget.precision, optim=optim, lora_r=request.lora_r,
+                      lora_vision=request.lora_vision)
+    effective = request.batch_size * request.grad_accum
+    chosen = fit(s, setting, shape, budget.memory, budget.device, effective, request.gradient_checkpointing)
     where = f"{budget.label}, {budget.memory / GIB:.1f} GiB usable, {budget.precision}"
     if not chosen.fits:
         raise UserError(
-            f"--fit auto: --mode {cfg.mode} does not fit {where} even at batch 1 with gradient checkpointing "
+            f"--fit auto: --mode {request.mode} does not fit {where} even at batch 1 with gradient checkpointing "
             f"(predicted {chosen.peak / GIB:.1f} GiB); use a lighter --mode (frozen-encoder, lora, qlora) "
             "or a machine with more memory"
         )
@@ -567,5 +590,4 @@ def fit_auto(cfg: Any, model: Any, processor: Any, rows: Any, print_fn: Any = pr
         f"fit auto ({where}; {side}px, {prompt}+{target} text tokens): effective batch {effective} = "
         f"{chosen.describe()}, predicted peak {chosen.peak / GIB:.1f} GiB"
     )
-    return replace(cfg, batch_size=chosen.micro_batch, grad_accum=chosen.grad_accum,
-                   gradient_checkpointing=chosen.checkpointing)
+    return chosen

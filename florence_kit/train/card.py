@@ -29,6 +29,8 @@ def last_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def model_card(options: dict[str, Any], run: dict[str, Any], metrics: dict[str, Any]) -> str:
     """Markdown with YAML front matter the hub understands."""
+    from florence_kit.model.modes import ADAPTER_MODES
+
     base = _base_model(str(options.get("model", "")))
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
              "tags:", "- florence-2", "- florence-kit", f"- {options['task']}"]
@@ -67,7 +69,7 @@ def model_card(options: dict[str, Any], run: dict[str, Any], metrics: dict[str, 
         "or score it: `florence-kit eval " + str(options["task"]) + " --model RUN_DIR`.", "",
         *(["This folder holds a LoRA adapter (`adapter_model.safetensors`) on top of its base model; "
            "`florence-kit export RUN_DIR --merge OUT` writes a plain merged checkpoint.", ""]
-          if options.get("mode") in ("lora", "qlora") else []),
+          if options.get("mode") in ADAPTER_MODES else []),
         "`RUN_DIR` is this folder (or its hub repo id once pushed).", "",
     ]
     return "\n".join(lines)

@@ -36,7 +36,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float | None = None  # None: the mode's default (modes.DEFAULT_LR)
+    lr: float | None = None  # None: the mode's default (model/modes.TABLE)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "linear"

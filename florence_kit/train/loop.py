@@ -180,12 +180,11 @@ def vision_feature_cache(cfg: TrainConfig, accelerator: Any, model: Any, frozen_
     """``--cache-vision-features``: the frozen tower's outputs kept on disk, one DaViT pass per distinct image."""
     if not cfg.cache_vision_features:
         return None
-    from florence_kit.model.modes import component
+    from florence_kit.model.modes import FROZEN_VISION_HINT, component
     from florence_kit.train.feature_cache import VisionFeatureCache
 
     if not frozen_vision:
-        raise UserError("--cache-vision-features needs a frozen vision tower: use --mode frozen-encoder, "
-                        "lora or qlora (without --lora-vision)")
+        raise UserError(f"--cache-vision-features needs a frozen vision tower: {FROZEN_VISION_HINT}")
     cache_root = cfg.vision_cache_dir or Path(cfg.output_dir) / "vision_cache"
     return VisionFeatureCache(cache_root, component(accelerator.unwrap_model(model), "vision"),
                               compute=str(accelerator.mixed_precision))

@@ -16,9 +16,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from florence_kit.common.errors import UserError
 from florence_kit.train.accelerator import multi_process_cpu
@@ -26,6 +26,14 @@ from florence_kit.train.checkpoints import TrainState
 from florence_kit.train.config import TrainConfig, TrainResult, check_output_dir, write_config
 from florence_kit.train.loop import train_loop
 from florence_kit.train.sharding import launcher_asked_fsdp
+
+View = TypeVar("View")
+
+
+def view(cls: type[View], cfg: TrainConfig) -> View:
+    """A model/ dataclass (what one model/ function reads) filled from the TrainConfig fields of the same names:
+    model/ sees typed values, never the whole config."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})  # type: ignore[arg-type]
 
 
 @dataclass
@@ -58,9 +66,9 @@ class Run:
 
     @property
     def adapter(self) -> bool:
-        from florence_kit.model.modes import ADAPTER_MODES, Mode
+        from florence_kit.model.modes import mode_row
 
-        return Mode(self.cfg.mode) in ADAPTER_MODES
+        return mode_row(self.cfg.mode).adapters
 
 
 @dataclass
@@ -91,6 +99,7 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     from accelerate import PartialState
 
     from florence_kit.model.loading import load_for_training, load_quantized
+    from florence_kit.model.modes import mode_row
 
     check_run_options(cfg)
     launcher_fsdp = launcher_asked_fsdp()  # read before check_strategy takes it out of the environment
@@ -102,7 +111,8 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     run = Run(cfg, procs, say, resume_from, training_tasks(cfg), strategy=strategy, launcher_fsdp=launcher_fsdp)
     chosen_optim, chosen_lr = cfg.optim, cfg.lr
     run.cfg = cfg = strategy_option(resolved_options(cfg), strategy)  # config.yaml records what ran
-    run.model, run.processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_for_training(cfg.model)
+    quantized = mode_row(cfg.mode).quant_bits is not None  # 4-bit NF4, the one storage the table allows
+    run.model, run.processor = load_quantized(cfg.model) if quantized else load_for_training(cfg.model)
     load_training_data(run)
     run.cfg = fit_memory(run)
     apply_training_mode(run, chosen_optim, chosen_lr)
@@ -159,13 +169,12 @@ def training_tasks(cfg: TrainConfig) -> list[Any]:
 
 def resolved_options(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the optimizer and learning rate the mode resolves to (checked before anything is written)."""
-    from florence_kit.model.adapters import check_adapter_options
-    from florence_kit.model.modes import frozen_components, learning_rate
+    from florence_kit.model.adapters import AdapterOptions, check_adapter_options
+    from florence_kit.model.modes import FROZEN_VISION_HINT, frozen_components, learning_rate
 
-    optim = check_adapter_options(cfg)
+    optim = check_adapter_options(view(AdapterOptions, cfg))
     if cfg.cache_vision_features and "vision" not in frozen_components(cfg.mode, cfg.lora_vision):
-        raise UserError("--cache-vision-features needs a frozen vision tower: use --mode frozen-encoder, "
-                        "lora or qlora (without --lora-vision)")
+        raise UserError(f"--cache-vision-features needs a frozen vision tower: {FROZEN_VISION_HINT}")
     return replace(cfg, optim=optim, lr=learning_rate(cfg.lr, cfg.mode))
 
 
@@ -200,13 +209,17 @@ def fit_memory(run: Run) -> TrainConfig:
         return cfg
     if cfg.fit != "auto":
         raise UserError(f"--fit must be off or auto, got '{cfg.fit}'")
-    from florence_kit.model.memory import fit_auto
+    from florence_kit.model.memory import FitRequest, fit_auto
     from florence_kit.train.checkpoints import fit_of_checkpoint
 
     kept = set(run.report.keep)
     reused = fit_of_checkpoint(cfg, run.resume_from, run.say) if run.resume_from is not None else None
+    if reused is not None:
+        return reused
     texts = (row for row in run.data.dataset.texts() if row[0] in kept)
-    return reused or fit_auto(cfg, run.model, run.processor, texts, run.say)
+    chosen = fit_auto(view(FitRequest, cfg), run.model, run.processor, texts, run.say)
+    return replace(cfg, batch_size=chosen.micro_batch, grad_accum=chosen.grad_accum,
+                   gradient_checkpointing=chosen.checkpointing)
 
 
 def apply_training_mode(run: Run, chosen_optim: str | None, chosen_lr: float | None) -> None:

@@ -68,9 +68,11 @@ def resolve_strategy(requested: str) -> str:
 
 def check_fsdp_options(cfg: Any, precision: str) -> None:
     """What FSDP here does not run, refused before anything is loaded: one line each, saying what to do."""
-    if cfg.mode in ("lora", "qlora"):
-        raise UserError(f"--strategy fsdp trains --mode full or frozen-encoder; a {cfg.mode} run's trainable "
-                        "adapter is small: launch it with DDP (--strategy ddp or auto)")
+    from florence_kit.model.modes import ADAPTER_MODES, TABLE, listing
+
+    if cfg.mode in ADAPTER_MODES:
+        raise UserError(f"--strategy fsdp trains --mode {listing(n for n in TABLE if n not in ADAPTER_MODES)}; "
+                        f"a {cfg.mode} run's trainable adapter is small: launch it with DDP (--strategy ddp or auto)")
     if cfg.cache_vision_features:
         raise UserError("--cache-vision-features runs the frozen vision tower outside the sharded model; under "
                         "--strategy fsdp the tower runs inside it: drop --cache-vision-features or use DDP")
