@@ -1,0 +1,102 @@
+"""Every command's options as users see them (names, defaults, types, choices, help), pinned in a fixture.
+
+The options are declared once in cli/common.py and shared; this test proves that sharing them changes
+nothing a user types or reads. After a deliberate change to an option, regenerate the fixture:
+``python tests/test_cli_options.py`` and review its diff.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from florence_kit.cli import app
+
+FIXTURE = Path(__file__).parent / "fixtures" / "cli_options.json"
+
+
+def _plain(value: Any) -> Any:
+    """A default as JSON: enums by value, paths as strings, sequences as lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _type(annotation: Any) -> tuple[str, list[Any] | None]:
+    """The value type users type, and its choices for an enum (the values, not the class that holds them)."""
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "choice", [member.value for member in annotation]
+    name = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    return (name or str(annotation).replace("pathlib.", "")), None
+
+
+def _param(param: Any) -> dict[str, Any]:
+    """What users see of one parameter: its names, value type, choices, default, whether required, its help."""
+    kind, choices = _type(param.type_descriptor.annotation)
+    info = param.type_descriptor.parameter_info
+    record: dict[str, Any] = {
+        "kind": type(param).__name__.removeprefix("Typer").lower(),
+        "opts": list(param.opts),
+        "secondary_opts": list(param.secondary_opts),
+        "type": kind,
+        "required": param.required,
+        "multiple": param.multiple,
+        "default": _plain(param.default),
+        "is_flag": bool(getattr(param, "is_flag", False)),
+    }
+    if choices is not None:
+        record["choices"] = choices
+    for extra in ("metavar", "hidden", "envvar", "min", "max"):
+        value = getattr(info, extra, None)
+        if value not in (None, False):
+            record[extra] = _plain(value)
+    record["help"] = param.help
+    return record
+
+
+def _commands(command: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf command under ``command``, keyed by its full name ('tasks list')."""
+    if hasattr(command, "commands"):  # a group: its commands, by name
+        found: dict[str, Any] = {}
+        for name, sub in sorted(command.commands.items()):
+            found.update(_commands(sub, f"{prefix}{name} "))
+        return found
+    return {prefix.strip(): {p.name: _param(p) for p in command.params}}
+
+
+def surface() -> dict[str, Any]:
+    """The whole CLI's options as plain JSON."""
+    return _commands(typer.main.get_command(app))
+
+
+def test_every_option_is_as_pinned() -> None:
+    pinned = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    live = json.loads(json.dumps(surface()))
+    assert sorted(live) == sorted(pinned), "commands added or removed"
+    for command, params in pinned.items():
+        assert list(live[command]) == list(params), f"{command}: parameters added, removed or reordered"
+        for name, record in params.items():
+            assert live[command][name] == record, f"{command} --{name.replace('_', '-')} changed"
+
+
+def test_the_fixture_covers_the_options_users_know() -> None:
+    pinned = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    assert len(pinned["finetune"]) == 52 and {"predict", "eval", "serve", "tasks list"} <= set(pinned)
+    assert pinned["finetune"]["schedule"]["choices"] == ["linear", "cosine", "constant"]
+    assert pinned["eval"]["output_dir"]["default"] == "runs/eval"
+
+
+if __name__ == "__main__":
+    FIXTURE.write_text(json.dumps(surface(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    sys.stdout.write(f"wrote {FIXTURE}\n")
