@@ -7,6 +7,7 @@ nothing a user types or reads. After a deliberate change to an option, regenerat
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import typer
 
 from florence_kit.cli import app
+from florence_kit.train.config import TrainConfig, config_from_options
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cli_options.json"
 
@@ -97,6 +99,35 @@ def test_the_fixture_covers_the_options_users_know() -> None:
     assert len(pinned["finetune"]) == 52 and {"predict", "eval", "serve", "tasks list"} <= set(pinned)
     assert pinned["finetune"]["--schedule"]["choices"] == ["linear", "cosine", "constant"]
     assert pinned["eval"]["--output-dir"]["default"] == "runs/eval" and pinned["eval"]["TASK"]["required"]
+
+
+def _finetune() -> Any:
+    return typer.main.get_command(app).commands["finetune"]
+
+
+def test_finetune_offers_every_trainconfig_field_with_its_default() -> None:
+    params = {p.name: p for p in _finetune().params}
+    not_options = {"log_every"}  # set by the code, not the user
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in not_options:
+            continue
+        assert f.name in params, f"TrainConfig.{f.name} has no finetune option of the same name"
+        if f.default is not dataclasses.MISSING:
+            assert _plain(params[f.name].default) == _plain(f.default), f"--{f.name} and TrainConfig disagree"
+
+
+def test_finetune_options_fill_trainconfig_by_name() -> None:
+    ctx = _finetune().make_context("finetune", [
+        "docvqa", "--schedule", "cosine", "--optim", "paged-adamw8bit", "--mode", "frozen-encoder",
+        "--tasks-dir", "a", "--tasks-dir", "b", "--box-format", "xyxy", "--no-prepare-data", "--lr", "2e-5"])
+    cfg = config_from_options(ctx.params)
+    assert (cfg.task, cfg.schedule, cfg.optim, cfg.mode, cfg.box_format) == (
+        "docvqa", "cosine", "paged-adamw8bit", "frozen-encoder", "xyxy")
+    assert cfg.tasks_dirs == [Path("a"), Path("b")] and cfg.prepare_data is False and cfg.lr == 2e-5
+    assert cfg.output_dir == Path("runs/finetune") and cfg.model == "base" and cfg.group_by_image is None
+    plain = dataclasses.asdict(cfg)
+    assert not [k for k, v in plain.items() if isinstance(v, enum.Enum)], "choices reach TrainConfig as enums"
+    assert config_from_options(_finetune().make_context("finetune", ["--quiet"]).params).task == ""
 
 
 if __name__ == "__main__":
