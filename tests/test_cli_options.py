@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from florence_kit.cli import app
-from florence_kit.train.config import TrainConfig, config_from_options
+from florence_kit.train.config import TrainConfig, apply_config_file, config_from_options
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cli_options.json"
 
@@ -128,6 +128,20 @@ def test_finetune_options_fill_trainconfig_by_name() -> None:
     plain = dataclasses.asdict(cfg)
     assert not [k for k, v in plain.items() if isinstance(v, enum.Enum)], "choices reach TrainConfig as enums"
     assert config_from_options(_finetune().make_context("finetune", ["--quiet"]).params).task == ""
+
+
+def test_a_typed_option_wins_over_the_config_file(tmp_path: Path) -> None:
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("task: docvqa\ntasks_dirs: [from-file]\nschedule: cosine\nseed: 7\n")
+
+    def resolved(*typed: str) -> TrainConfig:
+        ctx = _finetune().make_context("finetune", ["--config", str(run_yaml), *typed])
+        return apply_config_file(config_from_options(ctx.params), run_yaml, ctx)
+
+    cfg = resolved()
+    assert (cfg.tasks_dirs, cfg.schedule, cfg.seed, cfg.task) == ([Path("from-file")], "cosine", 7, "docvqa")
+    cfg = resolved("--tasks-dir", "typed", "--seed", "3", "--schedule", "constant")
+    assert (cfg.tasks_dirs, cfg.schedule, cfg.seed) == ([Path("typed")], "constant", 3)
 
 
 if __name__ == "__main__":
