@@ -25,7 +25,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def choices(name: str, values: Iterable[str]) -> Any:
+def choices(name: str, values: Iterable[str]) -> type[Enum]:
     """A str Enum of the values a library module owns, for Typer: the CLI lists no choice of its own.
 
     Members are named as Python allows ('paged-adamw8bit' → ``paged_adamw8bit``); each keeps its value.
