@@ -46,7 +46,8 @@ TasksDirOption = Annotated[
     list[Path] | None,
     typer.Option("--tasks-dir", help="Extra folder of task files (repeatable; also FLORENCE_KIT_TASKS_PATH)."),
 ]
-ModelOption = Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")]
+MODEL_HELP = "Run or checkpoint folder, hub id, or base/large/base-ft/large-ft."  # also serve's MODEL argument
+ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
 TaskOption = Annotated[str | None, typer.Option(
     "--task", help="Task whose prompt and generation settings to use; default: the task the run or export was made "
     "for, else docvqa.")]
