@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,26 @@ def test_a_typed_option_wins_over_the_config_file(tmp_path: Path) -> None:
     assert (cfg.tasks_dirs, cfg.schedule, cfg.seed, cfg.task) == ([Path("from-file")], "cosine", 7, "docvqa")
     cfg = resolved("--tasks-dir", "typed", "--seed", "3", "--schedule", "constant")
     assert (cfg.tasks_dirs, cfg.schedule, cfg.seed) == ([Path("typed")], "constant", 3)
+
+
+def _callbacks() -> dict[str, Any]:
+    """Every command's function, by its full name."""
+    found = {info.name: info.callback for info in app.registered_commands}
+    for group in app.registered_groups:
+        found.update({f"{group.name} {info.name}": info.callback for info in group.typer_instance.registered_commands})
+    return found
+
+
+def test_an_option_written_alike_in_several_commands_is_one_shared_type() -> None:
+    """The same help pasted into two commands is what cli/common's shared types are for."""
+    declared: dict[tuple[str, str], set[int]] = {}
+    for fn in _callbacks().values():
+        for hint in typing.get_type_hints(inspect.unwrap(fn), include_extras=True).values():
+            for info in getattr(hint, "__metadata__", ()):
+                if isinstance(info, typer.models.ParameterInfo) and info.help:
+                    declared.setdefault((type(info).__name__, info.help), set()).add(id(info))
+    pasted = [text for (_, text), objects in declared.items() if len(objects) > 1]
+    assert not pasted, f"declared more than once (make it one type in cli/common.py): {pasted}"
 
 
 if __name__ == "__main__":
