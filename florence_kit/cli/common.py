@@ -6,7 +6,7 @@ import errno
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -16,23 +16,27 @@ from rich.console import Console
 from rich.markup import escape
 
 from florence_kit.common.errors import RunInterrupted, UserError
+from florence_kit.model.attention import ATTN_CHOICES
+from florence_kit.tasks.regions import BoxFormat
+from florence_kit.train.speed import SPEEDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console()
 err_console = Console(stderr=True)
 
-class Attn(str, Enum):
-    auto = "auto"
-    sdpa = "sdpa"
-    flash = "flash"
-    eager = "eager"
+
+def choices(name: str, values: Iterable[str]) -> type[Enum]:
+    """A str Enum of the values a library module owns, for Typer: the CLI lists no choice of its own.
+
+    Members are named as Python allows ('paged-adamw8bit' → ``paged_adamw8bit``); each keeps its value.
+    """
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class Speed(str, Enum):
-    auto = "auto"
-    off = "off"
+Attn = choices("Attn", ATTN_CHOICES)
+Speed = choices("Speed", SPEEDS)
 
-
+# --- options several commands share: one type each, the same help wherever they appear ---
 AttnOption = Annotated[
     Attn,
     typer.Option(help="Attention kernel of the language model: auto (flash-attn 2 where installed, on a CUDA GPU in "
@@ -42,26 +46,45 @@ TasksDirOption = Annotated[
     list[Path] | None,
     typer.Option("--tasks-dir", help="Extra folder of task files (repeatable; also FLORENCE_KIT_TASKS_PATH)."),
 ]
-
-# --- options several commands share: one type each, the same help wherever they appear ---
-ModelOption = Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")]
-DatasetOption = Annotated[str | None, typer.Option(help="Hub id or local data; default: the task's (one task only).")]
+MODEL_HELP = "Run or checkpoint folder, hub id, or base/large/base-ft/large-ft."  # also serve's MODEL argument
+ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
+TaskOption = Annotated[str | None, typer.Option(
+    "--task", help="Task whose prompt and generation settings to use; default: the task the run or export was made "
+    "for, else docvqa.")]
+DatasetOption = Annotated[
+    str | None, typer.Option(help="Hub id, save_to_disk folder, or parquet/JSONL files; default: the task's.")
+]
 StreamingOption = Annotated[
     bool, typer.Option(help="Stream a hub dataset instead of downloading it whole (needs --max-samples).")
 ]
-NumBeamsOption = Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")]
-MaxNewTokensOption = Annotated[int | None, typer.Option(help="Answer length cap; default: the task's.")]
+MaxSamplesOption = Annotated[int | None, typer.Option(help="Use only the first N rows of the split.")]
+BoxFormatOption = Annotated[
+    BoxFormat | None,
+    typer.Option(help="Region tasks: how the data writes boxes (default: the task's, xywh as COCO)."),
+]
 NumWorkersOption = Annotated[
     int, typer.Option(help="DataLoader workers that decode images and run the processor (0: in-process).")
 ]
+SeedOption = Annotated[
+    int, typer.Option(help="Seed of the command's random draws (weights, data, data order, dropout).")
+]
+OverwriteOption = Annotated[bool, typer.Option(help="Allow writing into a non-empty output folder.")]
+QuietOption = Annotated[
+    bool, typer.Option(help="No progress bar: plain log lines (also when stdout is not a terminal).")
+]
+# generation: eval and predict
+NumBeamsOption = Annotated[int | None, typer.Option(help="Beam search width; default: the task's (1).")]
+MaxNewTokensOption = Annotated[int | None, typer.Option(help="Answer length cap; default: the task's.")]
+GenerateBatchSizeOption = Annotated[
+    int, typer.Option(help="Examples per generate() call (sorted by prompt length; same answers as 1).")
+]
 QuestionOption = Annotated[str | None, typer.Option(help="The question (for tasks whose prompt has one).")]
-PredictTaskOption = Annotated[str | None, typer.Option(
-    "--task", help="Task whose prompt and generation settings to use; default: the task the run or export was made "
-    "for, else docvqa.")]
 # predict over many images
 PredictOutputOption = Annotated[Path | None, typer.Option(
     "--output", help="Answer every input into this file: .jsonl (default) or .parquet, one record per input in input "
     "order; with --format, a dataset folder. The same command again continues where a stopped run ended.")]
+
+
 class LabelFormat(str, Enum):
     jsonl = "jsonl"
     coco = "coco"
@@ -72,7 +95,9 @@ class LabelFormat(str, Enum):
 PredictFormatOption = Annotated[LabelFormat, typer.Option(
     "--format", help="jsonl: records (or .parquet by --output's suffix); coco, yolo, florence-jsonl: a dataset "
     "folder `finetune --dataset` trains on (auto-labelling).")]
-OverwriteOption = Annotated[bool, typer.Option(help="Replace an --output another model, task or prompt wrote.")]
+PredictOverwriteOption = Annotated[
+    bool, typer.Option(help="Replace an --output another model, task or prompt wrote.")
+]
 PredictDatasetOption = Annotated[str | None, typer.Option(
     "--dataset", help="Answer a dataset's images instead: a save_to_disk folder, parquet/JSONL with an image column, "
     "or a hub id.")]
@@ -85,10 +110,6 @@ QuestionColumnOption = Annotated[
     str | None, typer.Option(help="Column of --dataset that holds each row's question (else --question for all).")
 ]
 CopyImagesOption = Annotated[bool, typer.Option(help="--format: copy the images into OUT (default: hard links).")]
-PredictBatchSizeOption = Annotated[
-    int, typer.Option(help="Images per generate() call (grouped by prompt length; same answers as 1).")
-]
-QuietOption = Annotated[bool, typer.Option(help="No progress bar.")]
 
 
 def model_task(model: str | None, tasks_dirs: list[Path], fallback: str = "docvqa") -> str:

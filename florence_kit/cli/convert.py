@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import console, user_errors
+from florence_kit.cli.common import OverwriteOption, console, user_errors
 
 
 @user_errors
@@ -21,9 +21,7 @@ def convert(
     dtype: Annotated[
         str | None, typer.Option(help="float32, float16 or bfloat16 (default: the dtype the weights were saved in).")
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace a non-empty OUT (only once the new one is complete).")
-    ] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Convert a Florence-2 made with Microsoft's remote code (trust_remote_code=True) to the native format.
 
@@ -31,7 +29,8 @@ def convert(
     remote code; a LoRA adapter trained on it becomes an adapter on the native base (--base DIR for a
     converted base; otherwise the florence-community twin of the base it names). The remote *.py files are
     never run; .bin weights are read with torch.load(weights_only=True). The result gives the original's
-    outputs (logits within 1e-4 in fp32, the same greedy and beam answers).
+    outputs (logits within 1e-4 in fp32, the same greedy and beam answers). With --overwrite, a non-empty OUT is
+    replaced only once the new one is complete.
 
     Example: florence-kit convert ./my-florence-ft ./my-florence-ft-native
     """

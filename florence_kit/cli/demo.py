@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from florence_kit.cli.common import console, user_errors
+from florence_kit.cli.common import QuietOption, SeedOption, console, user_errors
 
 
 @user_errors
@@ -16,11 +16,11 @@ def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the demo's model, data and results go.")] = Path(
         "runs/demo"
     ),
-    seed: Annotated[int, typer.Option(help="Seed of the model, the documents and the data order.")] = 0,
+    seed: SeedOption = 0,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the measured recipe's).")] = None,
     train_docs: Annotated[int | None, typer.Option(help="Rendered training pages (default: the recipe's).")] = None,
     eval_docs: Annotated[int | None, typer.Option(help="Rendered held-out pages (default: the recipe's).")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Build a tiny random Florence-2, render DocVQA-style pages, fine-tune, and show held-out ANLS.
 

@@ -11,33 +11,34 @@ import typer
 from florence_kit.cli.common import (
     Attn,
     AttnOption,
+    BoxFormatOption,
     CopyImagesOption,
     DatasetOption,
+    GenerateBatchSizeOption,
     ImageColumnOption,
     LabelFormat,
     MaxNewTokensOption,
+    MaxSamplesOption,
     ModelOption,
     NumBeamsOption,
     NumWorkersOption,
-    OverwriteOption,
-    PredictBatchSizeOption,
     PredictDatasetOption,
     PredictFormatOption,
     PredictOutputOption,
+    PredictOverwriteOption,
     PredictStreamingOption,
-    PredictTaskOption,
     QuestionColumnOption,
     QuestionOption,
     QuietOption,
     Speed,
     SplitOption,
     StreamingOption,
+    TaskOption,
     TasksDirOption,
     console,
     model_task,
     user_errors,
 )
-from florence_kit.tasks.regions import BoxFormat
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -70,19 +71,14 @@ def eval_(
     output_dir: Annotated[Path, typer.Option(help="Where predictions.jsonl and metrics.json go.")] = Path(
         "runs/eval"
     ),
-    batch_size: Annotated[
-        int, typer.Option(help="Examples per generate() call (sorted by prompt length; same answers as 1).")
-    ] = 16,
-    max_samples: Annotated[int | None, typer.Option(help="Score only the first N rows.")] = None,
+    batch_size: GenerateBatchSizeOption = 16,
+    max_samples: MaxSamplesOption = None,
     streaming: StreamingOption = False,
     num_beams: NumBeamsOption = None,
     max_new_tokens: MaxNewTokensOption = None,
     num_workers: NumWorkersOption = 0,
     # --- regions ---
-    box_format: Annotated[
-        BoxFormat | None,
-        typer.Option(help="Region tasks: how the data writes boxes (default: the task's, xywh as COCO)."),
-    ] = None,
+    box_format: BoxFormatOption = None,
     speed: Annotated[
         Speed, typer.Option(help="auto: a page's questions batched together, each page decoded and run through the "
                             "vision tower once (same answers); off: one decode per question, sorted by length.")
@@ -172,7 +168,7 @@ def predict(
     inputs: Annotated[list[str] | None, typer.Argument(
         help="Image files, folders (recursive), globs or @list.txt (one path a line; @list.jsonl: image and "
         "question). One image without --output: the answer is printed.", show_default=False)] = None,
-    task: PredictTaskOption = None,
+    task: TaskOption = None,
     model: ModelOption = "base",
     question: QuestionOption = None,
     box: Annotated[str | None, typer.Option(
@@ -183,14 +179,14 @@ def predict(
     # --- many images ---
     output: PredictOutputOption = None,
     format_: PredictFormatOption = LabelFormat.jsonl,
-    overwrite: OverwriteOption = False,
+    overwrite: PredictOverwriteOption = False,
     dataset: PredictDatasetOption = None,
     split: SplitOption = None,
     image_column: ImageColumnOption = "image",
     question_column: QuestionColumnOption = None,
     streaming: PredictStreamingOption = False,
     copy_images: CopyImagesOption = False,
-    batch_size: PredictBatchSizeOption = 16,
+    batch_size: GenerateBatchSizeOption = 16,
     num_workers: NumWorkersOption = 0,
     max_new_tokens: MaxNewTokensOption = None,
     quiet: QuietOption = False,

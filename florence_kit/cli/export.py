@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import console, user_errors
+from florence_kit.cli.common import OverwriteOption, console, user_errors
 
 
 @user_errors
@@ -27,12 +27,13 @@ def export(
         help="--onnx: also write int8 (onnxruntime dynamic quantisation, *_int8.onnx) or fp16 (*_fp16.onnx) graphs "
              "beside the fp32 ones (none | int8 | fp16); florence-kit then runs that variant.")] = "none",
     opset: Annotated[int, typer.Option(help="--onnx: ONNX opset version (17 or more).")] = 18,
-    overwrite: Annotated[bool, typer.Option(help="--merge: allow writing into a non-empty output folder.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Merge a LoRA adapter into its base model, or export a model to ONNX.
 
     --merge saves a plain checkpoint (safetensors + processor) that loads with from_pretrained and needs neither
-    peft nor bitsandbytes; a qlora adapter is merged into the base loaded in full precision.
+    peft nor bitsandbytes; a qlora adapter is merged into the base loaded in full precision; --overwrite lets it
+    write into a non-empty folder (--onnx never writes over files).
 
     --onnx writes onnx/vision_encoder.onnx, embed_tokens.onnx, encoder_model.onnx and decoder_model_merged.onnx
     (with the key/value cache), checks their logits against PyTorch (within 1e-4) and moves the folder in only

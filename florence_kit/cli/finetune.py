@@ -1,52 +1,47 @@
-"""``florence-kit finetune TASK``: fine-tune Florence-2 on a task and save a checkpoint folder."""
+"""``florence-kit finetune TASK``: fine-tune Florence-2 on a task and save a checkpoint folder.
+
+The parameters are named as :class:`~florence_kit.train.config.TrainConfig`'s fields, which they fill by name.
+"""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import Attn, AttnOption, Speed, TasksDirOption, console, user_errors
+from florence_kit.cli.common import (
+    Attn,
+    AttnOption,
+    BoxFormatOption,
+    DatasetOption,
+    MaxSamplesOption,
+    ModelOption,
+    NumWorkersOption,
+    OverwriteOption,
+    QuietOption,
+    SeedOption,
+    Speed,
+    StreamingOption,
+    TasksDirOption,
+    choices,
+    console,
+    user_errors,
+)
+from florence_kit.data.collate import TOO_LONG_CHOICES
+from florence_kit.model.adapters import OPTIMIZERS
 from florence_kit.model.modes import Mode
 from florence_kit.model.precision import Precision
-from florence_kit.tasks.regions import BoxFormat
+from florence_kit.train.config import FITS, SCHEDULES, TrainConfig, TrainResult
+from florence_kit.train.sharding import STRATEGIES
+from florence_kit.train.trackers import TRACKERS
 
-
-class Schedule(str, Enum):
-    linear = "linear"
-    cosine = "cosine"
-    constant = "constant"
-
-
-class ReportTo(str, Enum):
-    none = "none"
-    tensorboard = "tensorboard"
-    wandb = "wandb"
-
-
-class Optim(str, Enum):
-    adamw = "adamw"
-    adamw8bit = "adamw8bit"
-    paged_adamw8bit = "paged-adamw8bit"
-
-
-class Fit(str, Enum):
-    off = "off"
-    auto = "auto"
-
-
-class Strategy(str, Enum):
-    auto = "auto"
-    ddp = "ddp"
-    fsdp = "fsdp"
-
-
-class TooLong(str, Enum):
-    drop = "drop"
-    truncate = "truncate"
-    error = "error"
+Schedule = choices("Schedule", SCHEDULES)
+ReportTo = choices("ReportTo", TRACKERS)
+Optim = choices("Optim", OPTIMIZERS)
+Fit = choices("Fit", FITS)
+Strategy = choices("Strategy", STRATEGIES)
+TooLong = choices("TooLong", TOO_LONG_CHOICES)
 
 
 @user_errors
@@ -57,10 +52,8 @@ def finetune(
         typer.Argument(help="Task name, a comma list of tasks or a group (e.g. cauldron): several are mixed; "
                        "optional with --config."),
     ] = None,
-    model: Annotated[str, typer.Option(help="Checkpoint folder, hub id, or base/large/base-ft/large-ft.")] = "base",
-    dataset: Annotated[
-        str | None, typer.Option(help="Hub id, save_to_disk folder, or parquet/JSONL files; default: the task's.")
-    ] = None,
+    model: ModelOption = "base",
+    dataset: DatasetOption = None,
     mode: Annotated[Mode, typer.Option(help="Which parts train.")] = Mode.full,
     output_dir: Annotated[Path, typer.Option(help="Run folder: final model, config.yaml, metrics.jsonl.")] = Path(
         "runs/finetune"
@@ -77,17 +70,15 @@ def finetune(
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 0,
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay after warmup.")] = Schedule.linear,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping (0 = off).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Random seed (data order, dropout).")] = 0,
+    seed: SeedOption = 0,
     too_long: Annotated[
         TooLong, typer.Option(help="Examples longer than the model's positions: drop, truncate or error.")
     ] = TooLong.drop,
-    max_samples: Annotated[int | None, typer.Option(help="Use only the first N training rows.")] = None,
-    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty --output-dir.")] = False,
+    max_samples: MaxSamplesOption = None,
+    num_workers: NumWorkersOption = 0,
+    overwrite: OverwriteOption = False,
     # --- tasks ---
-    streaming: Annotated[
-        bool, typer.Option(help="Stream a hub dataset instead of downloading it whole (needs --max-samples).")
-    ] = False,
+    streaming: StreamingOption = False,
     mix_weights: Annotated[
         str | None,
         typer.Option(help="Sampling weights of a mix ('2,1' or 'cauldron/ai2d=2'); default: task sizes."),
@@ -188,14 +179,9 @@ def finetune(
         bool, typer.Option(help="Skip rows whose image cannot be decoded (counted and reported) instead of stopping.")
     ] = False,
     # --- regions ---
-    box_format: Annotated[
-        BoxFormat | None,
-        typer.Option(help="Region tasks: how the data writes boxes (default: the task's, xywh as COCO)."),
-    ] = None,
-    quiet: Annotated[
-        bool, typer.Option(help="No progress bar: plain log lines (also when stdout is not a terminal).")
-    ] = False,
-    tasks_dir: TasksDirOption = None,
+    box_format: BoxFormatOption = None,
+    quiet: QuietOption = False,
+    tasks_dirs: TasksDirOption = None,
 ) -> None:
     """Fine-tune Florence-2 on TASK and save the model, processor, config and metrics log.
 
@@ -217,30 +203,11 @@ def finetune(
 
       torchrun --nproc-per-node 2 -m florence_kit.cli finetune docvqa --strategy fsdp  (sharded, CPU or GPU)
     """
-    from florence_kit.train.config import TrainConfig
+    from florence_kit.train.config import apply_config_file, config_from_options
     from florence_kit.train.recipe import finetune as run
 
-    cfg = TrainConfig(
-        task=task or "", model=model, output_dir=output_dir, dataset=dataset, mode=mode.value, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
-        warmup_steps=warmup_steps, schedule=schedule.value, max_grad_norm=max_grad_norm, seed=seed,
-        too_long=too_long.value, max_samples=max_samples, num_workers=num_workers, overwrite=overwrite,
-        tasks_dirs=list(tasks_dir or []), streaming=streaming, mix_weights=mix_weights,
-        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
-        optim=optim.value if optim else None,
-        cache_vision_features=cache_vision_features, vision_cache_dir=vision_cache_dir, compile=compile,
-        prepare_data=prepare_data, prepare_dir=prepare_dir, group_by_image=group_by_image,
-        group_by_length=group_by_length, speed=speed.value, attn=attn.value,
-        report_to=report_to.value, push_to_hub=push_to_hub, skip_bad_images=skip_bad_images,
-        precision=precision.value, strategy=strategy.value, save_every=save_every, keep_checkpoints=keep_checkpoints,
-        resume=resume,
-        eval_every=eval_every, eval_max_samples=eval_max_samples, early_stopping_patience=early_stopping_patience,
-        gradient_checkpointing=gradient_checkpointing, fit=fit.value,
-        box_format=box_format.value if box_format else None,
-    )
+    cfg = config_from_options(ctx.params)  # every parameter named as a TrainConfig field; --config, --quiet are not
     if config is not None:
-        from florence_kit.train.config import apply_config_file
-
         cfg = apply_config_file(cfg, config, ctx)
     if cfg.push_to_hub:
         from florence_kit.present.hub import check_can_push
@@ -249,15 +216,19 @@ def finetune(
     result = run(cfg, quiet=quiet, print_fn=console.print)
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:
-        return
+    if PartialState().is_main_process:
+        _print_outcome(result, cfg)
+
+
+def _print_outcome(result: TrainResult, cfg: TrainConfig) -> None:
+    """What the run did: skipped steps, the best evaluation, an early stop, where the model is; then the upload."""
     state = result.state
     if state.nonfinite_steps:
         console.print(f"[yellow]warning:[/] {state.nonfinite_steps} step(s) skipped: the loss was NaN/inf")
     if state.best_step is not None:
         console.print(f"best eval score {state.best_metric:.4f} at step {state.best_step} (model in best/)")
     if state.stopped_early:
-        console.print(f"stopped early: no improvement in {early_stopping_patience} evaluations")
+        console.print(f"stopped early: no improvement in {cfg.early_stopping_patience} evaluations")
     console.print(
         f"[green]done:[/] {result.steps} steps"
         + (f" ({result.steps - result.start_step} after resuming at step {result.start_step})" if result.start_step

@@ -7,15 +7,15 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import console, user_errors
+from florence_kit.cli.common import OverwriteOption, SeedOption, console, user_errors
 
 
 @user_errors
 def make_tiny(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model + processor into.")],
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    seed: SeedOption = 0,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
-    overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty folder.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Write a tiny random Florence-2 (tokenizer built locally) for offline tests and demos.
 

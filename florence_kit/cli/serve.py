@@ -7,14 +7,22 @@ from typing import Annotated
 
 import typer
 
-from florence_kit.cli.common import Attn, AttnOption, TasksDirOption, console, model_task, user_errors
+from florence_kit.cli.common import (
+    MODEL_HELP,
+    Attn,
+    AttnOption,
+    TaskOption,
+    TasksDirOption,
+    console,
+    model_task,
+    user_errors,
+)
 
 
 @user_errors
 def serve(
-    model: Annotated[str, typer.Argument(help="Run or checkpoint folder, hub id, or base/large/base-ft/large-ft.")],
-    task: Annotated[str | None, typer.Option(help="Task selected when the page opens; default: the task the run or "
-                                           "export was made for, else docvqa.")] = None,
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    task: TaskOption = None,
     port: Annotated[int, typer.Option(help="Port of the local web page.")] = 7860,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
     attn: AttnOption = Attn.auto,

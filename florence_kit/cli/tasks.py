@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from florence_kit.cli.common import TasksDirOption, console, err_console, user_errors
+from florence_kit.cli.common import DatasetOption, TasksDirOption, console, err_console, user_errors
 from florence_kit.common.errors import UserError
 
 app = typer.Typer(help="List and inspect tasks (built in, task folders, plugins).", no_args_is_help=True)
@@ -69,9 +69,7 @@ def list_tasks(tasks_dir: TasksDirOption = None) -> None:
 @user_errors
 def show(
     name: Annotated[str, typer.Argument(help="Task name, e.g. docvqa.")],
-    dataset: Annotated[
-        str | None, typer.Option(help="Render the first training row of this dataset (default: the task's).")
-    ] = None,
+    dataset: DatasetOption = None,
     example: Annotated[bool, typer.Option(help="Load the data and render one example prompt/target.")] = True,
     tasks_dir: TasksDirOption = None,
 ) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from florence_kit.common.errors import UserError
 from florence_kit.train.checkpoints import TrainState
 
 SCHEDULES = ("linear", "cosine", "constant")
+FITS = ("off", "auto")  # --fit: off, or micro-batch, accumulation and checkpointing from model/memory.py
 
 
 @dataclass
@@ -134,8 +137,19 @@ def write_config(cfg: TrainConfig, out: Path, extra: dict[str, Any]) -> None:
 
 # What write_config records beside the options (for people, not for the run): accepted and ignored.
 RECORD_KEYS = ("versions", "run")
-# TrainConfig field → CLI parameter name, where they differ.
-PARAM_FOR_FIELD = {"tasks_dirs": "tasks_dir"}
+
+
+def config_from_options(options: Mapping[str, Any]) -> TrainConfig:
+    """A TrainConfig from a command's parsed options named as its fields (``finetune``'s parameters).
+
+    Choices arrive as enums and are kept as their values; options that are no field (``--config``,
+    ``--quiet``) are left out; fields the command does not offer keep their defaults.
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v.value if isinstance(v, Enum) else v for k, v in options.items() if k in names}
+    values["task"] = values.get("task") or ""  # optional with --config, which may name it
+    values["tasks_dirs"] = list(values.get("tasks_dirs") or [])
+    return TrainConfig(**values)
 
 
 def option_fields(cls: type) -> dict[str, Any]:
@@ -217,11 +231,10 @@ def apply_config_file(cfg: Any, path: Path, ctx: Any) -> Any:
     params = {p.name: p for p in ctx.command.params}
     updates = {}
     for key, value in data.items():
-        name = PARAM_FOR_FIELD.get(key, key)
-        source = ctx.get_parameter_source(name) if name in params else None
+        source = ctx.get_parameter_source(key) if key in params else None
         if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
             continue  # the command line wins over the file
-        updates[key] = _convert(key, value, fields[key], params.get(name), ctx, path)
+        updates[key] = _convert(key, value, fields[key], params.get(key), ctx, path)
     return dataclasses.replace(cfg, **updates)
 
 
