@@ -101,7 +101,7 @@ def eval_(
     """
     from florence_kit.common.errors import UserError
     from florence_kit.data.dataset import cap_rows, load_split
-    from florence_kit.evaluate.scoring import evaluate, write_results, write_summary
+    from florence_kit.evaluate.scoring import answer_and_score, write_results, write_summary
     from florence_kit.model.loading import load_for_generation
     from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.tasks.regions import with_box_format
@@ -119,7 +119,7 @@ def eval_(
     net, processor = load_for_generation(model, attn.value)
     scored: dict[str, dict] = {}
     for spec, data in zip(specs, splits, strict=True):
-        result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
+        result = answer_and_score(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
                           max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers,
                           by_page=speed is Speed.auto)
         folder = output_dir if len(specs) == 1 else output_dir / spec.name

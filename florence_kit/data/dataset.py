@@ -447,22 +447,32 @@ class TaskDataset:
         A task with a ``row_map`` reads full rows instead (the function may need the image). A region task's
         ``region_counts`` start again here: after the pass they count every box once.
         """
+        for index, (_, prompt, target, _) in enumerate(self._rendered()):
+            yield index, prompt, target
+
+    def descriptions(self) -> Iterator[tuple[str, str, list[str]]]:
+        """(id, prompt, references) of every example, as ``self[i]`` gives them, in one :meth:`texts`-like pass
+        without decoding images: what eval records beside each answer."""
+        for example_id, prompt, _, refs in self._rendered():
+            yield example_id, prompt, refs
+
+    def _rendered(self) -> Iterator[tuple[str, str, str | None, list[str]]]:
         if self.task.regions:
             self.region_counts.restart()
         sized = {"width", "height"} <= set(self.ds.column_names) or (self.task.regions and self.row_sizes is not None)
         keep_images = self.task.row_map or (self.task.regions and not sized)  # region targets need the image size
         rows = self.ds if keep_images else self.ds.remove_columns([self.task.image_column])
-        index = 0
         for row_number, raw in enumerate(rows):
             if self.task.regions and self.row_sizes is not None:  # per object / phrase: the row's units at once
                 fields = self._unit_rows(raw, row_number)
+                items: Any = range(len(fields))
             else:
                 items = [None] if self.index is None else range(len(raw.get(self.task.explode) or []))
                 fields = [self._fields(raw, row_number, item) for item in items]
-            for row_fields in fields:
-                prompt, target, _ = render_texts(self.task, row_fields, row_number)
-                yield index, prompt, target
-                index += 1
+            for item, row_fields in zip(items, fields, strict=True):
+                prompt, target, refs = render_texts(self.task, row_fields, row_number)
+                suffix = f"-{item}" if item is not None else ""
+                yield _row_id(self.task, row_fields, row_number) + suffix, prompt, target, refs
 
 
 def image_file(dataset: Any, index: int) -> str | None:
