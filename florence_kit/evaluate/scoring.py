@@ -173,15 +173,20 @@ def write_results(result: EvalResult, out_dir: Path) -> None:
     _atomic_write(out_dir / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
 
 
-def write_summary(metrics_by_task: dict[str, dict[str, Any]], out_dir: Path) -> None:
-    """summary.json of a several-task eval: each task's main score, counts, direction and folder."""
+def summarise(metrics_by_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's content: each task's main score, counts, direction and folder."""
     tasks = {
         name: {"metric": m["metric"], "value": m.get(m["metric"]), "n": m["n"], "n_scored": m["n_scored"],
                "higher_is_better": m["higher_is_better"], "folder": name}
         for name, m in metrics_by_task.items()
     }
+    return {"tasks": tasks}
+
+
+def write_summary(metrics_by_task: dict[str, dict[str, Any]], out_dir: Path) -> None:
+    """summary.json of a several-task eval (:func:`summarise`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "summary.json", json.dumps({"tasks": tasks}, indent=2) + "\n")
+    _atomic_write(out_dir / "summary.json", json.dumps(summarise(metrics_by_task), indent=2) + "\n")
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
