@@ -25,7 +25,7 @@ from florence_kit.tasks.spec import TaskSpec
 
 
 @dataclass
-class EvalRun:
+class EvalOutcome:
     """What :func:`run_eval` scored: each task's result in the order asked, and where its files went."""
 
     results: dict[str, EvalResult] = field(default_factory=dict)
@@ -74,7 +74,7 @@ def run_eval(
     tasks_dirs: Sequence[Path] = (),
     show_progress: bool = False,
     on_result: Callable[[TaskSpec, EvalResult], None] | None = None,
-) -> EvalRun:
+) -> EvalOutcome:
     """Answer and score each task's eval split (or ``split``), writing ``eval``'s files when given ``output_dir``.
 
     ``model``: a checkpoint folder, an alias (``base``, ``large-ft``), an ONNX export (its own task files are found)
@@ -102,7 +102,7 @@ def run_eval(
     else:
         net, processor = model  # type: ignore[misc]
     out = Path(output_dir) if output_dir is not None else None
-    run = EvalRun(output_dir=out)
+    run = EvalOutcome(output_dir=out)
     for spec, data in zip(specs, splits, strict=True):
         result = answer_and_score(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
                                   max_new_tokens=max_new_tokens, show_progress=show_progress,
