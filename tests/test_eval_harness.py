@@ -96,3 +96,21 @@ def test_several_tasks_each_scored_into_its_folder_with_a_summary(model_dir, dat
 
     with pytest.raises(UserError, match="--dataset names one task's data"):
         run_eval(pair, tasks, dataset=str(data_dir), max_samples=2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_unreadable_image_stops_eval_naming_its_row(tiny_dir, tmp_path, num_workers):
+    """predict counts and skips an unreadable image; eval must not score a split with rows left out."""
+    import numpy as np
+    from PIL import Image
+
+    from florence_kit.common.errors import UserError
+    from florence_kit.evaluate import run_eval
+
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "good.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "cut.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "cut.jpg").read_bytes()[:300])
+    rows = [{"image": name, "question": "q?", "answers": ["a"]} for name in ("good.png", "cut.jpg")]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(UserError, match=r"^row 1: image cannot be read \(OSError: .*\); fix or remove that row$"):
+        run_eval(str(tiny_dir), "docvqa", dataset=str(tmp_path), max_new_tokens=4, num_workers=num_workers)
