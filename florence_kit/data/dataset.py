@@ -351,7 +351,6 @@ class TaskDataset:
         self.with_target = with_target
         self.aliases = resolve_aliases(task, ds.column_names)
         self.index = explode_index(task, ds) if task.explode else None
-        self._meta: Any = None  # the split with undecoded images (metadata()), made on first use
         if task.regions:  # region tasks: class names from the dataset's ClassLabel, bad boxes counted (each
             # texts() pass starts the counts again, so after the length preflight they are one pass's)
             from florence_kit.data.regions import RegionCounts, label_names
@@ -408,26 +407,6 @@ class TaskDataset:
             raise UserError(f"row {row_number}: no answer in column '{self.task.references}' to train on")
         example_id = _row_id(self.task, row, row_number) + (f"-{item}" if item is not None else "")
         return Example(example_id, image, prompt, target, refs)
-
-    def metadata(self, index: int) -> Example:
-        """Example ``index`` without decoding its image (``image`` is None): eval reads a page's other questions so.
-
-        Where the image column is no plain ``datasets.Image``, or a row map or region targets may need the image,
-        this is the full example.
-        """
-        if self._meta is None:
-            import datasets
-
-            feature = (getattr(self.ds, "features", None) or {}).get(self.task.image_column)
-            plain = isinstance(feature, datasets.Image) and not self.task.row_map and not self.task.regions
-            self._meta = self.ds.cast_column(self.task.image_column, datasets.Image(decode=False)) if plain else False
-        if self._meta is False:
-            return self[index]
-        row_number, item = self._locate(int(index))
-        row = self._fields(self._meta[row_number], row_number, item)
-        prompt, target, refs = render_texts(self.task, row, row_number)
-        example_id = _row_id(self.task, row, row_number) + (f"-{item}" if item is not None else "")
-        return Example(example_id, None, prompt, target, refs)
 
     def _image(self, value: Any, row_number: int) -> Image.Image:
         """One RGB image; a list of images gives the first, or all of them tiled (``multi_image: tile``)."""
