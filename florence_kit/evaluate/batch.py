@@ -7,7 +7,8 @@ whole graphs, so there each row carries its own image (:func:`encode`). An image
 zero bytes, truncated, not an image, a decompression bomb) never stops a run: its requests come back as
 :class:`Unreadable` with the reason. Answers come back in the order batches finish; callers put them in order.
 
-This is a library call with no CLI in it: ``predict`` writes what it yields into shards, a server answers with it.
+This is a library call with no CLI in it, the one engine every caller shares: ``predict`` writes what it yields into
+shards, eval scores it (:func:`florence_kit.evaluate.scoring.answer_and_score`), a server answers with it.
 """
 
 from __future__ import annotations
@@ -177,9 +178,10 @@ def answer_requests(model: Any, processor: Any, spec: TaskSpec, requests: Sequen
     ``rows``: the dataset :class:`ImageRef` rows index into (any object with ``rows[i][image_column]``);
     ``opener``: how a request's image is opened instead (a picklable callable, ``ImageRef`` → RGB image; eval
     passes its dataset's examples). ``by_page`` False: every row carries its own image (:func:`encode`), as an ONNX
-    export always does. ``sort_by_length`` False: requests keep their order within an image's group.
-    ``thumbnail_size``: each answer carries a small JPEG of its image. Region tasks are parsed into the task's own
-    structure in pixels (:func:`parse_answer`) unless ``parse`` is False; other tasks' parsed answer is the text.
+    export always does. ``sort_by_length`` False: images in the order they first appear, each image's requests in
+    their own order. ``thumbnail_size``: each answer carries a small JPEG of its image. Region tasks are parsed into
+    the task's own structure in pixels (:func:`parse_answer`) unless ``parse`` is False; other tasks' parsed answer
+    is the text.
     """
     from torch.utils.data import DataLoader
 
