@@ -3,7 +3,7 @@
     python -m benchmarks.eval_speed                 # tiny model, 48 examples
     python -m benchmarks.eval_speed --model small   # 4+4-layer BART d=256, 384 px (145 image tokens)
 
-Both sides run :func:`florence_kit.evaluate.scoring.evaluate` on the same model and the same examples in the
+Both sides run :func:`florence_kit.evaluate.scoring.answer_and_score` on the same model and the same examples in the
 same process; the baseline is ``batch_size=1`` without sorting (what a plain loop does). Each row
 prints samples/s, the speed-up over that baseline, and how many predictions differ from it (must be 0).
 
@@ -86,7 +86,7 @@ def build_split(n: int, seed: int = 0, per_page: int = 1):
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from florence_kit.evaluate.scoring import evaluate
+    from florence_kit.evaluate.scoring import answer_and_score
     from florence_kit.tasks.registry import get_task
 
     if args.threads:
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     split = build_split(args.n, per_page=args.per_page)
     common = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "show_progress": False,
               "thumbnail_size": None}
-    evaluate(model, processor, task, split.select(range(2)), batch_size=2, by_page=False, **common)  # warm-up
+    answer_and_score(model, processor, task, split.select(range(2)), batch_size=2, by_page=False, **common)  # warm-up
     settings = [("one at a time (baseline)", 1, False, False)]
     for size in args.batch_sizes:
         settings += [(f"batch {size}, dataset order", size, False, False),
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows, baseline = [], None
     for label, size, sort, by_page in settings:
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = evaluate(model, processor, task, split, batch_size=size, sort_by_length=sort, by_page=by_page,
+        result = answer_and_score(model, processor, task, split, batch_size=size, sort_by_length=sort, by_page=by_page,
                           **common)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         predictions = [rec["prediction"] for rec in result.predictions]

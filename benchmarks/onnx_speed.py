@@ -9,7 +9,7 @@ tokens) it exports fp32 + int8 graphs once, then times the same inputs through P
 (the same function on the exported folder) at batch 1 and batch 8, in this one process, one after the other.
 It prints samples/s, the ratio to PyTorch, whether the fp32 answers are identical to PyTorch's (they must be) and
 how many int8 answers are, and the graphs' file sizes. On the demo's held-out set it scores ANLS for PyTorch,
-ONNX fp32 and ONNX int8 with :func:`florence_kit.evaluate.scoring.evaluate`.
+ONNX fp32 and ONNX int8 with :func:`florence_kit.evaluate.scoring.answer_and_score`.
 
 The base-sized model is random (no weights are downloaded here): left alone it emits </s> first and decodes no
 token at all, so its answers are held to exactly 16 tokens (``min_new_tokens``), the same decoding work on
@@ -109,7 +109,7 @@ def demo_anls(demo: Path, work: Path, threads: int) -> dict[str, Any]:
     """ANLS on the demo's held-out set: PyTorch, ONNX fp32, ONNX int8 (the demo's own eval settings)."""
     from florence_kit.data.dataset import load_split
     from florence_kit.demo.recipe import DemoRecipe
-    from florence_kit.evaluate.scoring import evaluate
+    from florence_kit.evaluate.scoring import answer_and_score
     from florence_kit.model.loading import load_model
     from florence_kit.model.onnx_runtime import load_onnx_model
     from florence_kit.tasks.registry import get_task
@@ -123,7 +123,7 @@ def demo_anls(demo: Path, work: Path, threads: int) -> dict[str, Any]:
     scores, seconds, predictions = {}, {}, {}
     for label, (model, processor) in models.items():
         start = time.perf_counter()
-        result = evaluate(model, processor, task, split, batch_size=recipe.eval_batch_size,
+        result = answer_and_score(model, processor, task, split, batch_size=recipe.eval_batch_size,
                           max_new_tokens=recipe.max_new_tokens, show_progress=False, thumbnail_size=None)
         seconds[label] = round(time.perf_counter() - start, 1)
         scores[label] = result.metrics["anls"]

@@ -66,12 +66,12 @@ def test_one_question_per_page_is_ordered_longest_first_and_stable(model_and_pro
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_batched_eval_equals_one_at_a_time(model_and_processor, docvqa_task, varied_split, num_beams):
-    from florence_kit.evaluate.scoring import evaluate, thumbnail_jpeg
+    from florence_kit.evaluate.scoring import answer_and_score, thumbnail_jpeg
 
     model, processor = model_and_processor
     single, examples = _one_at_a_time(model, processor, docvqa_task, varied_split, num_beams=num_beams)
     assert len(set(single)) >= 3, single  # answers depend on the input: a batching bug would show
-    result = evaluate(model, processor, docvqa_task, varied_split, batch_size=5, num_beams=num_beams,
+    result = answer_and_score(model, processor, docvqa_task, varied_split, batch_size=5, num_beams=num_beams,
                       max_new_tokens=8, show_progress=False)
     assert [rec["prediction"] for rec in result.predictions] == single
     # dataset order is kept although batches were formed longest-first
@@ -81,11 +81,11 @@ def test_batched_eval_equals_one_at_a_time(model_and_processor, docvqa_task, var
 
 
 def test_left_padding_would_change_answers_and_is_overridden(model_and_processor, docvqa_task, varied_split):
-    """Left padding shifts BART's absolute positions: answers change. evaluate() pads right regardless."""
+    """Left padding shifts BART's absolute positions: answers change. answer_and_score() pads right regardless."""
     import torch
 
     from florence_kit.evaluate.generation import generation_config_for
-    from florence_kit.evaluate.scoring import evaluate
+    from florence_kit.evaluate.scoring import answer_and_score
 
     model, processor = model_and_processor
     single, examples = _one_at_a_time(model, processor, docvqa_task, varied_split)
@@ -99,7 +99,7 @@ def test_left_padding_would_change_answers_and_is_overridden(model_and_processor
 
     processor.tokenizer.padding_side = "left"  # as some saved tokenizers are configured
     try:
-        result = evaluate(model, processor, docvqa_task, varied_split, batch_size=8, max_new_tokens=8,
+        result = answer_and_score(model, processor, docvqa_task, varied_split, batch_size=8, max_new_tokens=8,
                           show_progress=False, thumbnail_size=None)
     finally:
         processor.tokenizer.padding_side = "right"
@@ -108,12 +108,12 @@ def test_left_padding_would_change_answers_and_is_overridden(model_and_processor
 
 
 def test_unsorted_and_worker_loading_give_the_same_records(model_and_processor, docvqa_task, varied_split):
-    from florence_kit.evaluate.scoring import evaluate
+    from florence_kit.evaluate.scoring import answer_and_score
 
     model, processor = model_and_processor
     common = {"max_new_tokens": 8, "show_progress": False, "thumbnail_size": 64}
-    sorted_ = evaluate(model, processor, docvqa_task, varied_split, batch_size=3, **common)
-    unsorted = evaluate(model, processor, docvqa_task, varied_split, batch_size=3, sort_by_length=False,
+    sorted_ = answer_and_score(model, processor, docvqa_task, varied_split, batch_size=3, **common)
+    unsorted = answer_and_score(model, processor, docvqa_task, varied_split, batch_size=3, sort_by_length=False,
                         num_workers=1, **common)
     assert sorted_.predictions == unsorted.predictions
     assert sorted_.thumbnails == unsorted.thumbnails
@@ -122,13 +122,13 @@ def test_unsorted_and_worker_loading_give_the_same_records(model_and_processor, 
 
 def test_bad_batch_size_is_a_user_error(model_and_processor, docvqa_task, varied_split):
     from florence_kit.common.errors import UserError
-    from florence_kit.evaluate.scoring import evaluate
+    from florence_kit.evaluate.scoring import answer_and_score
 
     model, processor = model_and_processor
     with pytest.raises(UserError, match="--batch-size"):
-        evaluate(model, processor, docvqa_task, varied_split, batch_size=0, show_progress=False)
+        answer_and_score(model, processor, docvqa_task, varied_split, batch_size=0, show_progress=False)
     with pytest.raises(UserError, match="--num-workers"):
-        evaluate(model, processor, docvqa_task, varied_split, num_workers=-1, show_progress=False)
+        answer_and_score(model, processor, docvqa_task, varied_split, num_workers=-1, show_progress=False)
 
 
 def test_cli_eval_with_beams_and_workers_keeps_dataset_order(tiny_dir, docvqa_dir, docvqa_task, tmp_path, one_thread):
@@ -163,7 +163,7 @@ def test_pages_are_decoded_and_seen_by_the_vision_tower_once(model_and_processor
 
     from florence_kit.data.dataset import TaskDataset
     from florence_kit.evaluate.generation import encode, encode_pages
-    from florence_kit.evaluate.scoring import evaluate
+    from florence_kit.evaluate.scoring import answer_and_score
 
     model, processor = model_and_processor
     pages = len(set(varied_split["docId"]))
@@ -182,10 +182,10 @@ def test_pages_are_decoded_and_seen_by_the_vision_tower_once(model_and_processor
     monkeypatch.setattr(TaskDataset, "__getitem__", counting_getitem)
     monkeypatch.setattr(model.model.vision_tower, "forward", counting_tower)
     common = {"max_new_tokens": 8, "show_progress": False, "thumbnail_size": 64, "batch_size": 4}
-    fast = evaluate(model, processor, docvqa_task, varied_split, **common)
+    fast = answer_and_score(model, processor, docvqa_task, varied_split, **common)
     assert counts == {"decoded": pages, "tower": pages}  # batches of 4 = two whole pages of 2 questions
     counts.update(decoded=0, tower=0)
-    plain = evaluate(model, processor, docvqa_task, varied_split, by_page=False, **common)
+    plain = answer_and_score(model, processor, docvqa_task, varied_split, by_page=False, **common)
     assert counts == {"decoded": varied_split.num_rows, "tower": varied_split.num_rows}
     assert fast.predictions == plain.predictions and fast.thumbnails == plain.thumbnails
     assert fast.metrics == plain.metrics

@@ -291,3 +291,35 @@ def test_speed_benchmark_runs_and_asserts_the_same_answers(tmp_path, one_thread)
     row = json.loads(out.read_text())
     assert row["images"] == 8 and row["card_images_per_s"] > 0 and row["predict_images_per_s"] > 0
     assert row["ratio"] == pytest.approx(row["predict_images_per_s"] / row["card_images_per_s"])
+
+
+def test_text_answers_become_a_dataset_finetune_caption_reads(tiny_dir, tmp_path, one_thread):
+    """``--format florence-jsonl`` on a caption task: each answer is a row's ``text`` (what ``finetune caption``
+    trains on) and ``metadata.jsonl`` makes the folder an imagefolder ``datasets`` reads, with the same captions."""
+    import datasets
+
+    from florence_kit.data.dataset import TaskDataset, load_source
+    from florence_kit.evaluate.corpus import read_records
+    from florence_kit.tasks.registry import get_task
+
+    folder = make_folder(tmp_path / "imgs", n=4, broken=False)
+    out = tmp_path / "captions"
+    result = runner.invoke(app, ["predict", str(folder), "--task", "caption", "--model", str(tiny_dir), "--output",
+                                 str(out), "--format", "florence-jsonl", *SHORT])
+    assert result.exit_code == 0, result.output
+    records = read_records(out / "predictions.jsonl")
+    captions = [rec["answer"] for rec in records]
+    assert len(captions) == 4 and all(captions)
+    rows = load_source(str(out))["train"]
+    assert rows["text"] == captions and rows["suffix"] == captions and set(rows["prefix"]) == {"<CAPTION>"}
+    trained_on = TaskDataset(rows, get_task("caption"), with_target=True)
+    assert [trained_on[i].target for i in range(len(rows))] == captions
+    folder_view = datasets.load_dataset("imagefolder", data_dir=str(out))["train"]
+    assert folder_view["text"] == captions
+    assert [im.size for im in folder_view["image"]] == [(rec["width"], rec["height"]) for rec in records]
+
+    run = tmp_path / "run"
+    trained = runner.invoke(app, ["finetune", "caption", "--model", str(tiny_dir), "--dataset", str(out),
+                                  "--max-steps", "1", "--batch-size", "2", "--output-dir", str(run), "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    assert (run / "model.safetensors").is_file() and "done: 1 steps" in trained.output

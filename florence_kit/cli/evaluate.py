@@ -95,44 +95,23 @@ def eval_(
 
       florence-kit eval cauldron/ai2d,cauldron/chartqa --model runs/mix --split "train[:500]" --output-dir runs/eval
     """
-    from florence_kit.common.errors import UserError
-    from florence_kit.data.dataset import cap_rows, load_split
-    from florence_kit.evaluate.scoring import evaluate, write_results, write_summary
-    from florence_kit.model.loading import load_for_generation
-    from florence_kit.model.onnx_runtime import export_tasks_dirs
-    from florence_kit.tasks.regions import with_box_format
-    from florence_kit.tasks.registry import resolve_tasks
+    from florence_kit.evaluate.harness import run_eval
 
-    tasks_dirs = [*(tasks_dir or []), *export_tasks_dirs(model)]  # an ONNX export brings its run's task files
-    specs = [with_box_format(s, box_format.value if box_format else None) for s in resolve_tasks(task, tasks_dirs)]
-    if dataset and len(specs) > 1:
-        raise UserError(f"--dataset names one task's data, but '{task}' is {len(specs)} tasks: evaluate them one at "
-                        "a time with --dataset, or without it each task reads its own source")
-
-    # every task's data first: a bad dataset or split fails before the model loads, not after hours of tasks
-    splits = [cap_rows(load_split(spec, dataset, split or spec.dataset.eval_split, streaming=streaming), max_samples)
-              for spec in specs]
-    net, processor = load_for_generation(model, attn.value)
-    scored: dict[str, dict] = {}
-    for spec, data in zip(specs, splits, strict=True):
-        result = evaluate(net, processor, spec, data, batch_size=batch_size, num_beams=num_beams,
-                          max_new_tokens=max_new_tokens, show_progress=not quiet, num_workers=num_workers,
-                          by_page=speed is Speed.auto)
-        folder = output_dir if len(specs) == 1 else output_dir / spec.name
-        write_results(result, folder)
+    def show(spec: Any, result: Any) -> None:
         for line in result.bad_boxes:
             console.print(line, markup=False)
         _print_metrics(result.metrics)
-        scored[spec.name] = result.metrics
-        if len(specs) > 1:  # after every task: a failure later keeps what is done
-            write_summary(scored, output_dir)
-    if len(specs) == 1:
-        # a summary.json left by an earlier several-task eval here would make `report` show that one instead
-        (output_dir / "summary.json").unlink(missing_ok=True)
+
+    run = run_eval(model, task, dataset=dataset, split=split, max_samples=max_samples, streaming=streaming,
+                   output_dir=output_dir, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                   num_workers=num_workers, box_format=box_format.value if box_format else None,
+                   by_page=speed is Speed.auto, attn=attn.value, tasks_dirs=tasks_dir or [],
+                   show_progress=not quiet, on_result=show)
+    if len(run.results) == 1:
         console.print(f"predictions: {output_dir / 'predictions.jsonl'}")
     else:
-        summary = output_dir / "summary.json"
-        console.print(f"{len(specs)} tasks: predictions in {output_dir}/<task>/, scores in {summary}")
+        console.print(f"{len(run.results)} tasks: predictions in {output_dir}/<task>/, scores in "
+                      f"{output_dir / 'summary.json'}")
 
 
 @user_errors

@@ -351,7 +351,6 @@ class TaskDataset:
         self.with_target = with_target
         self.aliases = resolve_aliases(task, ds.column_names)
         self.index = explode_index(task, ds) if task.explode else None
-        self._meta: Any = None  # the split with undecoded images (metadata()), made on first use
         if task.regions:  # region tasks: class names from the dataset's ClassLabel, bad boxes counted (each
             # texts() pass starts the counts again, so after the length preflight they are one pass's)
             from florence_kit.data.regions import RegionCounts, label_names
@@ -409,26 +408,6 @@ class TaskDataset:
         example_id = _row_id(self.task, row, row_number) + (f"-{item}" if item is not None else "")
         return Example(example_id, image, prompt, target, refs)
 
-    def metadata(self, index: int) -> Example:
-        """Example ``index`` without decoding its image (``image`` is None): eval reads a page's other questions so.
-
-        Where the image column is no plain ``datasets.Image``, or a row map or region targets may need the image,
-        this is the full example.
-        """
-        if self._meta is None:
-            import datasets
-
-            feature = (getattr(self.ds, "features", None) or {}).get(self.task.image_column)
-            plain = isinstance(feature, datasets.Image) and not self.task.row_map and not self.task.regions
-            self._meta = self.ds.cast_column(self.task.image_column, datasets.Image(decode=False)) if plain else False
-        if self._meta is False:
-            return self[index]
-        row_number, item = self._locate(int(index))
-        row = self._fields(self._meta[row_number], row_number, item)
-        prompt, target, refs = render_texts(self.task, row, row_number)
-        example_id = _row_id(self.task, row, row_number) + (f"-{item}" if item is not None else "")
-        return Example(example_id, None, prompt, target, refs)
-
     def _image(self, value: Any, row_number: int) -> Image.Image:
         """One RGB image; a list of images gives the first, or all of them tiled (``multi_image: tile``)."""
         images = value if isinstance(value, list) else [value]
@@ -447,22 +426,32 @@ class TaskDataset:
         A task with a ``row_map`` reads full rows instead (the function may need the image). A region task's
         ``region_counts`` start again here: after the pass they count every box once.
         """
+        for index, (_, prompt, target, _) in enumerate(self._rendered()):
+            yield index, prompt, target
+
+    def descriptions(self) -> Iterator[tuple[str, str, list[str]]]:
+        """(id, prompt, references) of every example, as ``self[i]`` gives them, in one :meth:`texts`-like pass
+        without decoding images: what eval records beside each answer."""
+        for example_id, prompt, _, refs in self._rendered():
+            yield example_id, prompt, refs
+
+    def _rendered(self) -> Iterator[tuple[str, str, str | None, list[str]]]:
         if self.task.regions:
             self.region_counts.restart()
         sized = {"width", "height"} <= set(self.ds.column_names) or (self.task.regions and self.row_sizes is not None)
         keep_images = self.task.row_map or (self.task.regions and not sized)  # region targets need the image size
         rows = self.ds if keep_images else self.ds.remove_columns([self.task.image_column])
-        index = 0
         for row_number, raw in enumerate(rows):
             if self.task.regions and self.row_sizes is not None:  # per object / phrase: the row's units at once
                 fields = self._unit_rows(raw, row_number)
+                items: Any = range(len(fields))
             else:
                 items = [None] if self.index is None else range(len(raw.get(self.task.explode) or []))
                 fields = [self._fields(raw, row_number, item) for item in items]
-            for row_fields in fields:
-                prompt, target, _ = render_texts(self.task, row_fields, row_number)
-                yield index, prompt, target
-                index += 1
+            for item, row_fields in zip(items, fields, strict=True):
+                prompt, target, refs = render_texts(self.task, row_fields, row_number)
+                suffix = f"-{item}" if item is not None else ""
+                yield _row_id(self.task, row_fields, row_number) + suffix, prompt, target, refs
 
 
 def image_file(dataset: Any, index: int) -> str | None:

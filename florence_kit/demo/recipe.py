@@ -69,7 +69,7 @@ def run_demo(out: Path, seed: int, recipe: DemoRecipe, quiet: bool, print_fn: An
 
     from florence_kit.data.dataset import load_split
     from florence_kit.demo.synthetic_docvqa import demo_splits
-    from florence_kit.evaluate.scoring import evaluate, write_results
+    from florence_kit.evaluate.scoring import answer_and_score, write_results
     from florence_kit.model.loading import load_model
     from florence_kit.model.tiny import save_tiny
     from florence_kit.tasks.registry import get_task
@@ -93,7 +93,7 @@ def run_demo(out: Path, seed: int, recipe: DemoRecipe, quiet: bool, print_fn: An
 
     def run_eval(model_dir: Path, name: str) -> dict[str, Any]:
         model, processor = load_model(str(model_dir))
-        result = evaluate(model, processor, task, validation, batch_size=recipe.eval_batch_size,
+        result = answer_and_score(model, processor, task, validation, batch_size=recipe.eval_batch_size,
                           max_new_tokens=recipe.max_new_tokens, show_progress=not quiet)
         write_results(result, out / name)
         return result.metrics

@@ -7,13 +7,14 @@ whole graphs, so there each row carries its own image (:func:`encode`). An image
 zero bytes, truncated, not an image, a decompression bomb) never stops a run: its requests come back as
 :class:`Unreadable` with the reason. Answers come back in the order batches finish; callers put them in order.
 
-This is a library call with no CLI in it: ``predict`` writes what it yields into shards, a server answers with it.
+This is a library call with no CLI in it, the one engine every caller shares: ``predict`` writes what it yields into
+shards, eval scores it (:func:`florence_kit.evaluate.scoring.answer_and_score`), a server answers with it.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ from florence_kit.evaluate.generation import (
     prompt_lengths,
 )
 from florence_kit.tasks.spec import TaskSpec
+
+THUMBNAIL_SIZE = 256  # longest side in pixels of the per-example JPEGs eval keeps for the report
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Answer:
     height: int
     text: str  # the raw answer, <loc_*> tokens kept
     parsed: Any  # the task's own structure: the text, or bboxes/labels, polygons, quad_boxes in pixels
+    thumbnail: bytes | None = None  # a small JPEG of the image, where asked for (``thumbnail_size``)
 
 
 @dataclass
@@ -73,6 +77,7 @@ class _Batch:
     sizes: list[tuple[int, int]]
     bad: list[Unreadable] = field(default_factory=list)
     inputs: Any = None
+    thumbnails: list[bytes] = field(default_factory=list)
 
 
 def open_image(ref: ImageRef, rows: Any = None, column: str = "image") -> Any:
@@ -101,7 +106,20 @@ def open_image(ref: ImageRef, rows: Any = None, column: str = "image") -> Any:
         return to_rgb(ImageOps.exif_transpose(value))
 
 
+def thumbnail_jpeg(image: Any, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A small JPEG of ``image`` (longest side ``size``): enough to recognise the page in a report."""
+    import io
+
+    small = image.convert("RGB")
+    small.thumbnail((size, size))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UserError):  # already a sentence for the user (a dataset's "row N: image cannot be read")
+        return str(exc)
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
 
@@ -109,8 +127,10 @@ def _reason(exc: BaseException) -> str:
 class _Collator:
     """Requests → a :class:`_Batch`; runs in the workers, so opening and resizing overlap generation."""
 
-    def __init__(self, processor: Any, rows: Any, column: str, by_page: bool) -> None:
+    def __init__(self, processor: Any, rows: Any, column: str, by_page: bool,
+                 opener: Callable[[ImageRef], Any] | None = None, thumbnail_size: int | None = None) -> None:
         self.processor, self.rows, self.column, self.by_page = processor, rows, column, by_page
+        self.opener, self.thumbnail_size = opener, thumbnail_size
 
     def __call__(self, requests: list[Request]) -> _Batch:
         images: dict[str, Any] = {}
@@ -120,7 +140,7 @@ class _Collator:
             if ref.image_key in images or ref.image_key in bad:
                 continue
             try:
-                images[ref.image_key] = open_image(ref, self.rows, self.column)
+                images[ref.image_key] = self.opener(ref) if self.opener else open_image(ref, self.rows, self.column)
             except Exception as exc:  # anything a broken file can raise: counted, never fatal
                 bad[ref.image_key] = _reason(exc)
         good = [r for r in requests if r.image.image_key in images]
@@ -128,6 +148,9 @@ class _Collator:
                        [Unreadable(r.index, bad[r.image.image_key]) for r in requests if r.image.image_key in bad])
         if not good:
             return batch
+        if self.thumbnail_size:
+            thumbs = {key: thumbnail_jpeg(image, self.thumbnail_size) for key, image in images.items()}
+            batch.thumbnails = [thumbs[r.image.image_key] for r in good]
         prompts = [r.prompt for r in good]
         if self.by_page:
             slot: dict[str, int] = {}
@@ -138,14 +161,27 @@ class _Collator:
         return batch
 
 
+def runs_pages(model: Any) -> bool:
+    """Whether ``model`` can run its vision tower apart (once per image for several prompts); an ONNX export runs
+    whole graphs, so each row carries its own image there."""
+    native = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(getattr(native, "model", None), "get_image_features")
+
+
 def answer_requests(model: Any, processor: Any, spec: TaskSpec, requests: Sequence[Request], gen_config: Any, *,
                     rows: Any = None, image_column: str = "image", batch_size: int = 16,
-                    num_workers: int = 0) -> Iterator[list[Answer | Unreadable]]:
+                    num_workers: int = 0, opener: Callable[[ImageRef], Any] | None = None, by_page: bool = True,
+                    sort_by_length: bool = True, thumbnail_size: int | None = None,
+                    parse: bool = True) -> Iterator[list[Answer | Unreadable]]:
     """Answer every request, one list per batch (in the order batches finish, not the requests' order).
 
-    ``rows``: the dataset :class:`ImageRef` rows index into (any object with ``rows[i][image_column]``).
-    Region tasks are parsed into the task's own structure in pixels (:func:`parse_answer`); other tasks' parsed
-    answer is the text.
+    ``rows``: the dataset :class:`ImageRef` rows index into (any object with ``rows[i][image_column]``);
+    ``opener``: how a request's image is opened instead (a picklable callable, ``ImageRef`` → RGB image; eval
+    passes its dataset's examples). ``by_page`` False: every row carries its own image (:func:`encode`), as an ONNX
+    export always does. ``sort_by_length`` False: images in the order they first appear, each image's requests in
+    their own order. ``thumbnail_size``: each answer carries a small JPEG of its image. Region tasks are parsed into
+    the task's own structure in pixels (:func:`parse_answer`) unless ``parse`` is False; other tasks' parsed answer
+    is the text.
     """
     from torch.utils.data import DataLoader
 
@@ -157,20 +193,20 @@ def answer_requests(model: Any, processor: Any, spec: TaskSpec, requests: Sequen
         raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
     if not requests:
         return
-    native = model.get_base_model() if hasattr(model, "get_base_model") else model
-    by_page = hasattr(getattr(native, "model", None), "get_image_features")  # an ONNX export runs whole graphs
-    lengths = prompt_lengths(processor, [r.prompt for r in requests])
+    by_page = by_page and runs_pages(model)
+    lengths = prompt_lengths(processor, [r.prompt for r in requests]) if sort_by_length else [0] * len(requests)
     order = page_order([r.image.image_key for r in requests], lengths)
     batches = [[requests[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
     loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
-                        collate_fn=_Collator(processor, rows, image_column, by_page))
+                        collate_fn=_Collator(processor, rows, image_column, by_page, opener, thumbnail_size))
     model.eval()
     for batch in loader:
         out: list[Answer | Unreadable] = list(batch.bad)
         if batch.requests:
             run = generate_pages if "image_index" in batch.inputs else generate_from_inputs
             texts = run(model, processor, batch.inputs, gen_config)
-            for request, size, text in zip(batch.requests, batch.sizes, texts, strict=True):
-                parsed = parse_answer(spec, processor, text, size) if spec.regions else text
-                out.append(Answer(request.index, size[0], size[1], text, parsed))
+            thumbs = batch.thumbnails or [None] * len(texts)
+            for request, size, text, thumb in zip(batch.requests, batch.sizes, texts, thumbs, strict=True):
+                parsed = parse_answer(spec, processor, text, size) if spec.regions and parse else text
+                out.append(Answer(request.index, size[0], size[1], text, parsed, thumb))
         yield out

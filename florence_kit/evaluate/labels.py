@@ -1,12 +1,16 @@
 """Auto-labelling: ``predict --format coco|yolo|florence-jsonl`` writes its answers as a dataset folder.
 
 Each layout is the one :mod:`florence_kit.data.regions` and :mod:`florence_kit.data.dataset` read, so
-``finetune od --dataset OUT`` (COCO, YOLO) or ``finetune florence-jsonl --dataset OUT`` trains on it unchanged:
+``finetune od --dataset OUT`` (COCO, YOLO), ``finetune florence-jsonl --dataset OUT`` or, for a text task,
+``finetune caption --dataset OUT`` trains on it unchanged:
 
 - ``coco``: ``OUT/train/_annotations.coco.json`` (boxes as COCO ``xywh`` pixels) and the images beside it;
 - ``yolo``: ``OUT/images/train/``, ``OUT/labels/train/*.txt`` (class cx cy w h, fractions), ``OUT/data.yaml``;
 - ``florence-jsonl``: ``OUT/train/annotations.jsonl`` (``image``, ``prefix`` the prompt, ``suffix`` the raw answer
-  with its ``<loc_*>`` tokens) and the images beside it: any task, region or text.
+  with its ``<loc_*>`` tokens) and the images beside it: any task, region or text. A text task's answers (caption,
+  ocr) are also each row's ``text``, so ``finetune caption --dataset OUT`` or ``finetune ocr --dataset OUT`` trains
+  on them, and ``OUT/train/metadata.jsonl`` (``file_name``, ``text``) makes the folder an imagefolder as
+  ``datasets`` reads it.
 
 Images are hard-linked where the filesystem allows (symlinked otherwise), or copied with ``copy_images``; an image
 from a dataset row is written as a PNG. Names are the input's position and its file name, so they never collide.
@@ -75,11 +79,16 @@ def write_dataset(out: Path, fmt: str, records: list[dict[str, Any]], *, rows: A
         raise UserError(f"--format {fmt} writes boxes, but the task's answers are text: use --format florence-jsonl")
     if fmt == "florence-jsonl":
         folder = out / SPLIT
-        lines = []
+        texts = bool(records) and all(isinstance(rec.get("answer"), str) for rec in records)  # caption, ocr, ...
+        lines, metadata = [], []
         for name, rec in zip(names, records, strict=True):
             _place_image(rec, folder / name, rows, image_column, copy_images)
-            lines.append({"image": name, "prefix": rec["prompt"], "suffix": rec["text"]})
+            lines.append({"image": name, "prefix": rec["prompt"], "suffix": rec["text"],
+                          **({"text": rec["answer"]} if texts else {})})
+            metadata.append({"file_name": name, "text": rec["answer"]})
         _write(folder / "annotations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+        if texts:  # an imagefolder too: datasets' "imagefolder" loader and text-to-image trainers read it
+            _write(folder / "metadata.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in metadata))
         return
     classes = sorted({label for rec in records for _, label in boxes_of(rec)})
     if fmt == "coco":

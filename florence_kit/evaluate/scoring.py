@@ -1,13 +1,15 @@
 """Evaluation: batched generation → post-process → per-sample scores → aggregate → files.
 
-Examples are sorted by prompt length and batched (right-padded, see :func:`encode`), which gives the
-same predictions as one example at a time, several times faster; records keep dataset order.
+Answers come from the batch engine that ``predict`` uses (:mod:`florence_kit.evaluate.batch`): examples are
+batched by page and prompt length (right-padded), which gives the same predictions as one example at a time,
+several times faster; records keep dataset order.
 
 ``predictions.jsonl`` (id, prompt, prediction, references, score, thumbnail) is written so a run can
 be inspected and re-scored later with ``florence-kit score``; ``metrics.json`` holds the aggregate.
 ``thumbs/`` holds a small JPEG per example, so ``florence-kit report`` can show the page that was
 asked about without the dataset at hand.
-Generation itself lives in :mod:`florence_kit.evaluate.generation`.
+Generation itself lives in :mod:`florence_kit.evaluate.generation`; several tasks at once in
+:mod:`florence_kit.evaluate.harness`.
 """
 
 from __future__ import annotations
@@ -19,81 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from florence_kit.common.errors import UserError
-from florence_kit.evaluate.generation import (
-    encode,
-    encode_pages,
-    generate_from_inputs,
-    generate_pages,
-    generation_config_for,
-    page_order,
-    prompt_lengths,
+from florence_kit.common.errors import BadImageError, UserError
+from florence_kit.evaluate.batch import (  # thumbnail_jpeg: re-exported, the report's tests make thumbnails with it
+    THUMBNAIL_SIZE,
+    Answer,
+    ImageRef,
+    Request,
+    Unreadable,
+    answer_requests,
+    runs_pages,
+    thumbnail_jpeg,  # noqa: F401
 )
+from florence_kit.evaluate.generation import generation_config_for
 from florence_kit.metrics import get_metric
 from florence_kit.tasks.spec import TaskSpec
 
 SECONDARY_METRICS = ("exact_match",)
-THUMBNAIL_SIZE = 256  # longest side in pixels of the per-example JPEGs under thumbs/
-
-
-@dataclass
-class EvalBatch:
-    """What one loader step yields: the rows' dataset indices, their metadata, thumbnails and model inputs."""
-
-    indices: list[int]
-    ids: list[str]
-    prompts: list[str]
-    references: list[list[str]]
-    thumbnails: list[bytes]
-    inputs: Any
-
-
-class EvalCollator:
-    """Examples → :class:`EvalBatch`; runs in DataLoader workers, so decoding and preprocessing overlap.
-
-    With ``keys`` (one image key per example, :func:`florence_kit.data.prepared.image_keys`) each distinct page of
-    a batch is decoded, resized and thumbnailed once, and the inputs carry it once (:func:`encode_pages`).
-    """
-
-    def __init__(self, dataset: Any, processor: Any, thumbnail_size: int | None,
-                 keys: list[str] | None = None) -> None:
-        self.dataset = dataset
-        self.processor = processor
-        self.thumbnail_size = thumbnail_size
-        self.keys = keys
-
-    def __call__(self, indices: list[int]) -> EvalBatch:
-        if self.keys is not None:
-            return self.by_page(indices)
-        examples = [self.dataset[i] for i in indices]
-        size = self.thumbnail_size
-        return EvalBatch(
-            indices=list(indices),
-            ids=[ex.id for ex in examples],
-            prompts=[ex.prompt for ex in examples],
-            references=[ex.references for ex in examples],
-            thumbnails=[thumbnail_jpeg(ex.image, size) for ex in examples] if size else [],
-            inputs=encode(self.processor, [ex.image for ex in examples], [ex.prompt for ex in examples]),
-        )
-
-    def by_page(self, indices: list[int]) -> EvalBatch:
-        assert self.keys is not None
-        slot: dict[str, int] = {}
-        image_index = [slot.setdefault(self.keys[i], len(slot)) for i in indices]
-        firsts = {s: pos for pos, s in reversed(list(enumerate(image_index)))}  # first row showing each page
-        examples = [self.dataset[i] if firsts[s] == pos else self.dataset.metadata(i)
-                    for pos, (i, s) in enumerate(zip(indices, image_index, strict=True))]
-        images = [examples[firsts[s]].image for s in range(len(slot))]
-        size = self.thumbnail_size
-        thumbs = [thumbnail_jpeg(image, size) for image in images] if size else []
-        return EvalBatch(
-            indices=list(indices),
-            ids=[ex.id for ex in examples],
-            prompts=[ex.prompt for ex in examples],
-            references=[ex.references for ex in examples],
-            thumbnails=[thumbs[s] for s in image_index] if size else [],
-            inputs=encode_pages(self.processor, images, [ex.prompt for ex in examples], image_index),
-        )
 
 
 @dataclass
@@ -104,15 +47,15 @@ class EvalResult:
     bad_boxes: list[str] = field(default_factory=list)  # region tasks: the data's bad-box counts, to print
 
 
-def thumbnail_jpeg(image: Any, size: int = THUMBNAIL_SIZE) -> bytes:
-    """A small JPEG of ``image`` (longest side ``size``): enough to recognise the page in a report."""
-    import io
+class ExampleImages:
+    """Example ``ref.row``'s image as :class:`TaskDataset` decodes it (tiles, turns, region units), for the batch
+    engine's workers: eval asks the engine about its examples as ``predict`` asks about files."""
 
-    small = image.convert("RGB")
-    small.thumbnail((size, size))
-    buf = io.BytesIO()
-    small.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __call__(self, ref: ImageRef) -> Any:
+        return self.dataset[int(ref.row)].image
 
 
 def score_records(
@@ -148,7 +91,7 @@ def score_records(
     return records, summary
 
 
-def evaluate(
+def answer_and_score(
     model: Any,
     processor: Any,
     task: TaskSpec,
@@ -163,67 +106,48 @@ def evaluate(
     num_workers: int = 0,
     by_page: bool = True,
 ) -> EvalResult:
-    """Generate for every example of ``split`` in batches and score against the references.
+    """Answer every example of ``split`` with the batch engine (:func:`answer_requests`) and score the answers.
 
-    Batches are formed from examples sorted by prompt length (``sort_by_length``) to cut padding;
-    records come back in dataset order. Predictions equal one-at-a-time generation (see :func:`encode`).
-    ``num_workers`` > 0 decodes images and runs the processor in DataLoader worker processes.
-    ``thumbnail_size`` (pixels, None or 0 for none) keeps a small JPEG of each page for the report.
-    ``by_page`` (``eval --speed auto``, the default): a page's questions go in one batch (pages in order of their
-    longest prompt), and each page is decoded, resized and run through the vision tower once per batch; the
-    answers are the same (tested). ``--speed off``: one decode per question, batches sorted by prompt length.
+    Records come back in dataset order whatever order the batches ran in; predictions equal one-at-a-time
+    generation (see :func:`florence_kit.evaluate.generation.encode`). ``by_page`` (``eval --speed auto``, the
+    default): a page's questions go in one batch (pages in order of their longest prompt), each page decoded,
+    resized and run through the vision tower once per batch; the answers are the same (tested). False (``--speed
+    off``): one decode per question, batches sorted by prompt length (``sort_by_length``). ``num_workers`` > 0
+    decodes images and runs the processor in DataLoader worker processes. ``thumbnail_size`` (pixels, None or 0
+    for none) keeps a small JPEG of each page for the report. An image that cannot be read is an error naming
+    its row: a score over the readable rows only would not be the split's.
     """
     from rich.progress import Progress
-    from torch.utils.data import DataLoader
 
     from florence_kit.data.dataset import TaskDataset
     from florence_kit.data.prepared import image_keys
     from florence_kit.data.regions import bad_box_lines
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if num_workers < 0:
-        raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
     dataset = TaskDataset(split, task, with_target=False)
-    order = list(range(len(dataset)))
-    native = model.get_base_model() if hasattr(model, "get_base_model") else model
-    by_page = by_page and hasattr(getattr(native, "model", None), "get_image_features")  # an ONNX export: whole graphs
-    # one pass over the texts: the length order, and a region task's bad boxes counted once (before generation
-    # reads the rows again)
-    prompts = [prompt for _, prompt, _ in dataset.texts()] if sort_by_length or by_page or task.regions else []
+    # one pass over the texts: prompts, ids and references, and a region task's bad boxes counted once (before
+    # generation reads the rows again)
+    described = list(dataset.descriptions())
     bad_boxes = bad_box_lines(dataset)
-    keys = image_keys(dataset) if by_page else None
-    lengths = prompt_lengths(processor, prompts) if sort_by_length and len(prompts) == len(order) else None
-    if keys is not None:
-        order = page_order(keys, lengths or [0] * len(order))
-    elif lengths is not None:
-        order = sorted(order, key=lambda i: -lengths[i])
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    loader = DataLoader(
-        batches,  # each item is already a list of dataset indices: the collator loads and encodes them
-        batch_size=None,
-        collate_fn=EvalCollator(dataset, processor, thumbnail_size, keys),
-        num_workers=num_workers,
-    )
+    pages = image_keys(dataset) if by_page and runs_pages(model) else [f"example-{i}" for i in range(len(dataset))]
+    requests = [Request(i, ImageRef(str(i), row=i, page=page), prompt)
+                for i, ((_, prompt, _), page) in enumerate(zip(described, pages, strict=True))]
     gen_config = generation_config_for(task, model, processor, num_beams=num_beams, max_new_tokens=max_new_tokens)
-    model.eval()
     records: list[dict[str, Any] | None] = [None] * len(dataset)
     thumbnails: list[bytes | None] = [None] * len(dataset)
     with Progress(disable=not show_progress, transient=True) as bar:
         progress_task = bar.add_task(f"evaluating {task.name}", total=len(dataset))
-        for batch in loader:
-            generate_batch = generate_pages if "image_index" in batch.inputs else generate_from_inputs
-            answers = generate_batch(model, processor, batch.inputs, gen_config)
-            for pos, (index, answer) in enumerate(zip(batch.indices, answers, strict=True)):
-                records[index] = {
-                    "id": batch.ids[pos],
-                    "prompt": batch.prompts[pos],
-                    "prediction": answer,
-                    "references": batch.references[pos],
-                }
-                if batch.thumbnails:
-                    thumbnails[index] = batch.thumbnails[pos]
-            bar.advance(progress_task, len(batch.indices))
+        for answers in answer_requests(model, processor, task, requests, gen_config, batch_size=batch_size,
+                                       num_workers=num_workers, opener=ExampleImages(dataset), by_page=by_page,
+                                       sort_by_length=sort_by_length, thumbnail_size=thumbnail_size, parse=False):
+            for answer in answers:
+                if isinstance(answer, Unreadable):
+                    raise BadImageError(answer.reason)
+                assert isinstance(answer, Answer)
+                example_id, prompt, references = described[answer.index]
+                records[answer.index] = {"id": example_id, "prompt": prompt, "prediction": answer.text,
+                                         "references": references}
+                thumbnails[answer.index] = answer.thumbnail
+            bar.advance(progress_task, len(answers))
     scored, summary = score_records(task.metric, records, task.extra_metrics)
     summary["task"] = task.name
     return EvalResult(summary, scored, [t for t in thumbnails if t is not None] if thumbnail_size else [], bad_boxes)
@@ -249,15 +173,20 @@ def write_results(result: EvalResult, out_dir: Path) -> None:
     _atomic_write(out_dir / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
 
 
-def write_summary(metrics_by_task: dict[str, dict[str, Any]], out_dir: Path) -> None:
-    """summary.json of a several-task eval: each task's main score, counts, direction and folder."""
+def summarise(metrics_by_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's content: each task's main score, counts, direction and folder."""
     tasks = {
         name: {"metric": m["metric"], "value": m.get(m["metric"]), "n": m["n"], "n_scored": m["n_scored"],
                "higher_is_better": m["higher_is_better"], "folder": name}
         for name, m in metrics_by_task.items()
     }
+    return {"tasks": tasks}
+
+
+def write_summary(metrics_by_task: dict[str, dict[str, Any]], out_dir: Path) -> None:
+    """summary.json of a several-task eval (:func:`summarise`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "summary.json", json.dumps({"tasks": tasks}, indent=2) + "\n")
+    _atomic_write(out_dir / "summary.json", json.dumps(summarise(metrics_by_task), indent=2) + "\n")
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:

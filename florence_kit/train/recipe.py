@@ -452,14 +452,14 @@ def save_best(model: Any, out: Path, step: int, metric: str, value: float,
 def make_evaluator(task: Any, cfg: TrainConfig, processor: Any) -> Callable[[Any], tuple[str, float]]:
     """Score the model on the task's eval split (first ``--eval-max-samples`` rows) with the task's metric."""
     from florence_kit.data.dataset import load_split
-    from florence_kit.evaluate.scoring import evaluate
+    from florence_kit.evaluate.scoring import answer_and_score
 
     split = load_split(task, cfg.dataset, task.dataset.eval_split)
     if cfg.eval_max_samples:
         split = split.select(range(min(cfg.eval_max_samples, len(split))))
 
     def run(model: Any) -> tuple[str, float]:
-        metrics = evaluate(model, processor, task, split, batch_size=cfg.batch_size, show_progress=False,
+        metrics = answer_and_score(model, processor, task, split, batch_size=cfg.batch_size, show_progress=False,
                            thumbnail_size=None).metrics
         value = metrics[metrics["metric"]]
         if value is None:
