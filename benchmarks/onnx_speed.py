@@ -108,7 +108,7 @@ def compare(name: str, model_dir: Path, image_size: int, n: int, max_new_tokens:
 def demo_anls(demo: Path, work: Path, threads: int) -> dict[str, Any]:
     """ANLS on the demo's held-out set: PyTorch, ONNX fp32, ONNX int8 (the demo's own eval settings)."""
     from florence_kit.data.dataset import load_split
-    from florence_kit.demo.recipe import DemoRecipe
+    from florence_kit.demo.run_demo import DemoRecipe
     from florence_kit.evaluate.scoring import answer_and_score
     from florence_kit.model.loading import load_model
     from florence_kit.model.onnx_runtime import load_onnx_model

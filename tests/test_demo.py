@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
-from florence_kit.demo.recipe import answer_prior, prior_scores
+from florence_kit.demo.run_demo import answer_prior, prior_scores
 
 
 def test_answer_prior_is_the_most_frequent_training_answer_per_question() -> None:

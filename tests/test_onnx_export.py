@@ -310,7 +310,7 @@ def pytorch_answers(tiny_dir: Path, page: Path) -> dict[str, str]:
     from PIL import Image
 
     from florence_kit.evaluate.generation import generate, generation_config_for
-    from florence_kit.evaluate.regions import generate_raw
+    from florence_kit.evaluate.region_answers import generate_raw
     from florence_kit.model.loading import load_model
     from florence_kit.tasks.registry import get_task
 

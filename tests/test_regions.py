@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from florence_kit.cli import app
 from florence_kit.common.geometry import encode_regions, ensure_parse_config, iou, parse_boxes, parse_quads, quantize
 from florence_kit.data.dataset import TaskDataset, load_source, load_split
-from florence_kit.data.regions import RegionCounts, region_fields
+from florence_kit.data.region_targets import RegionCounts, region_fields
 from florence_kit.metrics import get_metric
 from florence_kit.tasks.registry import get_task
 
@@ -187,7 +187,7 @@ def test_tied_precision_equals_pycocotools_when_scores_differ() -> None:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from florence_kit.metrics.regions import tied_precision
+    from florence_kit.metrics.region_scores import tied_precision
 
     rng, compared = random.Random(0), 0
     for _ in range(8):
@@ -522,7 +522,7 @@ def test_hub_layout_with_xyxy_boxes_needs_the_box_format(scenes: dict) -> None:
 def test_answer_is_parsed_and_drawn_into_a_png(processor, tmp_path: Path) -> None:
     from PIL import Image
 
-    from florence_kit.evaluate.regions import parse_answer, png_path
+    from florence_kit.evaluate.region_answers import parse_answer, png_path
     from florence_kit.present.draw import draw_answer
 
     spec = get_task("od")
@@ -552,7 +552,7 @@ def test_predict_on_a_region_task_prints_json_and_says_what_it_drew(tiny_dir: Pa
 
 
 def test_box_format_flag(scenes: dict, tmp_path: Path) -> None:
-    from florence_kit.tasks.regions import with_box_format
+    from florence_kit.tasks.region_block import with_box_format
     from florence_kit.train.config import TrainConfig
 
     assert with_box_format(get_task("od"), "xyxy").regions["box_format"] == "xyxy"

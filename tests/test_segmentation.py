@@ -31,8 +31,8 @@ from florence_kit.common.geometry import (
 )
 from florence_kit.common.masks import mask_to_polygons, rle_to_polygons
 from florence_kit.data.dataset import TaskDataset, load_source
+from florence_kit.data.region_targets import RegionCounts
 from florence_kit.data.region_units import region_units, shape_counts
-from florence_kit.data.regions import RegionCounts
 from florence_kit.metrics import get_metric
 from florence_kit.tasks.registry import get_task
 
@@ -551,7 +551,7 @@ def test_refcoco_style_rows_load_through_a_task_file(tmp_path: Path) -> None:
 
 
 def test_finetune_and_eval_get_one_line_of_polygon_counts_per_pass() -> None:
-    from florence_kit.data.regions import bad_box_lines
+    from florence_kit.data.region_targets import bad_box_lines
 
     objects = [{"bbox": [[0, 0, 30, 30], [40, 5, 30, 35]], "category": ["a", "b"],
                 "segmentation": [[[-10, 0, 30, 0, 30, 30]], [[1, 1, 2, 2]]]}]  # one clipped, one with 2 points

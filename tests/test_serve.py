@@ -167,7 +167,7 @@ def test_the_page_answers_as_predict_does_for_text_and_custom_region_tasks(tiny_
     from dataclasses import replace
 
     from florence_kit.evaluate.generation import generate, generation_config_for
-    from florence_kit.evaluate.regions import generate_raw, parse_answer
+    from florence_kit.evaluate.region_answers import generate_raw, parse_answer
     from florence_kit.model.loading import load_model
     from florence_kit.tasks.registry import get_task
 

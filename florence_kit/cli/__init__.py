@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from florence_kit.cli import convert, demo, evaluate, export, finetune, model, plan, push, report, serve, tasks
+from florence_kit.cli import convert, demo, eval_predict, export, finetune, model, plan, push, report, serve, tasks
 
 app = typer.Typer(
     name="florence-kit",
@@ -18,9 +18,9 @@ app = typer.Typer(
 )
 app.add_typer(tasks.app, name="tasks")
 app.command("finetune")(finetune.finetune)
-app.command("eval")(evaluate.eval_)
-app.command("score")(evaluate.score)
-app.command("predict")(evaluate.predict)
+app.command("eval")(eval_predict.eval_)
+app.command("score")(eval_predict.score)
+app.command("predict")(eval_predict.predict)
 app.command("make-tiny")(model.make_tiny)
 app.command("demo")(demo.demo)
 app.command("export")(export.export)

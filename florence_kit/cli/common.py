@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from florence_kit.common.errors import RunInterrupted, UserError
 from florence_kit.model.attention import ATTN_CHOICES
-from florence_kit.tasks.regions import BoxFormat
+from florence_kit.tasks.region_block import BoxFormat
 from florence_kit.train.speed import SPEEDS
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -26,7 +26,7 @@ def demo(
 
     Everything is offline and on CPU. Example: florence-kit demo --seed 1
     """
-    from florence_kit.demo.recipe import DemoRecipe, run_demo
+    from florence_kit.demo.run_demo import DemoRecipe, run_demo
 
     recipe = DemoRecipe()
     recipe.steps = steps or recipe.steps

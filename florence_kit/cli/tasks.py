@@ -101,7 +101,7 @@ def show(
     if example:
         from florence_kit.common.errors import UserError
         from florence_kit.data.dataset import TaskDataset, cap_rows, load_split
-        from florence_kit.tasks.regions import UNIT_KINDS
+        from florence_kit.tasks.region_block import UNIT_KINDS
 
         # the hub's copy is streamed: one row, not a whole download (examples per object: the first of 20 rows')
         n_rows = 20 if spec.regions and spec.regions["kind"] in UNIT_KINDS else 1

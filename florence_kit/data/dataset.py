@@ -19,7 +19,7 @@ from PIL import Image
 
 from florence_kit.common.errors import BadImageError, UserError, first_line
 from florence_kit.data.rows import apply_aliases, explode_index, exploded, map_row, resolve_aliases, tile_images
-from florence_kit.tasks.regions import UNIT_KINDS
+from florence_kit.tasks.region_block import UNIT_KINDS
 from florence_kit.tasks.spec import TaskSpec, template_fields
 
 TABULAR_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -97,7 +97,7 @@ def load_source(source: str, name: str | None = None, streaming: bool = False) -
             splits = annotation_splits(path)
             if splits:
                 return load_annotation_splits(splits)
-            from florence_kit.data.regions import load_region_folder  # COCO / YOLO folders (region tasks)
+            from florence_kit.data.region_targets import load_region_folder  # COCO / YOLO folders (region tasks)
 
             regions = load_region_folder(path)
             if regions is not None:
@@ -353,7 +353,7 @@ class TaskDataset:
         self.index = explode_index(task, ds) if task.explode else None
         if task.regions:  # region tasks: class names from the dataset's ClassLabel, bad boxes counted (each
             # texts() pass starts the counts again, so after the length preflight they are one pass's)
-            from florence_kit.data.regions import RegionCounts, label_names
+            from florence_kit.data.region_targets import RegionCounts, label_names
 
             self.label_names = label_names(getattr(ds, "features", None), task.regions)
             self.region_counts = RegionCounts()
@@ -376,7 +376,7 @@ class TaskDataset:
             return self._unit_rows(row, row_number)[item]
         row = map_row(self.task, apply_aliases(row, self.aliases), row_number)
         if self.task.regions:
-            from florence_kit.data.regions import region_fields
+            from florence_kit.data.region_targets import region_fields
 
             row = {**row, **region_fields(self.task.regions, row, self.task.image_column, self.label_names,
                                           self.region_counts)}

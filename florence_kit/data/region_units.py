@@ -40,7 +40,7 @@ from florence_kit.common.geometry import (
     reading_order,
     self_intersects,
 )
-from florence_kit.data.regions import RegionCounts, ShapeCounts, _image_size, clean_box, to_xyxy
+from florence_kit.data.region_targets import RegionCounts, ShapeCounts, _image_size, clean_box, to_xyxy
 
 PER_PHRASE = ("segmentation", "open-vocab-od")
 PER_OBJECT = ("region-segmentation", "region-category", "region-description", "region-ocr")

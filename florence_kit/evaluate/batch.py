@@ -185,7 +185,7 @@ def answer_requests(model: Any, processor: Any, spec: TaskSpec, requests: Sequen
     """
     from torch.utils.data import DataLoader
 
-    from florence_kit.evaluate.regions import parse_answer
+    from florence_kit.evaluate.region_answers import parse_answer
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")

@@ -45,7 +45,7 @@ class EvalOutcome:
 def resolve_specs(tasks: str | Sequence[str | TaskSpec], tasks_dirs: Sequence[Path] = (),
                   box_format: str | None = None) -> list[TaskSpec]:
     """``docvqa``, ``cauldron/ai2d,cauldron/chartqa``, a group, or a list of names and specs → specs, in order."""
-    from florence_kit.tasks.regions import with_box_format
+    from florence_kit.tasks.region_block import with_box_format
     from florence_kit.tasks.registry import resolve_tasks
 
     chosen = [tasks] if isinstance(tasks, (str, TaskSpec)) else list(tasks)

@@ -1,6 +1,6 @@
 """Auto-labelling: ``predict --format coco|yolo|florence-jsonl`` writes its answers as a dataset folder.
 
-Each layout is the one :mod:`florence_kit.data.regions` and :mod:`florence_kit.data.dataset` read, so
+Each layout is the one :mod:`florence_kit.data.region_targets` and :mod:`florence_kit.data.dataset` read, so
 ``finetune od --dataset OUT`` (COCO, YOLO), ``finetune florence-jsonl --dataset OUT`` or, for a text task,
 ``finetune caption --dataset OUT`` trains on it unchanged:
 

@@ -121,7 +121,7 @@ def answer_and_score(
 
     from florence_kit.data.dataset import TaskDataset
     from florence_kit.data.prepared import image_keys
-    from florence_kit.data.regions import bad_box_lines
+    from florence_kit.data.region_targets import bad_box_lines
 
     dataset = TaskDataset(split, task, with_target=False)
     # one pass over the texts: prompts, ids and references, and a region task's bad boxes counted once (before

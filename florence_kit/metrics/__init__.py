@@ -104,6 +104,6 @@ from florence_kit.metrics import caption as _caption  # noqa: E402,F401
 from florence_kit.metrics import edit_rates as _edit_rates  # noqa: E402,F401
 from florence_kit.metrics import exact_match as _exact_match  # noqa: E402,F401
 from florence_kit.metrics import florence_task as _florence_task  # noqa: E402,F401
-from florence_kit.metrics import regions as _regions  # noqa: E402,F401
+from florence_kit.metrics import region_scores as _region_scores  # noqa: E402,F401
 from florence_kit.metrics import segmentation as _segmentation  # noqa: E402,F401
 from florence_kit.metrics import vqa as _vqa  # noqa: E402,F401

@@ -1,7 +1,7 @@
 """Metrics for the polygon and proposal tasks: mask mAP, mean IoU of referring segmentation, proposal recall.
 
 A prediction is the generated text; a reference is one JSON string ``{"size": [w, h], "labels": [...],
-"polygons": [[flat polygon, ...] per object], "boxes": [...]}`` written by :mod:`florence_kit.data.regions`.
+"polygons": [[flat polygon, ...] per object], "boxes": [...]}`` written by :mod:`florence_kit.data.region_targets`.
 Predicted polygons are read as the processor's ``post_process_generation`` reads them for
 ``<REFERRING_EXPRESSION_SEGMENTATION>`` (:func:`florence_kit.common.geometry.parse_polygons`) and rasterised at the
 image's size by pycocotools, like the true ones.
@@ -9,7 +9,7 @@ image's size by pycocotools, like the true ones.
 - ``mask_map``: COCO ``segm`` mAP@[.5:.95] (pycocotools' ``COCOeval``, iouType ``segm``) over the whole set, one
   class per phrase: the prompt names the phrase, so every object a prediction draws is of that class. Generated
   polygons carry no confidence: score 1 each, tied scores taken as one operating point as for box mAP
-  (:func:`florence_kit.metrics.regions.tied_precision`).
+  (:func:`florence_kit.metrics.region_scores.tied_precision`).
 - ``mean_iou``: per example, the IoU of the union of the predicted polygons with the union of the true ones (both
   empty: 1); the mean over the set (mIoU, RefCOCO's usual score), with cumulative IoU (sum of intersections over sum
   of unions) and precision at IoU .5 in the details.
@@ -27,7 +27,7 @@ from typing import Any
 
 from florence_kit.common.geometry import parse_polygons, parse_proposals
 from florence_kit.metrics import corpus_metric
-from florence_kit.metrics.regions import _match, tied_precision
+from florence_kit.metrics.region_scores import _match, tied_precision
 
 
 def _reference(refs: Sequence[str]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from florence_kit.common.geometry import parse_boxes, parse_polygons, parse_quads, prompt_box
-from florence_kit.evaluate.regions import region_reference
+from florence_kit.evaluate.region_answers import region_reference
 
 COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 

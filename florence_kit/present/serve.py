@@ -72,7 +72,7 @@ class Predictor:
         """(prompt, generation settings) for a task name or a Florence-2 task token; ``box`` (x1,y1,x2,y2 pixels of
         an image of ``size``) fills a region-in prompt."""
         from florence_kit.common.geometry import box_prompt
-        from florence_kit.evaluate.regions import parse_box_text, render_prompt
+        from florence_kit.evaluate.region_answers import parse_box_text, render_prompt
 
         question = (question or "").strip()
         if choice in self.tasks:
@@ -96,7 +96,7 @@ class Predictor:
         from florence_kit.common.geometry import prompt_box
         from florence_kit.data.dataset import to_rgb
         from florence_kit.evaluate.generation import generate, generation_config
-        from florence_kit.evaluate.regions import generate_raw, parse_answer, parse_box_text, task_token
+        from florence_kit.evaluate.region_answers import generate_raw, parse_answer, parse_box_text, task_token
         from florence_kit.present.draw import draw_regions
 
         if image is None:

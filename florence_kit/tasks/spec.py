@@ -66,7 +66,7 @@ class TaskSpec:
     multi_image: str = "first"
     row_map: str | None = None
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    regions: dict[str, Any] | None = None  # region tasks (od, grounding, ...): see florence_kit.data.regions
+    regions: dict[str, Any] | None = None  # region tasks (od, grounding, ...): see florence_kit.data.region_targets
     row_map_dir: str | None = None  # where row_map's module lives (None: beside ``origin``)
 
     @property
@@ -185,7 +185,7 @@ def spec_from_dict(data: dict[str, Any], origin: str) -> TaskSpec:
 
     regions = None
     if data.get("regions") is not None:
-        from florence_kit.tasks.regions import check_regions  # noqa: PLC0415
+        from florence_kit.tasks.region_block import check_regions  # noqa: PLC0415
 
         regions = check_regions(data["regions"], origin)
 

@@ -154,7 +154,7 @@ def strategy_option(cfg: TrainConfig, strategy: str) -> TrainConfig:
 
 def training_tasks(cfg: TrainConfig) -> list[Any]:
     """One task, "a,b" or a group (several are mixed), each reading its boxes in ``--box-format`` if given."""
-    from florence_kit.tasks.regions import with_box_format
+    from florence_kit.tasks.region_block import with_box_format
     from florence_kit.tasks.registry import resolve_tasks
 
     tasks = resolve_tasks(cfg.task, cfg.tasks_dirs)
@@ -182,7 +182,7 @@ def load_training_data(run: Run) -> None:
     """The tasks' examples (mixed when several), checked for answers and length, bad boxes counted."""
     from florence_kit.data.collate import max_positions, preflight
     from florence_kit.data.mixing import training_data
-    from florence_kit.data.regions import bad_box_lines
+    from florence_kit.data.region_targets import bad_box_lines
 
     cfg = run.cfg
     run.data = training_data(run.tasks, cfg.dataset, streaming=cfg.streaming, max_samples=cfg.max_samples,

@@ -15,7 +15,7 @@ unpaired when the ``bbox`` and ``category`` lists differ in length), which is dr
 ``eval`` print the counts of one pass through the data (:func:`bad_box_lines`).
 
 The task's ``regions:`` mapping (checked by
-:func:`florence_kit.tasks.regions.check_regions`) names the kind and where the boxes live.
+:func:`florence_kit.tasks.region_block.check_regions`) names the kind and where the boxes live.
 """
 
 from __future__ import annotations

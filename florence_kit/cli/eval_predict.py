@@ -290,7 +290,7 @@ def _predict_one(image: Path, task: str | None, model: str, question: str | None
     from florence_kit.common.errors import UserError
     from florence_kit.data.dataset import to_rgb
     from florence_kit.evaluate.generation import generate, generation_config_for
-    from florence_kit.evaluate.regions import render_prompt
+    from florence_kit.evaluate.region_answers import render_prompt
     from florence_kit.model.loading import load_for_generation
     from florence_kit.model.onnx_runtime import export_tasks_dirs
     from florence_kit.tasks.registry import get_task
@@ -306,7 +306,7 @@ def _predict_one(image: Path, task: str | None, model: str, question: str | None
     net, processor = load_for_generation(model, attn.value)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams)
     if spec.regions:  # --- regions: parsed boxes as JSON, drawn into a PNG beside the image ---
-        from florence_kit.evaluate.regions import generate_raw, parse_answer, parse_box_text, png_path
+        from florence_kit.evaluate.region_answers import generate_raw, parse_answer, parse_box_text, png_path
         from florence_kit.present.draw import draw_answer
 
         parsed = parse_answer(spec, processor, generate_raw(net, processor, picture, prompt, gen_config), picture.size)

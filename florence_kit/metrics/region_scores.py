@@ -2,7 +2,7 @@
 
 A prediction is the generated text with its ``<loc_*>`` tokens; a reference is one JSON string
 ``{"size": [w, h], "labels": [...], "boxes": [[x1, y1, x2, y2], ...]}`` (``quads`` for OCR) in pixels,
-written by :mod:`florence_kit.data.regions`. Predictions are parsed as the processor's
+written by :mod:`florence_kit.data.region_targets`. Predictions are parsed as the processor's
 ``post_process_generation`` parses them (:mod:`florence_kit.common.geometry`) against the reference's image size,
 so ``predictions.jsonl`` can be re-scored without a model, except that labels keep their non-ASCII
 characters (the processor drops them, which would make "café" or "信号灯" an unknown class).

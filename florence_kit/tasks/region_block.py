@@ -1,6 +1,6 @@
 """The ``regions:`` block of a task file (od, grounding, segmentation, region-category, ...) and ``--box-format``.
 
-Checked when task files are read, so it sits with the task spec; :mod:`florence_kit.data.regions`
+Checked when task files are read, so it sits with the task spec; :mod:`florence_kit.data.region_targets`
 turns the rows of such a task into ``<loc_*>`` targets.
 """
 
