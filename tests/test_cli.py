@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from florence_kit.cli import app
+from florence_kit.train.runfolder import RunFolder
 
 runner = CliRunner()
 
@@ -95,7 +96,7 @@ def test_saved_model_reloads_in_a_fresh_process_with_the_same_outputs(
     model, processor = load_model(str(tiny_dir))
     data = TaskDataset(load_split(docvqa_task, str(docvqa_dir), "train"), docvqa_task, with_target=True)
     cfg = TrainConfig(task="docvqa", model="", output_dir=tmp_path, max_steps=1, batch_size=4, lr=1e-3)
-    train_loop(model, processor, data, cfg, tmp_path / "m.jsonl")
+    train_loop(model, processor, data, cfg, RunFolder(tmp_path))
     save_checkpoint(model, processor, tmp_path / "ckpt")
     script = tmp_path / "outputs.py"
     script.write_text(OUTPUTS_SCRIPT)

@@ -14,6 +14,7 @@ def _losses(tiny_dir: Path, docvqa_dir: Path, out: Path, **cfg_kw) -> list[float
     from florence_kit.tasks.registry import get_task
     from florence_kit.train.config import TrainConfig
     from florence_kit.train.loop import train_loop
+    from florence_kit.train.runfolder import RunFolder
 
     task = get_task("docvqa")
     model = Florence2ForConditionalGeneration.from_pretrained(tiny_dir)
@@ -23,7 +24,7 @@ def _losses(tiny_dir: Path, docvqa_dir: Path, out: Path, **cfg_kw) -> list[float
     cfg = TrainConfig(task="docvqa", model=str(tiny_dir), output_dir=out, batch_size=8, lr=1e-3, max_steps=3,
                       log_every=100, **cfg_kw)
     losses: list[float] = []
-    train_loop(model, processor, dataset, cfg, out / "metrics.jsonl",
+    train_loop(model, processor, dataset, cfg, RunFolder(out),
                on_step=lambda step, total, loss, lr: losses.append(loss))
     return losses
 

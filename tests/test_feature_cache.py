@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from florence_kit.common.errors import UserError
+from florence_kit.train.runfolder import RunFolder
 
 
 def _train(tiny_dir: Path, docvqa_dir: Path, docvqa_task, out: Path, **cfg_kw) -> tuple[list[float], object]:
@@ -32,7 +33,7 @@ def _train(tiny_dir: Path, docvqa_dir: Path, docvqa_task, out: Path, **cfg_kw) -
     cfg = TrainConfig(task="docvqa", model=str(tiny_dir), output_dir=out, batch_size=8, lr=1e-3,
                       max_steps=4, log_every=100, **cfg_kw)
     losses: list[float] = []
-    train_loop(model, processor, dataset, cfg, out / "metrics.jsonl",
+    train_loop(model, processor, dataset, cfg, RunFolder(out),
                on_step=lambda step, total, loss, lr: losses.append(loss))
     return losses, calls["images"]
 

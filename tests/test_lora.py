@@ -19,6 +19,7 @@ from florence_kit.model.loading import load_model
 from florence_kit.model.modes import apply_mode, component, trainable_counts, unwrap
 from florence_kit.train.config import TrainConfig
 from florence_kit.train.loop import train_loop
+from florence_kit.train.runfolder import RunFolder
 from florence_kit.train.step import make_optimizer
 
 runner = CliRunner()
@@ -137,7 +138,7 @@ def test_lora_training_leaves_base_weights_bit_identical(tiny_dir, docvqa_dir, d
     dataset = TaskDataset(load_split(docvqa_task, str(docvqa_dir), "train"), docvqa_task, with_target=True)
     cfg = TrainConfig(task="docvqa", model=str(tiny_dir), output_dir=tmp_path, mode="lora", max_steps=2,
                       batch_size=4, lr=1e-2, log_every=1)
-    steps, loss = train_loop(model, processor, dataset, cfg, tmp_path / "metrics.jsonl")
+    steps, loss = train_loop(model, processor, dataset, cfg, RunFolder(tmp_path))
     assert steps == 2 and loss == loss
     base = {_native_name(n): p for n, p in unwrap(model).named_parameters()
             if "lora_" not in n and "modules_to_save" not in n}

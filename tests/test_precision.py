@@ -11,6 +11,7 @@ import torch
 
 from florence_kit.common.errors import UserError
 from florence_kit.model.precision import DeviceFacts, resolve_precision
+from florence_kit.train.runfolder import RunFolder
 
 CPU = DeviceFacts(cuda=False, bf16=False)
 T4 = DeviceFacts(cuda=True, bf16=False, name="Tesla T4")
@@ -76,7 +77,7 @@ def _loop(tiny_dir, docvqa_dir, task, tmp_path, **overrides):
 
     state = TrainState()
     try:
-        result = train_loop(model, processor, dataset, cfg, tmp_path / "metrics.jsonl", on_step=on_step, state=state)
+        result = train_loop(model, processor, dataset, cfg, RunFolder(tmp_path), on_step=on_step, state=state)
     except UserError as exc:
         result = exc
     return result, state, snapshots

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from florence_kit.common.errors import UserError
+from florence_kit.train.runfolder import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def _losses(tiny_dir, docvqa_dir, out: Path, **cfg_kw) -> list[float]:
     cfg = TrainConfig(task="docvqa", model=str(tiny_dir), output_dir=out, batch_size=8, lr=1e-3, max_steps=5,
                       log_every=100, **cfg_kw)
     losses: list[float] = []
-    train_loop(model, processor, ImageGuard(dataset, range(len(dataset)), skip=False), cfg, out / "metrics.jsonl",
+    train_loop(model, processor, ImageGuard(dataset, range(len(dataset)), skip=False), cfg, RunFolder(out),
                on_step=lambda step, total, loss, lr: losses.append(loss))
     return losses
 
@@ -194,7 +195,7 @@ def test_skipped_bad_images_are_left_out_alike_with_or_without_prepare_data(tiny
         guard, losses = ImageGuard(dataset, range(len(dataset)), skip=True), []
         model, processor = Florence2ForConditionalGeneration.from_pretrained(tiny_dir), AutoProcessor.from_pretrained(
             tiny_dir)
-        train_loop(model, processor, guard, cfg, out / "metrics.jsonl", on_step=lambda *step, seen=losses:
+        train_loop(model, processor, guard, cfg, RunFolder(out), on_step=lambda *step, seen=losses:
                    seen.append(step[2]))
         runs[prepare] = (losses, guard.skipped)
     assert len(runs[False][0]) == 4 and runs[False] == runs[True] and runs[True][1] == [1]

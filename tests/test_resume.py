@@ -24,6 +24,7 @@ from florence_kit.common.errors import UserError
 from florence_kit.train import checkpoints
 from florence_kit.train.config import TrainConfig
 from florence_kit.train.recipe import finetune
+from florence_kit.train.runfolder import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def _train(model_dir: Path, dataset, cfg: TrainConfig, stop_at: int | None = Non
             raise Interrupt
 
     with contextlib.suppress(Interrupt):
-        train_loop(model, processor, dataset, cfg, cfg.output_dir / "metrics.jsonl", on_step=on_step,
+        train_loop(model, processor, dataset, cfg, RunFolder(cfg.output_dir), on_step=on_step,
                    resume_from=resume)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -302,7 +303,7 @@ def test_eval_every_keeps_the_lowest_error_rate_as_best(tiny_dir, docvqa_dir, tm
                early_stopping_patience=2)
     cfg.output_dir.mkdir(parents=True)
     state = TrainState()
-    train_loop(model, processor, dataset, cfg, cfg.output_dir / "metrics.jsonl",
+    train_loop(model, processor, dataset, cfg, RunFolder(cfg.output_dir),
                evaluator=lambda _: ("cer", next(scores)), on_best=lambda _, step, v: best_calls.append((step, v)),
                state=state)
     assert best_calls == [(1, 0.5), (2, 0.3)]  # 0.4 and 0.35 are worse than 0.3

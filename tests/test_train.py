@@ -14,6 +14,7 @@ from florence_kit.model.loading import load_model
 from florence_kit.model.modes import Mode, apply_mode, component, trainable_counts
 from florence_kit.train.config import TrainConfig
 from florence_kit.train.loop import train_loop
+from florence_kit.train.runfolder import RunFolder
 from florence_kit.train.step import make_optimizer
 
 
@@ -25,7 +26,7 @@ def _train(tiny_dir: Path, docvqa_dir: Path, task, tmp_path: Path, mode: str, ho
     dataset = TaskDataset(load_split(task, str(docvqa_dir), "train"), task, with_target=True)
     cfg = TrainConfig(task="docvqa", model=str(tiny_dir), output_dir=tmp_path, mode=mode, max_steps=2,
                       batch_size=4, lr=1e-3, log_every=1)
-    steps, loss = train_loop(model, processor, dataset, cfg, tmp_path / "metrics.jsonl")
+    steps, loss = train_loop(model, processor, dataset, cfg, RunFolder(tmp_path))
     assert steps == 2 and loss == loss  # not NaN
     changed = {n: not torch.equal(before[n], p.detach()) for n, p in model.named_parameters()}
     return model, changed
@@ -168,7 +169,7 @@ def test_logged_lr_is_the_one_each_step_trained_with(tiny_dir, docvqa_dir, docvq
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    train_loop(model, processor, dataset, cfg, tmp_path / "metrics.jsonl",
+    train_loop(model, processor, dataset, cfg, RunFolder(tmp_path),
                on_step=lambda s, total, loss, lr: seen.append(lr))
     logged = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert used == pytest.approx([5e-4, 1e-3, 5e-4])  # warmup 1/2, then linear decay over 2 steps

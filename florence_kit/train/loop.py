@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from florence_kit.common.errors import UserError
 from florence_kit.train import checkpoints
 from florence_kit.train.accelerator import accelerator_trackers_closed, make_accelerator, run_fingerprint
 from florence_kit.train.checkpoints import TrainState
 from florence_kit.train.config import SCHEDULES, TrainConfig
-from florence_kit.train.runfolder import StepInterrupt
+from florence_kit.train.runfolder import RunFolder, StepInterrupt
 from florence_kit.train.sampling import make_sampler, mix_draws
 from florence_kit.train.sharding import check_fsdp_options, plain_model, resolve_strategy, shard, shares
 from florence_kit.train.step import forward_loss, make_optimizer, warmup_schedule
@@ -42,7 +41,7 @@ def train_loop(
     processor: Any,
     dataset: Any,
     cfg: TrainConfig,
-    log_path: Path,
+    run_folder: RunFolder,
     on_step: Callable[[int, int, float, float], None] | None = None,
     collate_truncate: bool = False,
     *,
@@ -71,7 +70,7 @@ def train_loop(
     loop.set_train_mode()
     loop.start = time.perf_counter() - loop.state.elapsed_s  # a resume goes on counting
     with contextlib.ExitStack() as stack:
-        loop.log = stack.enter_context(log_path.open("a")) if loop.accelerator.is_main_process else None
+        loop.log = stack.enter_context(run_folder.metrics_log()) if loop.accelerator.is_main_process else None
         stack.enter_context(accelerator_trackers_closed(loop.accelerator))
         while loop.state.step < loop.total and not loop.state.stopped_early:  # one pass per epoch
             loop.run_epoch(on_step, stop_requested)
@@ -213,7 +212,7 @@ class Loop:
     feature_cache: Any = None
     evaluator: Evaluator | None = None
     on_best: OnBest | None = None
-    log: TextIO | None = None
+    log: Callable[[dict[str, Any]], None] | None = None  # RunFolder.metrics_log's writer (main process)
     start: float = 0.0
     last_loss: float = float("nan")
     strategy: str = "none"  # none | ddp | fsdp (train/sharding.py)
@@ -301,8 +300,7 @@ class Loop:
     def write(self, record: dict[str, Any]) -> None:
         """One line of metrics.jsonl (main process), and the same numbers to the trackers."""
         if self.log is not None:
-            self.log.write(json.dumps(record) + "\n")
-            self.log.flush()
+            self.log(record)
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if numbers:  # --- run folder: trackers --- (a no-op without --report-to)
             self.accelerator.log(numbers, step=record["step"])

@@ -340,7 +340,7 @@ def train(run: Run, quiet: bool) -> Outcome:
                       log_every=cfg.log_every, print_fn=run.say) as bar, stop_at_step_end() as stop:
         try:
             steps, loss = train_loop(
-                run.model, run.processor, rows, cfg, RunFolder(run.out).metrics_file,
+                run.model, run.processor, rows, cfg, RunFolder(run.out),
                 on_step=bar.update, collate_truncate=cfg.too_long == "truncate",
                 evaluator=evaluator, on_best=lambda model, step, value: save_best_of(run, model, step, value),
                 resume_from=run.resume_from, state=state, stop_requested=lambda: stop.requested,

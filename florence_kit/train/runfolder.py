@@ -117,6 +117,17 @@ class RunFolder:
         tmp.write_text("\n".join(kept) + "\n")
         tmp.replace(log)
 
+    @contextmanager
+    def metrics_log(self) -> Iterator[Callable[[dict[str, Any]], None]]:
+        """Append records to the log while a run trains, one JSON line each, flushed so a kill loses no step."""
+        with self.metrics_file.open("a") as log:
+
+            def write(record: dict[str, Any]) -> None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+
+            yield write
+
     def metrics(self) -> list[dict[str, Any]]:
         """The log's records in order; a torn line (a run killed mid-write) is skipped, not fatal."""
         if not self.metrics_file.is_file():
