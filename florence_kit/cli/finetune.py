@@ -81,6 +81,10 @@ def finetune(
     too_long: Annotated[
         TooLong, typer.Option(help="Examples longer than the model's positions: drop, truncate or error.")
     ] = TooLong.drop,
+    max_target_length: Annotated[
+        int | None, typer.Option(help="Grow the model's position tables to N (e.g. 2048, 4096) before training, for "
+                                 "targets longer than its 1024 positions (docs/long-outputs.md).")
+    ] = None,
     max_samples: Annotated[int | None, typer.Option(help="Use only the first N training rows.")] = None,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty --output-dir.")] = False,
@@ -225,6 +229,7 @@ def finetune(
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, schedule=schedule.value, max_grad_norm=max_grad_norm, seed=seed,
         too_long=too_long.value, max_samples=max_samples, num_workers=num_workers, overwrite=overwrite,
+        max_target_length=max_target_length,
         tasks_dirs=list(tasks_dir or []), streaming=streaming, mix_weights=mix_weights,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_vision=lora_vision,
         optim=optim.value if optim else None,

@@ -91,6 +91,7 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     from accelerate import PartialState
 
     from florence_kit.model.loading import load_for_training, load_quantized
+    from florence_kit.model.positions import grow_for_training
 
     check_run_options(cfg)
     launcher_fsdp = launcher_asked_fsdp()  # read before check_strategy takes it out of the environment
@@ -103,6 +104,9 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     chosen_optim, chosen_lr = cfg.optim, cfg.lr
     run.cfg = cfg = strategy_option(resolved_options(cfg), strategy)  # config.yaml records what ran
     run.model, run.processor = load_quantized(cfg.model) if cfg.mode == "qlora" else load_for_training(cfg.model)
+    grown = grow_for_training(run.model, run.processor, cfg.max_target_length, cfg.mode)  # before the preflight
+    if grown:
+        run.say(grown)
     load_training_data(run)
     run.cfg = fit_memory(run)
     apply_training_mode(run, chosen_optim, chosen_lr)
