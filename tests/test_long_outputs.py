@@ -9,6 +9,7 @@ it), so each answer is ``max_new_tokens`` characters or more whatever the weight
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def trained(tiny_dir: Path, pages_dir: Path, tmp_path_factory: pytest.TempPathFa
     out = tmp_path_factory.mktemp("long") / "run"
     result = runner.invoke(app, ["finetune", "ocr-page", "--model", str(tiny_dir), "--dataset", str(pages_dir),
                                  "--output-dir", str(out), "--max-target-length", str(LONG), "--max-steps", "24",
-                                 "--batch-size", "2", "--lr", "2e-3", "--quiet"])
+                                 "--batch-size", "2", "--lr", "2e-3", "--fit", "auto", "--quiet"])
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -151,6 +152,8 @@ def test_finetune_keeps_the_long_pages_and_learns_the_tail(tiny_dir: Path, pages
     run, output = trained
     assert "grown from 1024 to 2048" in output and "0 of 6 examples exceed 2048 positions" in output
     assert json.loads((run / "config.json").read_text())["text_config"]["max_position_embeddings"] == LONG
+    fitted = re.search(r"fit auto \(.*?(\d+)\+(\d+) text tokens", " ".join(output.split()))
+    assert fitted and int(fitted.group(2)) > OLD  # --fit auto sized the batch for the long targets it keeps
     page = datasets.load_from_disk(str(pages_dir))["train"][0]
     start, processor = load_model(str(tiny_dir))
     grow_positions(start, LONG, "copy", processor)  # what the run started from
@@ -246,3 +249,44 @@ def test_onnx_export_and_transformersjs_answer_as_pytorch_past_1024(endless: Pat
     js = run_transformersjs(module_dir, export, page, "<OCR>", 1300)
     assert len(js["ids"]) == 1301  # the start token + 1,300 generated
     assert js_answer(js["text"]) == expected[0]
+
+
+def test_plan_counts_the_longer_targets_and_the_grown_tables() -> None:
+    from florence_kit.model.memory import Shape, activations, load_config, sizes, with_positions
+
+    long = runner.invoke(app, ["plan", "ocr-page", "--model", "base", "--gpu", "t4"])
+    short = runner.invoke(app, ["plan", "ocr-page", "--model", "base", "--gpu", "t4", "--target-tokens", "1024"])
+    assert long.exit_code == 0 and short.exit_code == 0, long.output + short.output
+    assert "4096 target tokens" in long.output and "236 M parameters" in long.output  # 2 x 3,072 x 768 rows more
+    assert "231 M parameters" in short.output
+    base = load_config("base")
+    assert sizes(with_positions(base, 4096)).language - sizes(base).language == 2 * 3072 * 768
+    assert with_positions(base, 512) is base
+    # the decoder's self-attention keeps heads x target² only where attention dropout stops SDPA's fused kernel
+    plain, dropped = sizes(load_config("tiny")), sizes(base)
+    assert plain.attention_dropout == 0 and dropped.attention_dropout == 0.1
+
+    def growth(s) -> float:  # (f(2000) - f(1000)) / (f(1000) - f(0)) of the kept activations: 1 when linear
+        kept = [activations(s, "full", Shape(128, 20, target), False)[0] for target in (0, 1000, 2000)]
+        return (kept[2] - kept[1]) / (kept[1] - kept[0])
+
+    assert growth(plain) == pytest.approx(1.0) and growth(dropped) > 1.5
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.1])
+def test_predicted_peak_within_15_percent_at_2000_target_tokens(attention_dropout: float, tmp_path: Path) -> None:
+    """~15 s: one measured training step (benchmarks/_measure.py) of the tiny model grown to 4,096 positions."""
+    from benchmarks.memory import measure, predict
+    from florence_kit.model.tiny import make_tiny
+
+    model, processor = make_tiny()
+    grow_positions(model, 4096, "copy", processor)
+    model.config.text_config.attention_dropout = attention_dropout
+    model.save_pretrained(tmp_path)
+    spec = {"model": str(tmp_path), "mode": "full", "batch": 1, "checkpointing": False, "device": "cpu",
+            "precision": "fp32", "image_size": 128, "prompt": 20, "target": 2000}
+    row = measure(spec)
+    assert "error" not in row, row
+    ratio = row["measured"] / predict(spec)
+    print(f"attention dropout {attention_dropout}: measured/predicted {ratio:.3f}")
+    assert 0.85 <= ratio <= 1.15  # measured 1.01 (dropout 0) and 1.06 (0.1)
