@@ -121,6 +121,8 @@ def test_bad_lengths_inits_and_adapter_modes_are_one_line() -> None:
         grow_positions(model, 0)
     with pytest.raises(UserError, match="adapter"):
         grow_for_training(model, processor, LONG, "lora")
+    with pytest.raises(UserError, match="between 1 and"):
+        grow_for_training(model, processor, 0, "full")
     assert model.config.text_config.max_position_embeddings == OLD  # nothing changed by the refusals
     assert "needs no growing" in grow_for_training(model, processor, 512, "lora")
     assert grow_for_training(model, processor, None, "full") is None

@@ -107,8 +107,10 @@ def grow_for_training(model: Any, processor: Any, length: int | None, mode: str,
     An adapter run (lora, qlora) saves only its adapter on the base it names, so grown tables would be lost:
     it is refused unless the base already has ``length`` positions.
     """
-    if not length:
+    if length is None:
         return None
+    if not 1 <= length <= MAX_LENGTH:
+        raise UserError(f"--max-target-length must be between 1 and {MAX_LENGTH}, got {length}")
     old = int(text_model(model).config.max_position_embeddings)
     if length <= old:
         return f"positions: the model already has {old} (--max-target-length {length} needs no growing)"
