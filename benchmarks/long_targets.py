@@ -1,6 +1,7 @@
 """Learning the tail: CER past target position 1,024 against the first 1,024, copy vs interpolation of the new rows.
 
     python -m benchmarks.long_targets                      # tiny model grown to 3,072 positions, 150 steps each
+    python -m benchmarks.long_targets --steps 300 --every 75   # the table in docs/long-outputs.md (~15 min)
     python -m benchmarks.long_targets --steps 60 --every 20
 
 The tiny model (1,024 positions, byte-level tokenizer: one token per character) is grown to ``--positions``
