@@ -98,7 +98,7 @@ def test_every_option_is_as_pinned() -> None:
 
 def test_the_fixture_covers_the_options_users_know() -> None:
     pinned = json.loads(FIXTURE.read_text(encoding="utf-8"))
-    assert len(pinned["finetune"]) == 52 and {"predict", "eval", "serve", "tasks list"} <= set(pinned)
+    assert len(pinned["finetune"]) >= 52 and {"predict", "eval", "serve", "tasks list"} <= set(pinned)
     assert pinned["finetune"]["--schedule"]["choices"] == ["linear", "cosine", "constant"]
     assert pinned["eval"]["--output-dir"]["default"] == "runs/eval" and pinned["eval"]["TASK"]["required"]
 

@@ -74,6 +74,10 @@ def finetune(
     too_long: Annotated[
         TooLong, typer.Option(help="Examples longer than the model's positions: drop, truncate or error.")
     ] = TooLong.drop,
+    max_target_length: Annotated[
+        int | None, typer.Option(help="Grow the model's position tables to N (e.g. 2048, 4096) before training, for "
+                                 "targets longer than its 1024 positions (docs/long-outputs.md).")
+    ] = None,
     max_samples: MaxSamplesOption = None,
     num_workers: NumWorkersOption = 0,
     overwrite: OverwriteOption = False,

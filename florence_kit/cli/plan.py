@@ -58,6 +58,7 @@ def plan(
         model_image_size,
         plan_modes,
         sizes,
+        with_positions,
     )
     from florence_kit.tasks.registry import get_task
 
@@ -70,10 +71,10 @@ def plan(
     if lora_vision and mode and mode.value not in ADAPTER_MODES:
         raise UserError(f"--lora-vision needs --mode {listing(ADAPTER_MODES)} (or no --mode)")
     spec = get_task(task, list(tasks_dir or []))
-    config = load_config(model)
+    target = target_tokens if target_tokens is not None else int(spec.generation.get("max_new_tokens", 64))
+    config = with_positions(load_config(model), target)  # targets past the table: finetune --max-target-length
     s = sizes(config)
     side = image_size if image_size is not None else model_image_size(model)
-    target = target_tokens if target_tokens is not None else int(spec.generation.get("max_new_tokens", 64))
     shape = Shape(side, prompt_tokens, target)
     budget = gpu_budget(gpu.value, precision.value) if gpu else local_budget(precision.value)
     if budget.device == "cpu" and budget.precision != "fp32":

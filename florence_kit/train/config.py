@@ -46,6 +46,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     too_long: str = "drop"
+    max_target_length: int | None = None  # grow the position tables to N first (model/positions.py)
     max_samples: int | None = None
     num_workers: int = 0
     log_every: int = 10

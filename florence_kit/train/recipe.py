@@ -100,6 +100,7 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
 
     from florence_kit.model.loading import load_for_training, load_quantized
     from florence_kit.model.modes import mode_row
+    from florence_kit.model.positions import grow_for_training
 
     check_run_options(cfg)
     launcher_fsdp = launcher_asked_fsdp()  # read before check_strategy takes it out of the environment
@@ -113,6 +114,9 @@ def setup(cfg: TrainConfig, print_fn: Callable[[str], None]) -> Run:
     run.cfg = cfg = strategy_option(resolved_options(cfg), strategy)  # config.yaml records what ran
     quantized = mode_row(cfg.mode).quant_bits is not None  # 4-bit NF4, the one storage the table allows
     run.model, run.processor = load_quantized(cfg.model) if quantized else load_for_training(cfg.model)
+    grown = grow_for_training(run.model, run.processor, cfg.max_target_length, cfg.mode)  # before the preflight
+    if grown:
+        run.say(grown)
     load_training_data(run)
     run.cfg = fit_memory(run)
     apply_training_mode(run, chosen_optim, chosen_lr)
