@@ -357,10 +357,13 @@ def calibration_pages(source: str, processor: Any, count: int = CALIBRATION_PAGE
             data = yaml.safe_load(config.read_text()) or {}
             task = get_task(str(data["task"]), [Path(d) for d in data.get("tasks_dirs") or [] if Path(d).is_dir()])
             split = load_split(task, data.get("dataset"), task.dataset.train_split)
-            seen: set[int] = set()
+            if hasattr(split, "select_columns"):
+                split = split.select_columns([task.image_column])  # the other columns are not decoded
+            seen: set[bytes] = set()
             for row in split:
-                image = row[task.dataset.image_column]
-                key = hash(image.tobytes()[:4096]) if hasattr(image, "tobytes") else id(image)
+                image = row[task.image_column]
+                image = image[0] if isinstance(image, list) else image
+                key = hashlib.sha256(image.tobytes()).digest()  # a page's questions share its image
                 if key not in seen:
                     seen.add(key)
                     images.append(to_rgb(image))
