@@ -15,7 +15,9 @@ model there) and what :mod:`florence_kit.model.onnx_runtime` runs::
 Graphs come from ``torch.onnx.export`` (the dynamo exporter). The merged decoder is the layout optimum made
 standard: the first step (no cache: computes the cross-attention keys/values) and later steps (cache given) are
 exported separately and joined under one ``If`` node, their shared weights stored once. int8 is onnxruntime's
-``quantize_dynamic`` (MatMul/Gemm/Gather weights, signed 8-bit: Transformers.js' ``int8`` files); fp16 is
+``quantize_dynamic`` (MatMul/Gemm/Gather weights, signed 8-bit: Transformers.js' ``int8`` files), and in the vision
+tower its convolutions too, as QuantizeLinear/DequantizeLinear pairs with activation ranges measured on a few of
+the run's own training pages (synthetic pages where the source has no readable dataset); fp16 is
 onnxruntime's float16 converter with float32 inputs and outputs, which is what Transformers.js feeds.
 Everything is written to a temporary folder beside OUT and moved in at the end: a failed export leaves no OUT.
 """
