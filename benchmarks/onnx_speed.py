@@ -6,7 +6,7 @@
 For each model (the demo's fine-tuned tiny model at 128 px; a base-sized random Florence-2 at 768 px, 577 image
 tokens) it exports fp32 + int8 graphs once, then times the same inputs through PyTorch
 (:func:`florence_kit.evaluate.generation.generate`, what ``predict``/``eval`` run) and through onnxruntime
-(the same function on the exported folder) at batch 1 and batch 8, in this one process, one after the other.
+(the same function on the exported folder) at batch 1 and batch 8, in this one process.
 It prints samples/s, the ratio to PyTorch, whether the fp32 answers are identical to PyTorch's (they must be) and
 how many int8 answers are, and the graphs' file sizes. On the demo's held-out set it scores ANLS for PyTorch,
 ONNX fp32 and ONNX int8 with :func:`florence_kit.evaluate.scoring.evaluate`.
@@ -14,8 +14,8 @@ ONNX fp32 and ONNX int8 with :func:`florence_kit.evaluate.scoring.evaluate`.
 Every table is printed with the machine that made it (CPU model, the cores the process may use, the ISA
 extensions that decide which kernels run: AVX2, AVX-512, VNNI, AMX) and the load average before and after: the
 same model on two CPUs of one family can differ by 30 %, so a figure without its machine says little. The three
-runners are timed in turn, ``--repeats`` times, and each rate is the median of its repeats: load from other
-processes then falls on all three alike.
+runners are timed in turn, ``--repeats`` times; each rate is the median of its repeats and each ratio the median
+of the per-repeat ratios: load from other processes then falls on all three alike.
 
 The base-sized model is random (no weights are downloaded here): left alone it emits </s> first and decodes no
 token at all, so its answers are held to exactly 16 tokens (``min_new_tokens``), the same decoding work on
