@@ -80,6 +80,38 @@ def default_variant(path: Path) -> str:
     return variants[-1]
 
 
+def usable_cores() -> tuple[int, int]:
+    """(physical cores, logical CPUs) this process may run on: its affinity mask, capped by a cgroup CPU quota
+    (a container's ``--cpus``), hyperthread siblings counted once. onnxruntime's own default counts the host's
+    physical cores, which oversubscribes a container limited to fewer."""
+    import math
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores: set[str] = set()
+    for cpu in cpus:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    logical, physical = len(cpus), max(1, len(cores))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            limit = max(1, math.ceil(int(quota) / int(period)))
+            logical, physical = min(logical, limit), min(physical, limit)
+    except (OSError, ValueError):
+        pass
+    return physical, logical
+
+
+def session_threads(threads: int = 0) -> int:
+    """Intra-op threads for the sessions: ``threads`` when given, else one per usable physical core (int8 and
+    float kernels are bound by each core's vector units, so a hyperthread sibling adds contention, not speed)."""
+    return threads if threads > 0 else usable_cores()[0]
+
+
 def load_onnx_model(path: Path, variant: str | None = None, threads: int = 0) -> tuple[Any, Any]:
     """(model, processor) for an exported folder; a missing or damaged graph is a one-line error."""
     from transformers import AutoProcessor, Florence2Config
@@ -136,8 +168,7 @@ def _onnx_class() -> type:
             # generate() runs torch (logits processing, the cache) between the graphs on the same cores: threads
             # left spinning after a graph take those cores from it (int8 base at 768 px: ~20 % slower spinning)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if threads:
-                options.intra_op_num_threads = threads
+            options.intra_op_num_threads = self.threads = session_threads(threads)
             suffix = SUFFIXES[variant]
             self.sessions = {name: _session(self.path / "onnx" / f"{name}{suffix}.onnx", options) for name in GRAPHS}
             decoder = self.sessions["decoder_model_merged"]

@@ -15,7 +15,9 @@ model there) and what :mod:`florence_kit.model.onnx_runtime` runs::
 Graphs come from ``torch.onnx.export`` (the dynamo exporter). The merged decoder is the layout optimum made
 standard: the first step (no cache: computes the cross-attention keys/values) and later steps (cache given) are
 exported separately and joined under one ``If`` node, their shared weights stored once. int8 is onnxruntime's
-``quantize_dynamic`` (MatMul/Gemm/Gather weights, signed 8-bit: Transformers.js' ``int8`` files); fp16 is
+``quantize_dynamic`` (MatMul/Gemm/Gather weights, signed 8-bit: Transformers.js' ``int8`` files), and in the vision
+tower its convolutions too, as QuantizeLinear/DequantizeLinear pairs with activation ranges measured on a few of
+the run's own training pages (synthetic pages where the source has no readable dataset); fp16 is
 onnxruntime's float16 converter with float32 inputs and outputs, which is what Transformers.js feeds.
 Everything is written to a temporary folder beside OUT and moved in at the end: a failed export leaves no OUT.
 """
@@ -41,6 +43,7 @@ from torch import nn
 from florence_kit.common.errors import UserError, first_line
 from florence_kit.model.onnx_runtime import EXPORT_INFO, GRAPHS, SUFFIXES, load_onnx_model
 from florence_kit.present.onnx_friendly import export_friendly
+from florence_kit.train.runfolder import RunFolder
 
 QUANTIZE_CHOICES = ("none", "int8", "fp16")
 DEFAULT_OPSET = 18
@@ -274,25 +277,120 @@ def merge_decoders(first: Any, later: Any) -> Any:
 # Variants
 
 
-def quantize_int8(folder: Path) -> None:
-    """``*_int8.onnx`` beside each graph: dynamic quantisation of the MatMul/Gemm/Gather weights (signed 8-bit)."""
+CALIBRATION_PAGES = 8  # pages whose activations set the vision convolutions' int8 ranges
+
+
+def quantize_int8(folder: Path, calibration: list[Any] | None = None) -> None:
+    """``*_int8.onnx`` beside each graph: dynamic quantisation of the MatMul/Gemm/Gather weights (signed 8-bit);
+    in the vision tower the convolutions too, statically (QDQ) with ranges from ``calibration`` (pixel_values
+    arrays, one page each), which onnxruntime runs as int8 convolutions in channels-last layout."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for name in GRAPHS:
         source, target = folder / f"{name}.onnx", folder / f"{name}{SUFFIXES['int8']}.onnx"
+        staged = folder / f"{name}.qdq-conv.onnx"
         try:
             with quiet():
+                if name == "vision_encoder" and calibration:
+                    quantize_convolutions(source, staged, calibration)
+                    source = staged
                 quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
                                  op_types_to_quantize=["MatMul", "Gemm", "Gather"],
                                  extra_options={"EnableSubgraph": True})  # the merged decoder's weights sit under If
         except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
             raise UserError(f"--quantize int8 failed on {name} ({type(exc).__name__}: {first_line(exc)}); "
                             "export with --quantize none") from None
+        finally:
+            staged.unlink(missing_ok=True)
         ops = {n.op_type for n in _all_nodes(onnx.load(target, load_external_data=False).graph)}
         if name != "embed_tokens" and not ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}:
             raise UserError(f"--quantize int8: {name} has no weight that quantises to 8 bits "
                             f"(is the model already quantised?); export with --quantize none")
+
+
+def quantize_convolutions(source: Path, target: Path, calibration: list[Any]) -> None:
+    """The graph's Conv nodes as QuantizeLinear/DequantizeLinear pairs around them (QDQ): weights per output channel
+    (signed), activations unsigned with the min/max seen on the calibration pages. onnxruntime fuses each pair into
+    QLinearConv and runs it channels-last, so the float convolutions' layout reorders go too."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Pages(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.pages = iter(calibration)
+
+        def get_next(self) -> dict[str, Any] | None:
+            page = next(self.pages, None)
+            return None if page is None else {"pixel_values": page}
+
+    with tempfile.TemporaryDirectory(prefix="calibration-", dir=target.parent) as scratch:
+        cwd = os.getcwd()
+        os.chdir(scratch)  # the calibrator writes its augmented graph into the working directory
+        try:
+            quantize_static(source, target, Pages(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            os.chdir(cwd)
+
+
+def calibration_pages(source: str, processor: Any, count: int = CALIBRATION_PAGES) -> tuple[list[Any], str]:
+    """``count`` pages of pixel_values for the int8 convolutions' ranges, and where they came from: the training
+    split of the run's own dataset (config.yaml's ``dataset`` and ``task``) when it can be read, else synthetic
+    document-like pages (white, grey text-like strokes, a photo-like noise patch)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    images: list[Any] = []
+    origin = "synthetic pages"
+    run = RunFolder(source)
+    if run.is_run():
+        try:
+            from florence_kit.data.dataset import load_split, to_rgb
+            from florence_kit.tasks.registry import get_task
+
+            data = run.config()
+            task = get_task(str(data["task"]), run.tasks()["tasks_dirs"])
+            split = load_split(task, data.get("dataset"), task.dataset.train_split)
+            if hasattr(split, "select_columns"):
+                split = split.select_columns([task.image_column])  # the other columns are not decoded
+            seen: set[bytes] = set()
+            for row in split:
+                image = row[task.image_column]
+                image = image[0] if isinstance(image, list) else image
+                key = hashlib.sha256(image.tobytes()).digest()  # a page's questions share its image
+                if key not in seen:
+                    seen.add(key)
+                    images.append(to_rgb(image))
+                if len(images) == count:
+                    break
+            origin = f"{len(images)} training pages of {data.get('dataset') or task.name}"
+        except Exception:  # any unreadable run data: the synthetic pages below serve
+            images = []
+            origin = "synthetic pages"
+    if not images:
+        rng = np.random.default_rng(0)
+        size = processor.image_processor.size
+        width, height = size["width"], size["height"]
+        for index in range(count):
+            page = Image.new("RGB", (width, height), "white")
+            draw = ImageDraw.Draw(page)
+            for line in range(4, height - 8, max(8, height // 24)):
+                shade = int(rng.integers(0, 120))
+                draw.rectangle([width // 16, line, int(width * rng.uniform(0.3, 0.95)), line + max(2, height // 64)],
+                               fill=(shade, shade, shade))
+            if index % 2:
+                patch = rng.integers(0, 256, (height // 3, width // 3, 3), dtype=np.uint8)
+                page.paste(Image.fromarray(patch), (width // 2, height // 2))
+            images.append(page)
+    pixels = processor.image_processor(images=images, return_tensors="np")["pixel_values"]
+    return [pixels[i : i + 1].astype(np.float32) for i in range(len(images))], origin
 
 
 def convert_fp16(folder: Path) -> None:
@@ -398,8 +496,6 @@ def load_for_export(source: str) -> tuple[Any, Any]:
 
 def run_tasks(source: Path) -> dict[str, Any]:
     """The run's task selection and its task folders (from config.yaml), so the export knows its prompts."""
-    from florence_kit.train.runfolder import RunFolder
-
     return RunFolder(source).tasks()
 
 
@@ -423,8 +519,10 @@ def export_onnx(source: str, out: Path, *, quantize: str = "none", opset: int = 
         export_graphs(model, (size["height"], size["width"]), tmp / "onnx", opset)
         write_side_files(model, processor, tmp)
         variants = ["fp32"]
+        calibrated = None
         if quantize == "int8":
-            quantize_int8(tmp / "onnx")
+            pixels, calibrated = calibration_pages(str(source), processor)
+            quantize_int8(tmp / "onnx", pixels)
             variants.append("int8")
         elif quantize == "fp16":
             convert_fp16(tmp / "onnx")
@@ -433,6 +531,8 @@ def export_onnx(source: str, out: Path, *, quantize: str = "none", opset: int = 
         tasks = run_tasks(Path(source)) if Path(source).is_dir() else {}
         if tasks.get("task"):
             info["task"] = tasks["task"]
+        if calibrated:
+            info["int8_calibration"] = calibrated
         copied = []
         for index, folder in enumerate(tasks.get("tasks_dirs", [])):
             target = Path("tasks") / f"{index}-{folder.name}"

@@ -7,6 +7,12 @@ than they should:
   onnxruntime runs those 5-D transposes of a whole feature map through its slow generic path (about a third of the
   int8 tower's time). Here q, k, v stay ``[batch, groups, tokens, head_dim]`` (a block move) and the attention is
   written as ``q^T k`` and ``v attn^T``, which onnxruntime fuses into ``FusedMatMul`` with transposed operands.
+- transformers keeps DaViT's feature map channels-first between blocks and transposes the whole map to
+  tokens-last and back around every depthwise convolution (four full-map transposes per block). Here the map stays
+  channels-last ``[batch, height, width, channels]`` and each convolution is written ``permute -> Conv ->
+  permute``, which onnxruntime folds into the reorders of its blocked convolution layout (or, in the int8 graph,
+  into its channels-last QLinearConv); the window attention splits q, k and v after one 4-D transpose of the qkv
+  projection. The base tower's transposes: about half of what they were, ~12 % of its time.
 - ``F.gelu`` exports as ``0.5 * (1 + erf(x / sqrt 2)) * x``, an order onnxruntime's Gelu fusion does not match,
   so five element-wise passes over every MLP activation run at each layer. Written as ``(x * 0.5) * (1 + erf)``,
   it fuses into one Gelu kernel, in onnxruntime for Python and in Transformers.js alike (both fuse at load).
@@ -29,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -42,6 +49,76 @@ def channel_attention(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     attention = attention.softmax(dim=-1)
     out = value @ attention.transpose(-1, -2)  # [batch, groups, tokens, head_dim]
     return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
+
+
+def _conv_nhwc(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 2-D convolution of a ``[batch, height, width, channels]`` map: the permutes sit right beside the Conv, where
+    onnxruntime folds them into its blocked layout's reorders (``ReorderInput``/``ReorderOutput`` channels-last)."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def window_attention(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Florence2VisionWindowAttention.forward`` with q, k and v taken apart by one 4-D transpose of the qkv
+    projection (heads before tokens) and a split along the heads, instead of a 5-D permute and three gathers."""
+    batch, height, width, channels = hidden_states.shape
+    size = self.window_size
+    pad_right, pad_bottom = (size - width % size) % size, (size - height % size) % size
+    hidden_states = F.pad(hidden_states, (0, 0, 0, pad_right, 0, pad_bottom))
+    padded_height, padded_width = height + pad_bottom, width + pad_right
+    rows, cols = padded_height // size, padded_width // size
+    windows = hidden_states.view(batch, rows, size, cols, size, channels).permute(0, 1, 3, 2, 4, 5)
+    windows = windows.reshape(-1, size * size, channels)
+    count, tokens = windows.shape[0], size * size
+    heads = self.num_heads
+    qkv = self.qkv(windows).reshape(count, tokens, 3 * heads, channels // heads).transpose(1, 2)
+    query, key, value = qkv.split(heads, dim=1)  # [windows, heads, tokens, head_dim] each
+    out = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
+    out = self.proj(out.transpose(1, 2).reshape(count, tokens, channels))
+    out = out.view(batch, rows, cols, size, size, channels).permute(0, 1, 3, 2, 4, 5)
+    out = out.reshape(batch, padded_height, padded_width, channels)[:, :height, :width, :]
+    return out.reshape(batch, height * width, channels)
+
+
+def _block_nhwc(block: Any, x: torch.Tensor, attention: nn.Module, windows: bool) -> torch.Tensor:
+    """A DaViT spatial (``windows``) or channel block on a ``[batch, height, width, channels]`` map; the
+    arithmetic of ``Florence2Vision{Spatial,Channel}Block.forward``, which transposes to channels-first and back
+    around each depthwise convolution."""
+    batch, height, width, channels = x.shape
+    x = _conv_nhwc(block.conv1, x) + x
+    normed = block.norm1(x)
+    mixed = attention(normed) if windows else attention(normed.reshape(batch, height * width, channels))
+    x = x + block.drop_path1(mixed.view(batch, height, width, channels))
+    x = _conv_nhwc(block.conv2, x) + x
+    return x + block.drop_path2(block.ffn(block.norm2(x)))
+
+
+def _conv_embed_nhwc(embed: Any, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``Florence2VisionConvEmbed.forward`` returning ``[batch, height, width, channels]``; ``x`` is the pixels
+    (channels-first) or the previous stage's channels-last map."""
+    if embed.norm and embed.pre_norm:
+        x = embed.norm(x if channels_last else x.permute(0, 2, 3, 1))
+        channels_last = True
+    x = _conv_nhwc(embed.conv, x) if channels_last else embed.conv(x).permute(0, 2, 3, 1)
+    if embed.norm and not embed.pre_norm:
+        x = embed.norm(x)
+    return x
+
+
+def vision_backbone(self: Any, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
+    """``Florence2VisionBackbone.forward`` with the feature map kept channels-last between the stages and blocks
+    (transformers keeps it channels-first and transposes it twice per block): what the blocks compute is unchanged,
+    and the only layout changes left are the ones beside each convolution, which onnxruntime folds away."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    x = hidden_states.to(dtype=self.convs[0].conv.weight.dtype)
+    channels_last = False
+    for embed, blocks in zip(self.convs, self.blocks, strict=True):
+        x = _conv_embed_nhwc(embed, x, channels_last)
+        channels_last = True
+        for layer in blocks:
+            x = _block_nhwc(layer.spatial_block, x, layer.spatial_block.window_attn, windows=True)
+            x = _block_nhwc(layer.channel_block, x, layer.channel_block.channel_attn, windows=False)
+    return BaseModelOutputWithPooling(last_hidden_state=x.permute(0, 3, 1, 2))
 
 
 def gelu(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +144,13 @@ def export_friendly(model: nn.Module) -> Iterator[None]:
     patched: list[nn.Module] = []
     for module in model.modules():
         replacement = None
-        if type(module).__name__ == "Florence2VisionChannelAttention" and hasattr(module, "groups"):
+        kind = type(module).__name__
+        if kind == "Florence2VisionChannelAttention" and hasattr(module, "groups"):
             replacement = channel_attention
+        elif kind == "Florence2VisionWindowAttention" and hasattr(module, "window_size"):
+            replacement = window_attention
+        elif kind == "Florence2VisionBackbone" and hasattr(module, "convs") and hasattr(module, "blocks"):
+            replacement = vision_backbone
         elif _is_exact_gelu(module):
             replacement = gelu
         if replacement is not None:

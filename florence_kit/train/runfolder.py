@@ -41,6 +41,9 @@ class RunFolder:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # a str (a hub id or a CLI argument) is accepted too
+
     @classmethod
     def of_checkpoint(cls, checkpoint: Path | str) -> RunFolder:
         """The run that wrote ``checkpoint`` (``<run>/checkpoints/step-N``)."""
