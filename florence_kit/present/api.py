@@ -23,6 +23,7 @@ import hmac
 import io
 import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -35,8 +36,14 @@ from typing import Any
 from florence_kit.common.errors import UserError
 from florence_kit.tasks.spec import TaskSpec, template_fields
 
+TOKEN = re.compile(r"<[A-Za-z_]+>")  # a task token: Florence-2's <OD>, a fine-tune's <DocVQA>
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+
+
+def task_token(prompt: str) -> str:
+    match = TOKEN.match(prompt)
+    return match.group(0) if match else ""
 
 
 class ApiError(Exception):
@@ -177,8 +184,6 @@ class Engine:
 
     def by_token(self, token: str) -> TaskSpec | None:
         """The task whose prompt starts with a Florence-2 token such as ``<OD>``: the default task first."""
-        from florence_kit.evaluate.regions import task_token
-
         default = self.tasks[self.settings.default_task]
         if task_token(default.prompt) == token:
             return default
@@ -188,8 +193,6 @@ class Engine:
                 box: Any) -> tuple[TaskSpec, str | None, Any]:
         """(task, question, box) from a chat text part: a task name, a prompt starting with a task token
         (``<OD>``, ``<DocVQA>What is the total?``), or a question for the default task; ``task`` picks one by name."""
-        from florence_kit.evaluate.regions import task_token
-
         text = (text or "").strip()
         if task is not None:
             if task not in self.tasks:
@@ -451,15 +454,16 @@ def content_of(spec: TaskSpec, answer: Any) -> str:
     return answer.parsed if isinstance(answer.parsed, str) else answer.text
 
 
-def build_app(engine: Engine) -> Any:
-    """The Starlette app (routes, errors in OpenAI's shape, auth, and the 503 of a server shutting down)."""
+def build_app(engine: Engine, settings: ApiSettings | None = None) -> Any:
+    """The Starlette app (routes, errors in OpenAI's shape, auth, and the 503 of a server shutting down);
+    ``settings`` replaces the engine's limits and key for this app (batching stays the engine's)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    settings = engine.settings
+    settings = settings or engine.settings
     state = ServerState()
 
     async def read_picture(url: Any, param: str) -> Picture:
@@ -497,7 +501,7 @@ def build_app(engine: Engine) -> Any:
         made = engine.answer_tokens(result.text)
         usage = {"prompt_tokens": engine.prompt_tokens(prompt), "completion_tokens": made,
                  "total_tokens": engine.prompt_tokens(prompt) + made}
-        finish = "length" if made >= new_tokens else "stop"
+        finish = "length" if made + 1 >= new_tokens else "stop"  # no room left for the end token: cut short
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         florence = _florence(spec, prompt, picture, result)
         if body.get("stream"):
