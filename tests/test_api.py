@@ -269,12 +269,15 @@ def test_requests_arriving_together_are_batched_with_the_answers_of_one_at_a_tim
     asks = [(data_url(page), text) for page in pages
             for text in ("<CAPTION>", "<OD>", "What is the total?", "What is the date?")]
     alone = [ask(client, url, text).choices[0].message.content for url, text in asks]
-    before = engine.batcher.largest
-    engine.batcher.largest = 0
-    with ThreadPoolExecutor(len(asks)) as pool:
-        together = list(pool.map(lambda a: ask(client, *a).choices[0].message.content, asks))
-    assert engine.batcher.largest >= 4  # they were generated together
-    engine.batcher.largest = max(before, engine.batcher.largest)
+    batcher = engine.batcher
+    saved = batcher.window, batcher.max_batch, batcher.largest
+    batcher.window, batcher.max_batch, batcher.largest = 5.0, len(asks), 0  # the batch closes when all have come
+    try:
+        with ThreadPoolExecutor(len(asks)) as pool:
+            together = list(pool.map(lambda a: ask(client, *a).choices[0].message.content, asks))
+        assert batcher.largest == len(asks)  # one generate call for all of them, three tasks mixed
+    finally:
+        batcher.window, batcher.max_batch, batcher.largest = saved[0], saved[1], max(saved[2], batcher.largest)
     assert together == alone
 
 

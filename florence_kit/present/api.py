@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -165,6 +166,11 @@ class Job:
     loop: asyncio.AbstractEventLoop = field(repr=False)
     arrived: float = field(default_factory=time.monotonic)
 
+    def decoding(self) -> str:
+        """The generation settings, as a key: jobs with the same one are generated together, whatever the task."""
+        settings = {**self.spec.generation, "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
+        return json.dumps(settings, sort_keys=True, default=str)
+
 
 class Engine:
     """One loaded model: tasks, prompts, token counts, and the batcher that answers."""
@@ -292,7 +298,7 @@ class Batcher:
         self.engine, self.max_batch, self.window = engine, max(1, max_batch), max(0.0, window)
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.batches = self.answered = self.largest = 0
-        self.configs: dict[tuple[str, int, int], Any] = {}
+        self.configs: dict[str, Any] = {}
         self.thread = threading.Thread(target=self._run, name="florence-kit-batcher", daemon=True)
         self.thread.start()
 
@@ -329,31 +335,40 @@ class Batcher:
                 return
             jobs, stop = self._collect(first)
             self.batches += 1
-            self.largest = max(self.largest, len(jobs))
-            groups: dict[tuple[str, int, int], list[Job]] = {}
+            groups: dict[str, list[Job]] = {}  # one generate call per generation setting, whatever the tasks
             for job in jobs:
-                groups.setdefault((job.spec.name, job.max_new_tokens, job.num_beams), []).append(job)
+                groups.setdefault(job.decoding(), []).append(job)
             for key, group in groups.items():
+                self.largest = max(self.largest, len(group))
                 self._answer(key, group)
             if stop:
                 return
 
-    def _answer(self, key: tuple[str, int, int], jobs: list[Job]) -> None:
-        from florence_kit.evaluate.batch import ImageRef, Request, answer_requests
+    def _answer(self, key: str, jobs: list[Job]) -> None:
+        """One generate call for ``jobs`` (one generation setting, any tasks); each answer parsed by its own task,
+        with :func:`parse_answer` as ``answer_requests`` parses a task's answers."""
+        from florence_kit.evaluate.batch import Answer, ImageRef, Request, answer_requests
         from florence_kit.evaluate.generation import generation_config_for
+        from florence_kit.evaluate.regions import parse_answer
 
         engine = self.engine
         try:
             if key not in self.configs:
                 self.configs[key] = generation_config_for(jobs[0].spec, engine.model, engine.processor,
-                                                          max_new_tokens=key[1], num_beams=key[2])
+                                                          max_new_tokens=jobs[0].max_new_tokens,
+                                                          num_beams=jobs[0].num_beams)
             rows = [{"image": job.picture.image} for job in jobs]
             requests = [Request(i, ImageRef(str(i), row=i, page=job.picture.digest), job.prompt)
                         for i, job in enumerate(jobs)]
+            plain = dataclasses.replace(jobs[0].spec, regions=None)  # texts back; each job's task parses its own
             results: dict[int, Any] = {}
-            for batch in answer_requests(engine.model, engine.processor, jobs[0].spec, requests, self.configs[key],
+            for batch in answer_requests(engine.model, engine.processor, plain, requests, self.configs[key],
                                          rows=rows, batch_size=len(requests)):
                 for result in batch:
+                    job = jobs[result.index]
+                    if isinstance(result, Answer) and job.spec.regions:
+                        result.parsed = parse_answer(job.spec, engine.processor, result.text,
+                                                     (result.width, result.height))
                     results[result.index] = result
             for i, job in enumerate(jobs):
                 _settle(job, results.get(i, RuntimeError("no answer came back")))
