@@ -300,3 +300,39 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones_with_503(engine,
         assert in_flight.result().choices[0].message.content  # finished, not cut
     running.thread.join(15)
     assert not running.thread.is_alive()  # stopped once nothing was in flight
+
+
+def test_serve_api_refuses_bad_options_before_loading(tiny_dir: Path) -> None:
+    result = runner.invoke(cli_app, ["serve", str(tiny_dir / "nowhere"), "--api", "--max-batch", "0"])
+    assert result.exit_code == 2 and "--max-batch must be at least 1" in result.output
+    result = runner.invoke(cli_app, ["serve", str(tiny_dir / "nowhere"), "--api", "--task", "docvqq"])
+    assert result.exit_code == 2 and "docvqa" in result.output  # did you mean
+
+
+@pytest.mark.slow
+def test_serve_api_command_answers_and_stops_cleanly_on_sigterm(tiny_dir: Path, pages: list[Path]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from florence_kit.cli import main; main()", "serve",
+                             str(tiny_dir), "--api", "--port", str(port), "--allow-local-files"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            try:
+                if post(f"http://127.0.0.1:{port}/health", b"", method="GET")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert ask(client, str(pages[0]), "<CAPTION>").choices[0].message.content  # a local path, allowed
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
