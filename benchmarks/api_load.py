@@ -211,31 +211,32 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     urls = make_urls(args.images)
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(args.model, Path(tmp) / "model")
         for clients in [int(c) for c in args.clients.split(",")]:
             requests = plan(clients * args.requests, urls, args.broken_every)
             on = measure(model_dir, requests, clients, args, batching=True)
-            off = None if args.no_baseline else measure(model_dir, requests, clients, args, batching=False)
-            if off is not None:
-                assert on["answers"] == off["answers"], "batching changed an answer"
-            for name, result in (("batching", on), ("off", off)):
-                if result is None:
-                    continue
-                row = {"model": args.model, "clients": clients, "mode": name,
-                       **{k: v for k, v in result.items() if k != "answers"}}
-                if off is not None and name == "batching":
-                    row["speedup"] = round(on["req_per_s"] / off["req_per_s"], 2)
-                rows.append(row)
-                print(f"{args.model:4s} clients={clients:3d} {name:8s} {row['req_per_s']:7.2f} req/s  "
-                      f"p50 {row['p50_ms']} ms  p95 {row['p95_ms']} ms  p99 {row['p99_ms']} ms  "
-                      f"good {row['good']}  failed {row['failed_good']}  broken refused {row['broken_refused']}"
-                      f"/{row['broken_refused'] + row['broken_accepted']}  RSS {row['rss_before_mb']}"
-                      f"→{row['rss_after_mb']} MB  largest batch {row['largest_batch']}"
-                      + (f"  speedup ×{row['speedup']}" if "speedup" in row else ""), flush=True)
+            show(args.model, clients, "batching", on, rows)
+            if args.no_baseline:
+                continue
+            off = measure(model_dir, requests, clients, args, batching=False)
+            show(args.model, clients, "off", off, rows)
+            rows[-2]["speedup"] = round(on["req_per_s"] / off["req_per_s"], 2)
+            print(f"{args.model:4s} clients={clients:3d} speedup ×{rows[-2]['speedup']} (batching / off)", flush=True)
+            assert on["answers"] == off["answers"], "batching changed an answer"
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def show(model: str, clients: int, name: str, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Print one run's figures and keep them (without the answers)."""
+    row = {"model": model, "clients": clients, "mode": name, **{k: v for k, v in result.items() if k != "answers"}}
+    rows.append(row)
+    print(f"{model:4s} clients={clients:3d} {name:8s} {row['req_per_s']:7.2f} req/s  p50 {row['p50_ms']} ms  "
+          f"p95 {row['p95_ms']} ms  p99 {row['p99_ms']} ms  good {row['good']}  failed {row['failed_good']}  "
+          f"broken refused {row['broken_refused']}/{row['broken_refused'] + row['broken_accepted']}  "
+          f"RSS {row['rss_before_mb']}→{row['rss_after_mb']} MB  largest batch {row['largest_batch']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -336,3 +336,11 @@ def test_serve_api_command_answers_and_stops_cleanly_on_sigterm(tiny_dir: Path, 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_load_benchmark_mixes_tasks_and_breaks_one_request_in_k() -> None:
+    from benchmarks.api_load import plan
+
+    requests = plan(100, ["data:a", "data:b"], broken_every=25)
+    assert sum(r["broken"] for r in requests) == 4 and requests[24]["broken"] and not requests[23]["broken"]
+    assert {r["text"] for r in requests if not r["broken"]} >= {"<CAPTION>", "<OD>", "<OCR>", "What is the total?"}
