@@ -181,7 +181,9 @@ def measure(model_dir: Path, requests: list[dict[str, Any]], clients: int, args:
     max_batch, window = (args.max_batch, args.window_ms) if batching else (1, 0.0)
     proc = start_server(model_dir, port, max_batch, window, args.threads)
     try:
-        run_load(port, requests[:min(len(requests), 2 * clients)], clients, args.max_tokens)  # warm-up
+        warmup = 2 * clients if args.warmup is None else args.warmup
+        if warmup:
+            run_load(port, requests[:min(len(requests), warmup)], clients, args.max_tokens)
         before = rss_mb(proc.pid)
         result = run_load(port, requests, clients, args.max_tokens)
         result.update(rss_before_mb=round(before), rss_after_mb=round(rss_mb(proc.pid)),
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--window-ms", type=float, default=10.0)
     parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=None, help="requests before the measured ones (default: "
+                        "2 per client); RSS 'before' is read after them")
     parser.add_argument("--broken-every", type=int, default=25, help="one broken request in every K (0: none)")
     parser.add_argument("--threads", type=int, default=0, help="the server's torch CPU threads (0: its default)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the batching-off run")
