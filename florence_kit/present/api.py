@@ -40,6 +40,7 @@ from florence_kit.tasks.spec import TaskSpec, template_fields
 TOKEN = re.compile(r"<[A-Za-z_]+>")  # a task token: Florence-2's <OD>, a fine-tune's <DocVQA>
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+DISCARD_BYTES = 256 * 1024 * 1024  # an over-limit body is read and dropped up to this, then the connection closes
 
 
 def task_token(prompt: str) -> str:
@@ -407,17 +408,22 @@ def _error(exc: ApiError) -> Any:
 
 async def _json_body(request: Any, settings: ApiSettings) -> dict[str, Any]:
     limit = int(settings.max_body_mb * 1024 * 1024)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {int(declared)} bytes, more than the {limit} this server accepts "
-                       "(--max-body-mb)", "body_too_large")
+    declared = request.headers.get("content-length") or ""
+    declared_n = int(declared) if declared.isdigit() else 0
     chunks, size = [], 0
     async for chunk in request.stream():
+        # a body over the limit is read to its end (up to DISCARD_BYTES) and dropped, so that a client which sends
+        # all of it before reading hears the 413 instead of a broken pipe
         size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is more than the {limit} bytes this server accepts "
-                           "(--max-body-mb)", "body_too_large")
+        if max(size, declared_n) > limit:
+            chunks = []
+            if size > DISCARD_BYTES:
+                break
+            continue
         chunks.append(chunk)
+    if max(size, declared_n) > limit:
+        raise ApiError(413, f"the request body is {max(size, declared_n)} bytes, more than the {limit} this "
+                       "server accepts (--max-body-mb)", "body_too_large")
     try:
         body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as exc:
