@@ -283,6 +283,16 @@ class ChunkWriter:
         self.last = time.monotonic()
 
 
+def answer_record(base: dict[str, Any], result: Answer | Unreadable, settings: dict[str, Any],
+                  prompt: str) -> dict[str, Any]:
+    """One output record: ``base`` (key, path or row), then the answer or the reason it has none. The HTTP API's
+    ``/v1/florence/predict`` answers with the same record, so a record means one thing wherever it comes from."""
+    if isinstance(result, Unreadable):
+        return {**base, "error": result.reason, **settings}
+    return {**base, "width": result.width, "height": result.height, **settings, "prompt": prompt,
+            "text": result.text, "answer": result.parsed}
+
+
 def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[Item] | None, out: Path, *,
                    model_name: str, prompt_for: Callable[[Item], str], gen_config: Any, prompt_label: str,
                    fmt: str = "jsonl", rows: Any = None, blocks: Iterable[tuple[Sequence[Item], Any]] | None = None,
@@ -333,13 +343,7 @@ def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[I
                 for result in results:
                     item = mine[result.index]
                     base = {"key": item.image.key, **(item.info or {"path": item.image.path})}
-                    if isinstance(result, Unreadable):
-                        batch.append({**base, "error": result.reason, **settings})
-                    else:
-                        assert isinstance(result, Answer)
-                        batch.append({**base, "width": result.width, "height": result.height, **settings,
-                                      "prompt": requests[result.index].prompt, "text": result.text,
-                                      "answer": result.parsed})
+                    batch.append(answer_record(base, result, settings, requests[result.index].prompt))
                 writer.add(batch)
                 advance(len(results))
     writer.flush()
