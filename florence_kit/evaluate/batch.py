@@ -221,7 +221,11 @@ def answer_requests(model: Any, processor: Any, spec: TaskSpec, requests: Sequen
     if not requests:
         return
     by_page = by_page and runs_pages(model)
-    lengths = prompt_lengths(processor, [r.prompt for r in requests]) if sort_by_length else [0] * len(requests)
+    lengths = [0] * len(requests)
+    if sort_by_length:  # each distinct prompt tokenised once: a corpus asks most images the same
+        distinct = list(dict.fromkeys(r.prompt for r in requests))
+        length_of = dict(zip(distinct, prompt_lengths(processor, distinct), strict=True))
+        lengths = [length_of[r.prompt] for r in requests]
     order = page_order([r.image.image_key for r in requests], lengths)
     batches = [[requests[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
     loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
