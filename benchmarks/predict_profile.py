@@ -108,7 +108,8 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     from florence_kit.tasks.registry import get_task
 
     spec = get_task(args.task)
-    model, processor = build_model(args.model, cross_attention_scale=args.cross_attention_scale)
+    model, processor = build_model(args.model, cross_attention_scale=args.cross_attention_scale,
+                                   plain=args.plain_init)
     timer = StageTimer(model)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp_name:
