@@ -1,17 +1,21 @@
 """Images/s of ``florence-kit predict`` over a folder vs the model card's loop (one image at a time).
 
-    python -m benchmarks.predict_speed                       # tiny model, 128 px, 128 images
-    python -m benchmarks.predict_speed --model base          # base-sized random model at 768 px
-    python -m benchmarks.predict_speed --model base --onnx   # also the int8 ONNX export through predict
+    python -m benchmarks.predict_speed                         # tiny model, 128 px, 128 images
+    python -m benchmarks.predict_speed --model base --n 16     # base-sized random model at 768 px
+    python -m benchmarks.predict_speed --model base --onnx     # also predict on ONNX exports (fp32 and int8)
+    python -m benchmarks.predict_speed --model base --profile  # where the time goes (stages, FLOPs, matmul rate)
 
 The card's loop is the one Microsoft's model card shows: for each image, the processor on that image and prompt,
 then ``model.generate(input_ids=..., pixel_values=..., ...)`` and a decode. ``predict`` runs over the same folder
 with the same model (saved to disk and loaded by the command, load time included in its rate; the card's loop is
-timed without its load), same task prompt and generation settings; the answers must be equal (asserted). The ONNX
-int8 export's answers are compared too but not asserted: int8 weights change some of them (the agreement is
-printed). The models are random (no weights can be downloaded here): cross-attention is scaled up 3x so answers
-depend on the image, and answers run to ``--max-new-tokens``, the same work on both sides. On a GPU both sides run
-on it (``predict`` puts the model there itself). On a shared CPU wall-clock rates swing with the other load.
+timed without its load), same task prompt and generation settings; the answers must be equal (asserted). With
+``--onnx`` the model is exported as a user would (``florence-kit export --onnx``, once with ``--quantize none`` and
+once with ``--quantize int8``) and ``predict`` runs on each export: the fp32 graphs' answers are asserted equal to
+PyTorch's, int8 weights change some answers (the agreement is printed). The sides run in ``--rounds`` interleaved
+rounds (card, predict, ONNX fp32, ONNX int8, card, ...) and each rate is the median round's, so load from other
+jobs on a shared machine falls on every side alike. The models are random (no weights can be downloaded here):
+cross-attention is scaled up 3x so answers depend on the image, and answers run to ``--max-new-tokens``, the same
+work on both sides. On a GPU both sides run on it (``predict`` puts the model there itself).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from pathlib import Path
 MODELS = {"tiny": 128, "base": 768}  # name: image size
 
 
-def build_model(name: str, seed: int = 0):
-    """A random Florence-2 (tiny, or base-sized from the built-in config) whose answers depend on the image."""
+def build_model(name: str, seed: int = 0, cross_attention_scale: float = 3.0, plain: bool = False):
+    """A random Florence-2 (tiny, or base-sized from the built-in config) whose answers depend on the image (its
+    cross-attention output scaled up ``cross_attention_scale`` times); ``plain``: as its constructor initialises it
+    (the base-sized model's export passes its 1e-4 logits check only so)."""
     import torch
     from transformers import Florence2ForConditionalGeneration
 
@@ -39,12 +45,14 @@ def build_model(name: str, seed: int = 0):
     config.image_token_id = IMAGE_TOKEN_ID  # the token florence-kit's offline processor writes for <image>
     torch.manual_seed(seed)
     model = Florence2ForConditionalGeneration(config)
+    if plain:
+        return model.eval(), processor
     reinit_default(model)
     model.tie_weights()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if "encoder_attn.out_proj" in param_name:
-                param.mul_(3.0)
+                param.mul_(cross_attention_scale)
     return model.eval(), processor
 
 
@@ -106,6 +114,23 @@ def run_predict(model_dir: Path, folder: Path, out: Path, task: str, args: argpa
     return seconds, [json.loads(line) for line in out.read_text().splitlines()]
 
 
+def export(model_dir: Path, out: Path, quantize: str) -> None:
+    """``florence-kit export MODEL --onnx OUT --quantize Q``, as a user runs it."""
+    from typer.testing import CliRunner
+
+    from florence_kit.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(model_dir), "--onnx", str(out), "--quantize", quantize])
+    if result.exit_code != 0:
+        raise SystemExit(f"export --quantize {quantize} failed: {result.output}")
+
+
+def median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
@@ -116,7 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--onnx", action="store_true", help="also export --quantize int8 and run predict on it")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each rate is the median round's")
+    parser.add_argument("--onnx", action="store_true", help="also export fp32 and int8 and run predict on each")
+    parser.add_argument("--profile", action="store_true", help="print where the time goes instead (see profile())")
+    parser.add_argument("--cross-attention-scale", type=float, default=3.0,
+                        help="scale of the random model's cross-attention (1: as initialised)")
+    parser.add_argument("--plain-init", action="store_true",
+                        help="the random model as its constructor initialises it: the base-sized model's ONNX export "
+                        "passes its 1e-4 logits check only so (its answers depend little on the image)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args(argv)
     import torch
@@ -125,48 +157,68 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        from benchmarks.predict_profile import profile
+
+        rows = profile(args)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
     prompt = get_task(args.task).prompt
     rows: dict[str, float | int | str] = {"model": args.model, "images": args.n, "task": args.task,
                                           "device": "cuda" if torch.cuda.is_available() else "cpu",
-                                          "threads": torch.get_num_threads()}
+                                          "threads": torch.get_num_threads(), "rounds": args.rounds}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model, processor = build_model(args.model)
+        model, processor = build_model(args.model, cross_attention_scale=args.cross_attention_scale,
+                                       plain=args.plain_init)
         model.save_pretrained(tmp / "model")
         processor.save_pretrained(tmp / "model")
         paths = make_images(tmp / "images", args.n)
+        sides = {"predict": tmp / "model"}
+        if args.onnx:
+            export(tmp / "model", tmp / "onnx-fp32", "none")
+            export(tmp / "model", tmp / "onnx-int8", "int8")
+            sides.update(onnx_fp32=tmp / "onnx-fp32", onnx_int8=tmp / "onnx-int8")
 
         card_loop(model, processor, paths[:2], prompt, args.max_new_tokens, args.num_beams)  # warm-up
-        start = time.perf_counter()
-        card = card_loop(model, processor, paths, prompt, args.max_new_tokens, args.num_beams)
-        card_s = time.perf_counter() - start
+        seconds: dict[str, list[float]] = {"card": [], **{side: [] for side in sides}}
+        answers: dict[str, list[str]] = {}
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            answers["card"] = card_loop(model, processor, paths, prompt, args.max_new_tokens, args.num_beams)
+            seconds["card"].append(time.perf_counter() - start)
+            for side, model_dir in sides.items():
+                out = tmp / f"{side}.jsonl"
+                out.unlink(missing_ok=True)
+                took, records = run_predict(model_dir, tmp / "images", out, args.task, args)
+                assert [r["path"] for r in records] == [str(p) for p in paths], "predict's order is not the folder's"
+                seconds[side].append(took)
+                answers[side] = [r["text"] for r in records]
         del model
-        predict_s, records = run_predict(tmp / "model", tmp / "images", tmp / "out.jsonl", args.task, args)
-        assert [r["path"] for r in records] == [str(p) for p in paths], "predict's order is not the folder's"
-        differ = sum(r["text"] != a for r, a in zip(records, card, strict=True))
-        assert differ == 0, f"{differ} of {len(card)} answers differ between predict and the card's loop"
-        rows.update(card_images_per_s=args.n / card_s, predict_images_per_s=args.n / predict_s,
-                    ratio=card_s / predict_s)
+        card = answers["card"]
+        for side in ("predict", "onnx_fp32"):  # the same graphs in float32: the same answers
+            if side in answers:
+                differ = sum(a != b for a, b in zip(answers[side], card, strict=True))
+                assert differ == 0, f"{differ} of {len(card)} answers differ between {side} and the card's loop"
+        card_s = median(seconds["card"])
+        rows.update(card_images_per_s=args.n / card_s)
         print(f"card loop (one image at a time): {args.n / card_s:8.2f} images/s")
-        print(f"florence-kit predict:            {args.n / predict_s:8.2f} images/s  "
-              f"{card_s / predict_s:5.2f}x  (same {args.n} answers)")
-        if args.onnx:
-            from typer.testing import CliRunner
-
-            from florence_kit.cli import app
-
-            export = CliRunner().invoke(app, ["export", str(tmp / "model"), "--onnx", str(tmp / "onnx"),
-                                              "--quantize", "int8"])
-            if export.exit_code != 0:
-                raise SystemExit(f"export failed: {export.output}")
-            onnx_s, onnx_records = run_predict(tmp / "onnx", tmp / "images", tmp / "onnx.jsonl", args.task, args)
-            same = sum(r["text"] == a for r, a in zip(onnx_records, card, strict=True))
-            rows.update(onnx_int8_images_per_s=args.n / onnx_s, onnx_int8_ratio=card_s / onnx_s,
-                        onnx_int8_same_answers=same)
-            print(f"predict, ONNX int8 export:       {args.n / onnx_s:8.2f} images/s  {card_s / onnx_s:5.2f}x  "
-                  f"({same}/{args.n} answers as fp32)")
+        names = {"predict": "florence-kit predict (PyTorch)", "onnx_fp32": "predict, ONNX fp32 export",
+                 "onnx_int8": "predict, ONNX int8 export"}
+        for side in sides:
+            side_s = median(seconds[side])
+            same = sum(a == b for a, b in zip(answers[side], card, strict=True))
+            key = "predict" if side == "predict" else side
+            rows.update({f"{key}_images_per_s": args.n / side_s, f"{key}_ratio": card_s / side_s,
+                         f"{key}_same_answers": same})
+            print(f"{names[side] + ':':32} {args.n / side_s:8.2f} images/s  {card_s / side_s:5.2f}x  "
+                  f"({same}/{args.n} answers as the card's)")
+        rows["ratio"] = rows.pop("predict_ratio")
+        rows["seconds"] = seconds  # every round of every side
     print(f"({rows['device']}, torch {torch.__version__}, {rows['threads']} thread(s), batch {args.batch_size}, "
-          f"{args.num_workers} worker(s), {args.max_new_tokens} new tokens)")
+          f"{args.num_workers} worker(s), {args.max_new_tokens} new tokens, median of {args.rounds} interleaved "
+          "round(s))")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

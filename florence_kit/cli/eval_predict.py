@@ -151,7 +151,8 @@ def predict(
     model: ModelOption = "base",
     question: QuestionOption = None,
     box: Annotated[str | None, typer.Option(
-        help="x1,y1,x2,y2 in pixels: the region of region-in tasks (region-category, region-ocr, ...).")] = None,
+        help="x1,y1,x2,y2 in pixels: the region of region-in tasks (region-category, region-ocr, ...); over many "
+        "inputs, of every input that has no box of its own (--box-column, or 'box' in @list.jsonl).")] = None,
     num_beams: NumBeamsOption = None,
     attn: AttnOption = Attn.auto,
     tasks_dir: TasksDirOption = None,
@@ -163,6 +164,9 @@ def predict(
     split: SplitOption = None,
     image_column: ImageColumnOption = "image",
     question_column: QuestionColumnOption = None,
+    box_column: Annotated[str | None, typer.Option(
+        help="--dataset column holding each row's box (x1,y1,x2,y2 in pixels, text or four numbers) for region-in "
+        "tasks.")] = None,
     streaming: PredictStreamingOption = False,
     copy_images: CopyImagesOption = False,
     batch_size: GenerateBatchSizeOption = 16,
@@ -190,8 +194,6 @@ def predict(
         return
     if output is None:
         raise UserError("--dataset and --format need --output OUT")
-    if box is not None:
-        raise UserError("--box is for one image; region-in tasks over many images are not supported")
     if inputs and dataset:
         raise UserError("pass image paths or --dataset, not both")
     if not inputs and not dataset:
@@ -200,14 +202,14 @@ def predict(
                   num_beams=num_beams, max_new_tokens=max_new_tokens, attn=attn, tasks_dir=tasks_dir,
                   overwrite=overwrite, dataset=dataset, split=split, image_column=image_column,
                   question_column=question_column, streaming=streaming, copy_images=copy_images,
-                  batch_size=batch_size, num_workers=num_workers, quiet=quiet)
+                  batch_size=batch_size, num_workers=num_workers, quiet=quiet, box=box, box_column=box_column)
 
 
 def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None, model: str, question: str | None,
                   num_beams: int | None, max_new_tokens: int | None, attn: Attn, tasks_dir: list[Path] | None,
                   overwrite: bool, dataset: str | None, split: str | None, image_column: str,
                   question_column: str | None, streaming: bool, copy_images: bool, batch_size: int,
-                  num_workers: int, quiet: bool) -> None:
+                  num_workers: int, quiet: bool, box: str | None = None, box_column: str | None = None) -> None:
     """``predict`` over many inputs: everything the user typed checked before the model loads."""
     import os
 
@@ -221,9 +223,11 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
 
     dirs = [*(tasks_dir or []), *export_tasks_dirs(model)]
     spec = get_task(task or model_task(model, dirs), dirs)
-    fields = template_fields(spec.prompt)
-    if "region" in fields:
-        raise UserError(f"task '{spec.name}' asks about a box (--box): answer its images one at a time")
+    region = "region" in template_fields(spec.prompt)  # {region}: a box per input, written in once its image is open
+    fields = [name for name in template_fields(spec.prompt) if name != "region"]
+    if not region and (box is not None or box_column):
+        raise UserError(f"task '{spec.name}' asks about no region (its prompt is {spec.prompt!r}): leave out --box "
+                        "and --box-column")
     if fmt in ("coco", "yolo") and (spec.regions or {}).get("kind") not in ("od", "open-vocab-od", "grounding",
                                                                             "region-proposal"):
         raise UserError(f"--format {fmt} writes boxes and their class names, which task '{spec.name}' does not "
@@ -240,12 +244,13 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
         if streaming and fmt != "jsonl":
             raise UserError("--format writes the images into OUT, which a --streaming dataset does not keep: "
                             "download it (leave out --streaming)")
-        found = dataset_items(dataset, split, image_column, question_column, streaming)
+        found = dataset_items(dataset, split, image_column, question_column, streaming, box_column)
         items, rows, blocks, varied = found.items, found.rows, found.blocks, found.varied_questions
         source = {"dataset": dataset, "split": found.split}  # the keys are its row numbers
     else:
-        if question_column:
-            raise UserError("--question-column reads --dataset; for files use @list.jsonl with a 'question' field")
+        if question_column or box_column:
+            raise UserError("--question-column and --box-column read --dataset; for files use @list.jsonl with "
+                            "'question' and 'box' fields")
         items = expand_inputs(inputs)
         varied = any(item.question is not None for item in items)
     if items is not None and not items:
@@ -258,7 +263,15 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
         if asked is None:
             raise UserError(f"task '{spec.name}' needs a question (its prompt is {spec.prompt!r}): pass --question, "
                             "--question-column or @list.jsonl with 'question'")
-        return spec.prompt.format(**{name: asked for name in fields})
+        return spec.prompt.format(**{name: asked for name in fields}, region="{region}")
+
+    def box_for(item: Any) -> str | None:
+        # an input with no box of its own and no --box: "" puts it in the sidecar ("no box given"), the run goes on
+        return (item.box if item.box is not None else box or "") if region else None
+
+    if region and box is None and not box_column and not any(item.box is not None for item in items or []):
+        raise UserError(f"task '{spec.name}' asks about a box (its prompt is {spec.prompt!r}): pass --box x1,y1,x2,y2, "
+                        "--box-column or @list.jsonl with 'box'")
 
     for item in items or []:
         prompt_for(item)  # a missing question fails before the model loads
@@ -266,14 +279,16 @@ def _predict_many(inputs: list[str], output: Path, fmt: str, *, task: str | None
         raise UserError(f"task '{spec.name}' needs a question (its prompt is {spec.prompt!r}): pass --question or "
                         "--question-column")
     # what a rerun must match: the prompt, or the task's template where each input has its own question
-    prompt_label = spec.prompt if varied or not fields else spec.prompt.format(**{f: question for f in fields})
+    prompt_label = (spec.prompt if varied or region or not fields
+                    else spec.prompt.format(**{f: question for f in fields}))
     dist_info()  # under torchrun: join the group and take this process's GPU before the model goes to one
     net, processor = load_for_generation(model, attn.value)
     gen_config = generation_config_for(spec, net, processor, num_beams=num_beams, max_new_tokens=max_new_tokens)
     counts = predict_corpus(net, processor, spec, items, output, model_name=model, prompt_for=prompt_for,
                             gen_config=gen_config, prompt_label=prompt_label, fmt=fmt, rows=rows, blocks=blocks,
                             image_column=image_column, batch_size=batch_size, num_workers=num_workers,
-                            overwrite=overwrite, copy_images=copy_images, show_progress=not quiet, source=source)
+                            overwrite=overwrite, copy_images=copy_images, show_progress=not quiet, source=source,
+                            box_for=box_for)
     if os.environ.get("RANK", "0") == "0":
         records = records_path(output, fmt)
         bad = f" (listed in {sidecar_path(records)})" if counts.unreadable else ""

@@ -53,6 +53,7 @@ class Request:
     index: int
     image: ImageRef
     prompt: str
+    box: str | None = None  # x1,y1,x2,y2 in pixels: written into the prompt's {region} once the image's size is known
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Answer:
     text: str  # the raw answer, <loc_*> tokens kept
     parsed: Any  # the task's own structure: the text, or bboxes/labels, polygons, quad_boxes in pixels
     thumbnail: bytes | None = None  # a small JPEG of the image, where asked for (``thumbnail_size``)
+    prompt: str | None = None  # the prompt as asked, where the request's box was written into it
 
 
 @dataclass
@@ -78,6 +80,7 @@ class _Batch:
     bad: list[Unreadable] = field(default_factory=list)
     inputs: Any = None
     thumbnails: list[bytes] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
 
 
 def open_image(ref: ImageRef, rows: Any = None, column: str = "image") -> Any:
@@ -120,7 +123,10 @@ def thumbnail_jpeg(image: Any, size: int = THUMBNAIL_SIZE) -> bytes:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, UserError):  # already a sentence for the user (a dataset's "row N: image cannot be read")
         return str(exc)
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    import re
+
+    # an object's address ("<_io.BytesIO object at 0x7f...>") differs from run to run: the sidecar should not
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(exc).split())) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
 
 
@@ -143,15 +149,24 @@ class _Collator:
                 images[ref.image_key] = self.opener(ref) if self.opener else open_image(ref, self.rows, self.column)
             except Exception as exc:  # anything a broken file can raise: counted, never fatal
                 bad[ref.image_key] = _reason(exc)
-        good = [r for r in requests if r.image.image_key in images]
+        prompts: dict[int, str] = {}
+        for request in requests:
+            if request.image.image_key in images:
+                try:
+                    prompts[request.index] = _with_box(request, images[request.image.image_key].size)
+                except UserError as exc:  # a box that is not four numbers, has no area, lies outside its image
+                    bad[f"box {request.index}"] = str(exc)
+        good = [r for r in requests if r.index in prompts]
         batch = _Batch(good, [images[r.image.image_key].size for r in good],
-                       [Unreadable(r.index, bad[r.image.image_key]) for r in requests if r.image.image_key in bad])
+                       [Unreadable(r.index, bad.get(r.image.image_key) or bad[f"box {r.index}"])
+                        for r in requests if r.index not in prompts])
+        batch.prompts = [prompts[r.index] for r in good]
         if not good:
             return batch
         if self.thumbnail_size:
             thumbs = {key: thumbnail_jpeg(image, self.thumbnail_size) for key, image in images.items()}
             batch.thumbnails = [thumbs[r.image.image_key] for r in good]
-        prompts = [r.prompt for r in good]
+        prompts = batch.prompts
         if self.by_page:
             slot: dict[str, int] = {}
             index = [slot.setdefault(r.image.image_key, len(slot)) for r in good]
@@ -159,6 +174,18 @@ class _Collator:
         else:
             batch.inputs = encode(self.processor, [images[r.image.image_key] for r in good], prompts)
         return batch
+
+
+def _with_box(request: Request, size: tuple[int, int]) -> str:
+    """The request's prompt with its box, in pixels of the image, written into ``{region}`` as ``<loc_*>`` tokens."""
+    if request.box is None:
+        return request.prompt
+    if not request.box.strip():
+        raise UserError("no box given: the task asks about a region (x1,y1,x2,y2 in pixels of the image)")
+    from florence_kit.common.geometry import box_prompt
+    from florence_kit.evaluate.region_answers import parse_box_text
+
+    return request.prompt.replace("{region}", box_prompt(parse_box_text(request.box, size, "box"), size))
 
 
 def runs_pages(model: Any) -> bool:
@@ -194,7 +221,11 @@ def answer_requests(model: Any, processor: Any, spec: TaskSpec, requests: Sequen
     if not requests:
         return
     by_page = by_page and runs_pages(model)
-    lengths = prompt_lengths(processor, [r.prompt for r in requests]) if sort_by_length else [0] * len(requests)
+    lengths = [0] * len(requests)
+    if sort_by_length:  # each distinct prompt tokenised once: a corpus asks most images the same
+        distinct = list(dict.fromkeys(r.prompt for r in requests))
+        length_of = dict(zip(distinct, prompt_lengths(processor, distinct), strict=True))
+        lengths = [length_of[r.prompt] for r in requests]
     order = page_order([r.image.image_key for r in requests], lengths)
     batches = [[requests[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
     loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
@@ -206,7 +237,9 @@ def answer_requests(model: Any, processor: Any, spec: TaskSpec, requests: Sequen
             run = generate_pages if "image_index" in batch.inputs else generate_from_inputs
             texts = run(model, processor, batch.inputs, gen_config)
             thumbs = batch.thumbnails or [None] * len(texts)
-            for request, size, text, thumb in zip(batch.requests, batch.sizes, texts, thumbs, strict=True):
+            for request, size, text, thumb, prompt in zip(batch.requests, batch.sizes, texts, thumbs, batch.prompts,
+                                                          strict=True):
                 parsed = parse_answer(spec, processor, text, size) if spec.regions and parse else text
-                out.append(Answer(request.index, size[0], size[1], text, parsed, thumb))
+                out.append(Answer(request.index, size[0], size[1], text, parsed, thumb,
+                                  prompt if request.box is not None else None))
         yield out

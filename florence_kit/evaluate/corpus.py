@@ -1,10 +1,11 @@
 """``predict`` over a corpus: inputs → one ordered output file, resumable, sharded over processes and machines.
 
 Each process (a torchrun / accelerate launch rank, or the only one) answers inputs r, r+N, ... of what is not done
-yet, and writes what it answers in chunk files under ``OUT.parts/`` (write, fsync, rename: a chunk is whole or
-absent, so a kill -9 loses at most the chunk in flight). When every rank is done the main process merges all
-chunks into OUT in input order (again write, fsync, rename) and removes the chunks. A rerun reads what OUT and the
-chunks already hold and skips it; a different model, task or prompt over the same OUT is refused unless
+yet (of a stream: its own shards, :class:`Stream`), and writes what it answers in chunk files under ``OUT.parts/``
+(write, fsync, rename: a chunk is whole or absent, so a kill -9 loses at most the chunk in flight). When every rank
+is done the main process merges all chunks into OUT in input order (again write, fsync, rename) and removes the
+chunks. A rerun reads what OUT and the chunks already hold and skips it; a different model, task or prompt over the
+same OUT is refused unless
 ``overwrite``. Several machines need OUT on a filesystem they share.
 """
 
@@ -16,7 +17,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class Item:
     image: ImageRef
     question: str | None = None
     info: dict[str, Any] | None = None  # what its record says of it (default: its path)
+    box: str | None = None  # region-in tasks: x1,y1,x2,y2 in pixels, checked once the image is open
 
 
 @dataclass
@@ -56,8 +58,8 @@ class Counts:
 
 def expand_inputs(args: Sequence[str]) -> list[Item]:
     """Files, folders (recursive, image suffixes), globs and ``@list`` files (one path a line, relative to the
-    list; ``@list.jsonl``: objects with ``image`` and optionally ``question``), in the order given, each (path,
-    question) once.
+    list; ``@list.jsonl``: objects with ``image`` and optionally ``question`` and ``box``), in the order given, each
+    (path, question, box) once.
 
     A path that names nothing is a typo (one line, exit 2); a file a list names that cannot be read is an
     unreadable image, counted and skipped like a broken one.
@@ -65,16 +67,17 @@ def expand_inputs(args: Sequence[str]) -> list[Item]:
     items: list[Item] = []
     seen: set[str] = set()
 
-    def add(path: str, question: str | None = None) -> None:
+    def add(path: str, question: str | None = None, box: str | None = None) -> None:
         key = path if question is None else f"{path}#{question}"  # one image asked several questions: one each
+        key = key if box is None else f"{key}#box={box}"  # and about several boxes
         if key not in seen:
             seen.add(key)
-            items.append(Item(ImageRef(key, path=path, page=path), question))
+            items.append(Item(ImageRef(key, path=path, page=path), question, None, box))
 
     for arg in args:
         if arg.startswith("@"):
-            for path, question in _read_list(Path(arg[1:]).expanduser()):
-                add(path, question)
+            for path, question, box in _read_list(Path(arg[1:]).expanduser()):
+                add(path, question, box)
             continue
         path = Path(arg).expanduser()
         if path.is_dir():
@@ -96,25 +99,25 @@ def expand_inputs(args: Sequence[str]) -> list[Item]:
     return items
 
 
-def _read_list(path: Path) -> list[tuple[str, str | None]]:
+def _read_list(path: Path) -> list[tuple[str, str | None, str | None]]:
     if not path.is_file():
         raise UserError(f"list file '{path}' does not exist")
-    out: list[tuple[str, str | None]] = []
+    out: list[tuple[str, str | None, str | None]] = []
     jsonl = path.suffix.lower() == ".jsonl"
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        question = None
+        question = box = None
         if jsonl:
             try:
                 row = json.loads(line)
-                name, question = str(row["image"]), row.get("question")
+                name, question, box = str(row["image"]), row.get("question"), box_text(row.get("box"))
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{path}:{number}: each line needs a JSON object with 'image'") from None
         else:
             name = line.strip()
         full = Path(name).expanduser()
-        out.append((str(full if full.is_absolute() else path.parent / full), question))
+        out.append((str(full if full.is_absolute() else path.parent / full), question, box))
     return out
 
 
@@ -297,14 +300,16 @@ def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[I
                    model_name: str, prompt_for: Callable[[Item], str], gen_config: Any, prompt_label: str,
                    fmt: str = "jsonl", rows: Any = None, blocks: Iterable[tuple[Sequence[Item], Any]] | None = None,
                    image_column: str = "image", batch_size: int = 16, num_workers: int = 0, overwrite: bool = False,
-                   copy_images: bool = False, show_progress: bool = True,
-                   source: dict[str, Any] | None = None) -> Counts:
+                   copy_images: bool = False, show_progress: bool = True, source: dict[str, Any] | None = None,
+                   box_for: Callable[[Item], str | None] | None = None) -> Counts:
     """Answer ``items`` into ``out`` (see the module's docstring); every rank calls it, rank 0 merges.
 
     ``prompt_for`` gives each item's prompt (the task's, with its question); ``prompt_label`` is the prompt a rerun
     must match (the prompt itself, or the task's template when questions vary); ``rows`` the dataset the items'
-    :class:`ImageRef` rows point into. A stream passes ``blocks`` instead: (items, rows) in input order, one
-    block in memory at a time. ``source`` (``dataset``, ``split``) names the dataset whose row numbers the keys are.
+    :class:`ImageRef` rows point into. A stream passes ``blocks`` instead, a :class:`Stream`: (items, rows) of this
+    process's part, one block in memory at a time. ``source`` (``dataset``, ``split``) names the dataset whose row
+    numbers the keys are. ``box_for`` gives each item's box for a region-in task (text, checked against its image
+    once that is open: a bad one puts the input in the sidecar with the reason).
     """
     rank, world = dist_info()
     records_file = records_path(out, fmt)
@@ -321,6 +326,7 @@ def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[I
             atomic_write(parts / "settings.json", lambda p: p.write_text(json.dumps(settings) + "\n"))
     barrier(world)
     done = _done(records_file)
+    stream = blocks if isinstance(blocks, Stream) else None  # its blocks hold this process's rows only
     if blocks is None:
         blocks = [(list(items or []), rows)]
     seen: list[Item] = []
@@ -330,12 +336,14 @@ def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[I
     with _progress(show_progress and rank == 0, total, world) as advance:
         for block, block_rows in blocks:
             pending = [item for item in block if item.image.key not in done]
-            advance(len(block) - len(pending), world=False)
-            seen.extend(block)
+            advance(len(block) - len(pending), world=stream is not None)
+            if stream is None:
+                seen.extend(block)
             counts.skipped += len(block) - len(pending)
             counts.answered_before += sum(1 for item in block if "error" not in done.get(item.image.key, {"error": 1}))
-            mine = pending[rank::world]
-            requests = [Request(n, item.image, prompt_for(item)) for n, item in enumerate(mine)]
+            mine = pending if stream is not None else pending[rank::world]
+            requests = [Request(n, item.image, prompt_for(item), box_for(item) if box_for else None)
+                        for n, item in enumerate(mine)]
             for results in answer_requests(model, processor, spec, requests, gen_config, rows=block_rows,
                                            image_column=image_column, batch_size=batch_size,
                                            num_workers=num_workers):
@@ -343,25 +351,51 @@ def predict_corpus(model: Any, processor: Any, spec: TaskSpec, items: Sequence[I
                 for result in results:
                     item = mine[result.index]
                     base = {"key": item.image.key, **(item.info or {"path": item.image.path})}
-                    batch.append(answer_record(base, result, settings, requests[result.index].prompt))
+                    if requests[result.index].box is not None:
+                        base["box"] = requests[result.index].box
+                    prompt = getattr(result, "prompt", None) or requests[result.index].prompt  # a box's prompt
+                    batch.append(answer_record(base, result, settings, prompt))
                 writer.add(batch)
                 advance(len(results))
     writer.flush()
-    counts.total = len(seen)
+    keys = [item.image.key for item in seen]
+    if stream is not None:  # each process read its own shards: the counts and the input order are gathered
+        shares = _gather((stream.rows_per_shard, counts.skipped, counts.answered_before), world)
+        counts.skipped = sum(share[1] for share in shares)
+        counts.answered_before = sum(share[2] for share in shares)
+        keys = stream.order([share[0] for share in shares])
+    counts.total = len(keys)
     barrier(world)
     if rank == 0:
-        counts = _merge(seen, records_file, fmt, counts, rows, image_column, copy_images, out)
+        counts = _merge(keys, records_file, fmt, counts, rows, image_column, copy_images, out,
+                        number_rows=stream is not None)
     barrier(world)
     return counts
 
 
-def _merge(items: Sequence[Item], records_file: Path, fmt: str, counts: Counts, rows: Any, image_column: str,
-           copy_images: bool, out: Path) -> Counts:
+def _gather(value: Any, world: int) -> list[Any]:
+    """``value`` of every process, in rank order (over the gloo group :func:`dist_info` joined)."""
+    if world <= 1:
+        return [value]
+    import torch.distributed as dist
+
+    found: list[Any] = [None] * world
+    dist.all_gather_object(found, value)
+    return found
+
+
+def _merge(keys: Sequence[str], records_file: Path, fmt: str, counts: Counts, rows: Any, image_column: str,
+           copy_images: bool, out: Path, number_rows: bool = False) -> Counts:
+    """Every record in input order (``keys``) into OUT and the sidecar; ``number_rows``: each record's ``row`` is
+    its place in that order (a stream's, which no single process knows while answering)."""
     done = _done(records_file)
-    ordered = [done[item.image.key] for item in items if item.image.key in done]
+    ordered = [done[key] for key in keys if key in done]
+    if number_rows and len(ordered) == len(keys):
+        for number, rec in enumerate(ordered):
+            rec["row"] = number
     good = [rec for rec in ordered if "error" not in rec]
     bad = [rec for rec in ordered if "error" in rec]
-    missing = len(items) - len(ordered)
+    missing = len(keys) - len(ordered)
     if missing:  # a rank died between its last chunk and the barrier: nothing is merged, a rerun finishes
         raise UserError(f"{missing} input(s) have no answer in {parts_path(records_file)}; run the same command "
                         "again to answer them")
@@ -444,7 +478,7 @@ class DatasetInputs:
 
 
 def dataset_items(source: str, split: str | None, image_column: str, question_column: str | None,
-                  streaming: bool) -> DatasetInputs:
+                  streaming: bool, box_column: str | None = None) -> DatasetInputs:
     """Every row of ``source``'s split as an input (key: the row number; the record says ``row`` and ``id`` where the
     dataset has that column). A page asked several questions (rows showing the same image) is one ``page``."""
     import datasets
@@ -467,40 +501,96 @@ def dataset_items(source: str, split: str | None, image_column: str, question_co
     if columns and image_column not in columns:
         raise UserError(f"'{source}' has no column '{image_column}' (it has {', '.join(columns)}); pass "
                         "--image-column")
-    if columns and question_column and question_column not in columns:
-        raise UserError(f"'{source}' has no column '{question_column}' (it has {', '.join(columns)})")
+    for column in (question_column, box_column):
+        if columns and column and column not in columns:
+            raise UserError(f"'{source}' has no column '{column}' (it has {', '.join(columns)})")
     if isinstance(ds, datasets.IterableDataset):
-        return DatasetInputs(None, None, _stream_blocks(ds, image_column, question_column), bool(question_column),
-                             chosen)
+        return DatasetInputs(None, None, Stream(ds, image_column, question_column, box_column),
+                             bool(question_column), chosen)
     from florence_kit.data.prepared import column_image_keys
 
     questions = ds[question_column] if question_column else [None] * len(ds)
+    boxes = ds[box_column] if box_column else [None] * len(ds)
     ids = ds["id"] if "id" in columns else None
     pages = column_image_keys(ds, image_column)  # a page asked several questions is decoded and encoded once
     items = [Item(ImageRef(str(i), row=i, page=page), None if q is None else str(q),
-                  {"row": i, **({"id": ids[i]} if ids is not None else {})})
-             for i, (q, page) in enumerate(zip(questions, pages, strict=True))]
+                  {"row": i, **({"id": ids[i]} if ids is not None else {})}, box_text(box))
+             for i, (q, page, box) in enumerate(zip(questions, pages, boxes, strict=True))]
     return DatasetInputs(items, ds, None, bool(question_column), chosen)
 
 
-def _stream_blocks(ds: Any, image_column: str, question_column: str | None) -> Iterable[tuple[list[Item], Any]]:
-    """A stream in blocks of :data:`STREAM_BLOCK` rows, each a list of items and the rows (encoded images) they
-    point into; every process reads the whole stream and answers its own share of each block."""
-    import datasets
+class Stream:
+    """A streamed split as blocks of at most :data:`STREAM_BLOCK` rows (encoded images), each process reading only
+    its own part of it.
 
-    block: list[dict[str, Any]] = []
-    start = 0
-    for row in ds.cast_column(image_column, datasets.Image(decode=False)):
-        block.append({image_column: row.get(image_column), "question": row.get(question_column or ""),
-                      "id": row.get("id")})
-        if len(block) == STREAM_BLOCK:
-            yield _block_items(block, start, image_column), block
-            start, block = start + len(block), []
-    if block:
-        yield _block_items(block, start, image_column), block
+    The part is the one ``datasets.distributed.split_dataset_by_node`` assigns: with at least as many shards (data
+    files) as processes, whole shards, process r taking shards r, r+N, r+2N, ... and reading nothing else; with fewer,
+    every process reads every row and keeps one in N. Rows so split carry no shard number, and a process cannot know
+    how many rows the others' shards hold, so no process knows an input's place in the stream while answering it.
+    Hence each shard is opened alone (``IterableDataset.shard``, the same assignment) and an input is keyed by
+    its shard and its place in that shard (``S:I``; just ``I`` for a one-shard stream): the same keys whatever the
+    number of processes. Once all are done, the row counts of every shard give the main process the input order,
+    and each record's ``row`` (:meth:`order`).
+    """
+
+    def __init__(self, ds: Any, image_column: str, question_column: str | None, box_column: str | None = None) -> None:
+        import datasets
+
+        # images stay encoded until a worker opens them (rows of unknown features come undecoded already)
+        self.ds = ds.cast_column(image_column, datasets.Image(decode=False)) if ds.features else ds
+        self.image_column, self.question_column, self.box_column = image_column, question_column, box_column
+        self.num_shards = int(getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1) or 1)
+        self.rows_per_shard: dict[int, int] = {}  # of the shards this process read: rows in each
+        self.rows_read = 0  # rows this process read from the stream (its part; every row with fewer shards)
+
+    def key(self, shard: int, offset: int) -> str:
+        return str(offset) if self.num_shards == 1 else f"{shard}:{offset}"
+
+    def _rows(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(shard, place in it, row) of this process's rows, in stream order."""
+        rank, world = dist_info()
+        whole_shards = world > 1 and self.num_shards >= world
+        kept = 0
+        for shard in range(rank if whole_shards else 0, self.num_shards, world if whole_shards else 1):
+            part = self.ds if self.num_shards == 1 else self.ds.shard(num_shards=self.num_shards, index=shard)
+            offset = -1
+            for offset, row in enumerate(part):
+                self.rows_read += 1
+                if whole_shards or kept % world == rank:
+                    yield shard, offset, row
+                kept += 1
+            self.rows_per_shard[shard] = offset + 1
+
+    def __iter__(self) -> Iterator[tuple[list[Item], list[dict[str, Any]]]]:
+        block: list[dict[str, Any]] = []
+        items: list[Item] = []
+        for shard, offset, row in self._rows():
+            question = row.get(self.question_column) if self.question_column else None
+            box = row.get(self.box_column) if self.box_column else None
+            key = self.key(shard, offset)
+            items.append(Item(ImageRef(key, row=len(block)), None if question is None else str(question),
+                              {"row": None, **({"id": row["id"]} if row.get("id") is not None else {})},
+                              box_text(box)))
+            block.append({self.image_column: row.get(self.image_column)})
+            if len(block) == STREAM_BLOCK:
+                yield items, block
+                block, items = [], []
+        if block:
+            yield items, block
+
+    def order(self, shares: Sequence[dict[int, int]]) -> list[str]:
+        """Every input's key in stream order, from the rows each process found in its shards."""
+        rows: dict[int, int] = {}
+        for share in shares:
+            rows.update(share)
+        return [self.key(shard, offset) for shard in sorted(rows) for offset in range(rows[shard])]
 
 
-def _block_items(block: list[dict[str, Any]], start: int, image_column: str) -> list[Item]:
-    return [Item(ImageRef(str(start + n), row=n), None if row["question"] is None else str(row["question"]),
-                 {"row": start + n, **({"id": row["id"]} if row["id"] is not None else {})})
-            for n, row in enumerate(block)]
+def box_text(value: Any) -> str | None:
+    """A box as a column or a JSONL field holds it (``"x1,y1,x2,y2"`` or four numbers) → the text ``--box`` takes;
+    anything else is kept as text and refused, with the reason, when its image is answered."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
