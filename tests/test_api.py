@@ -344,3 +344,40 @@ def test_load_benchmark_mixes_tasks_and_breaks_one_request_in_k() -> None:
     requests = plan(100, ["data:a", "data:b"], broken_every=25)
     assert sum(r["broken"] for r in requests) == 4 and requests[24]["broken"] and not requests[23]["broken"]
     assert {r["text"] for r in requests if not r["broken"]} >= {"<CAPTION>", "<OD>", "<OCR>", "What is the total?"}
+
+
+def test_an_onnx_export_answers_through_the_api_as_predict_does(tiny_dir: Path, pages: list[Path], one_thread,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The API's engine is the batch engine, so an export served in onnxruntime answers as `predict` on it does,
+    batched or one at a time."""
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    pytest.importorskip("onnxscript", reason="the [onnx] extra is not installed")
+    from florence_kit.model.loading import load_model
+    from florence_kit.present.api import ApiSettings, Engine, build_app
+    from florence_kit.present.onnx_export import export_onnx
+    from florence_kit.tasks.registry import all_tasks
+
+    tmp = tmp_path_factory.mktemp("api_onnx")
+    export = tmp / "onnx"
+    export_onnx(str(tiny_dir), export, print_fn=lambda *_: None)
+    model, processor = load_model(str(export))
+    assert getattr(model, "runs_onnx", False)
+    settings = ApiSettings(model_name="tiny-onnx", default_task="docvqa", batch_window_ms=200, max_batch=8,
+                           max_body_mb=1, max_image_pixels=1_000_000)
+    engine = Engine(model, processor, dict(all_tasks([])), settings)
+    running = Running(build_app(engine))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        asked = [(page, task) for page in pages[:2] for task in ("<CAPTION>", "<OD>")]
+        with ThreadPoolExecutor(len(asked)) as pool:  # arriving together: one batch
+            together = list(pool.map(lambda a: ask(client, data_url(a[0]), a[1]), asked))
+        alone = [ask(client, data_url(page), task) for page, task in asked]
+    finally:
+        running.stop()
+        engine.batcher.stop()
+    for (page, task), one, many in zip(asked, alone, together):
+        name = "caption" if task == "<CAPTION>" else "od"
+        expected = predict_records(export, page, tmp, name)
+        assert one.choices[0].message.content == many.choices[0].message.content
+        got = one.model_extra["florence"]["text"] if name == "od" else one.choices[0].message.content
+        assert got == expected["text"], (name, page)
