@@ -375,7 +375,7 @@ def test_an_onnx_export_answers_through_the_api_as_predict_does(tiny_dir: Path, 
     finally:
         running.stop()
         engine.batcher.stop()
-    for (page, task), one, many in zip(asked, alone, together):
+    for (page, task), one, many in zip(asked, alone, together, strict=True):
         name = "caption" if task == "<CAPTION>" else "od"
         expected = predict_records(export, page, tmp, name)
         assert one.choices[0].message.content == many.choices[0].message.content
